@@ -1,0 +1,14 @@
+"""hf_squeeze: Squeezed Attention (arXiv 2411.09688) for Hugging Face transformers.
+
+`import hf_squeeze` registers `attn_implementation="squeezed"` with transformers.
+"""
+
+from .cache import SqueezedCache
+from .config import SqueezeConfig
+from .integrations.transformers import register as _register
+from .models import load_default_model
+
+_register()
+
+__all__ = ["SqueezedCache", "SqueezeConfig", "load_default_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,386 @@
+"""`SqueezedCache`: a transformers `Cache` whose past is a squeezed fixed context.
+
+The fixed part (a `FixedContext`: per-layer `LayerIndex`, selection rule, context ids, model
+fingerprint) is immutable and shared by every `fork()` and `copy.deepcopy` of a cache. What a request
+adds (the user input and generated tokens, the "dynamic" part) lives in each `SqueezedLayer`, which
+behaves like transformers' `DynamicLayer` for it.
+
+Logical length = fixed tokens + dynamic tokens, so `generate(full_ids, past_key_values=cache)` feeds
+only the new tokens and numbers positions from the full length. Masks are built for the dynamic
+part only (`get_mask_sizes` returns the fixed length as offset): nothing per step scales with the
+context beyond the selected keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .attention import LAYER_ATTR, causal_mask, exact_attention, merge_partials, partial_attention
+from .config import SqueezeConfig
+from .index import LayerIndex, build_indices, calibrate
+from .integrations import transformers as integration
+from .lookup import SelectionRule, expand_ranges, lookup
+
+
+@dataclass(frozen=True, eq=False)
+class FixedContext:
+    """Everything a squeezed cache knows about its fixed context. Never mutated; never copied."""
+
+    layers: tuple[LayerIndex, ...]
+    rule: SelectionRule
+    config: SqueezeConfig
+    context_ids: torch.Tensor  # [N] int64, on the CPU
+    fingerprint: dict
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return self.context_ids.numel()
+
+
+class SqueezedLayer(CacheLayerMixin):
+    """One layer: a shared `LayerIndex` for the fixed context plus the dynamic keys/values."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, index: LayerIndex, rule: SelectionRule, fixed_tokens: int):
+        super().__init__()
+        self.index = index
+        self.rule = rule
+        self.fixed_tokens = fixed_tokens
+        self._reset_stats()
+
+    def _reset_stats(self):
+        # Tensors, not Python numbers: accumulating them needs no host sync per step.
+        self.read_fraction_sum = torch.zeros((), dtype=torch.float64)
+        self.scored_sum = torch.zeros((), dtype=torch.float64)
+        self.selections = 0
+
+    # ---- the CacheLayerMixin contract -------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        fixed = self.index.keys
+        if key_states.dtype != fixed.dtype:
+            raise TypeError(
+                f"the SqueezedCache holds {fixed.dtype} keys but the model computes {key_states.dtype}: "
+                "build or load the cache with the model in the dtype it will generate in"
+            )
+        if key_states.device != fixed.device:
+            raise RuntimeError(
+                f"the SqueezedCache is on {fixed.device} but the model runs on {key_states.device}: "
+                "call cache.to(device) (or build/load the cache after moving the model)"
+            )
+        if key_states.shape[1] != fixed.shape[0] or key_states.shape[3] != fixed.shape[2]:
+            raise ValueError(
+                f"the SqueezedCache has {fixed.shape[0]} KV heads of dim {fixed.shape[2]}, the model produced "
+                f"{key_states.shape[1]} of dim {key_states.shape[3]}: this cache was built for another model"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"this SqueezedCache holds {self.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}: "
+                "use cache.fork() to start a new request"
+            )
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys = self.keys.view_as(self.keys)  # a fresh view carries the link to this layer
+        setattr(keys, LAYER_ATTR, self)
+        return keys, self.values
+
+    def dynamic_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def get_seq_length(self) -> int:
+        return self.fixed_tokens + self.dynamic_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.dynamic_length() + query_length, self.fixed_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._reset_stats()
+
+    def crop(self, tokens_to_remove: int):
+        # transformers >= 5.18 passes a negative count; earlier versions an absolute length.
+        remove = -tokens_to_remove if tokens_to_remove < 0 else self.get_seq_length() - tokens_to_remove
+        if remove <= 0:
+            return
+        if remove > self.dynamic_length():
+            raise ValueError(
+                f"cannot crop {remove} tokens: only {self.dynamic_length()} were added after the "
+                f"{self.fixed_tokens}-token fixed context, which cannot be cropped"
+            )
+        self.keys = self.keys[..., :-remove, :]
+        self.values = self.values[..., :-remove, :]
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+
+    def offload(self):
+        raise NotImplementedError("SqueezedCache does not support offloading")
+
+    # ---- attention ------------------------------------------------------------------------
+    def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        """Exact attention over the selected fixed keys + window + all dynamic tokens.
+
+        query [B, Hq, T, D]; key/value: the dynamic part [B, H, Ld, D] (what `update` returned);
+        attention_mask: boolean [B, 1, T, Ld] over the dynamic part, or None (causal, no padding).
+        """
+        index = self.index
+        batch, q_heads, tokens, dim = query.shape
+        heads = index.keys.shape[0]
+        q = query.view(batch, heads, q_heads // heads, tokens, dim).float()
+        dyn_mask, q_weight = _dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
+
+        selection = lookup(q, index, scaling, self.rule, q_weight)
+        rows, valid = expand_ranges(selection.starts, selection.lengths)
+        head_ids = torch.arange(heads, device=query.device)[None, :, None]
+        parts = [
+            partial_attention(
+                q,
+                index.keys[head_ids, rows].float(),
+                index.values[head_ids, rows].float(),
+                valid[:, :, None, None, :],
+                scaling,
+            ),
+            partial_attention(q, index.window_keys[None].float(), index.window_values[None].float(), None, scaling),
+            partial_attention(q, key.float(), value.float(), dyn_mask, scaling),
+        ]
+        out = merge_partials(parts)
+
+        read = selection.lengths.sum(-1).double() / index.clustered_tokens
+        self.read_fraction_sum = self.read_fraction_sum.to(read.device) + read.sum()
+        self.scored_sum = self.scored_sum.to(read.device) + selection.scored.double().sum()
+        self.selections += batch * heads
+        return out.view(batch, q_heads, tokens, dim).transpose(1, 2).to(query.dtype).contiguous()
+
+
+def _dynamic_mask(attention_mask, tokens: int, dyn_len: int, device):
+    """Mask over the dynamic keys, broadcastable to [B, H, G, T, Ld], and the valid query tokens [B, T]."""
+    if attention_mask is None:
+        if tokens == 1:
+            return None, None
+        return causal_mask(tokens, dyn_len, device), None
+    if attention_mask.dtype != torch.bool:  # additive float mask: 0 where attended
+        attention_mask = attention_mask == 0
+    mask = attention_mask[:, :, None]  # [B, 1, 1, T, Ld]
+    # A query token is real (not padding) iff it may attend to itself.
+    t = torch.arange(tokens, device=device)
+    q_valid = attention_mask[:, 0, t, dyn_len - tokens + t]
+    return mask, q_valid
+
+
+class SqueezedCache(Cache):
+    """A KV cache over a fixed context squeezed by clustering its keys (Squeezed Attention).
+
+    Build it once per context with `from_context` (or `load` a saved one), then pass `cache.fork()`
+    as `past_key_values` to each `generate` call whose prompt starts with that context.
+    """
+
+    def __init__(self, fixed: FixedContext):
+        self.fixed = fixed
+        super().__init__(layers=[SqueezedLayer(index, fixed.rule, fixed.num_tokens) for index in fixed.layers])
+
+    # ---- building and reusing --------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_context(cls, model, context_ids, config: SqueezeConfig | None = None, *, progress: bool = True):
+        """Prefill `context_ids` (1-D, or [1, N]) once and build its squeezed index."""
+        config = config or SqueezeConfig()
+        if not isinstance(config, SqueezeConfig):
+            raise TypeError(f"config must be a SqueezeConfig, got {type(config).__name__}")
+        integration.check_model(model)
+        ids = _context_ids(context_ids, model, config)
+        keys, values, queries, scalings = _prefill_context(model, ids, config, progress)
+        indices = build_indices(keys, values, config)
+        rule = calibrate(indices, queries, scalings, config)
+        fixed = FixedContext(tuple(indices), rule, config, ids.cpu(), integration.model_fingerprint(model))
+        integration.install_generation_guard(model)
+        return cls(fixed)
+
+    def fork(self) -> "SqueezedCache":
+        """A fresh cache for a new request, sharing (not copying) the fixed context."""
+        return type(self)(self.fixed)
+
+    def save(self, path) -> Path:
+        """Write the fixed context to `path` (safetensors with a JSON header; never pickled)."""
+        from .artifact import save_fixed_context
+
+        return save_fixed_context(self.fixed, path)
+
+    @classmethod
+    def load(cls, path, model) -> "SqueezedCache":
+        """Load a saved cache for `model`; refuses a file built for another model or corrupted."""
+        from .artifact import load_fixed_context
+
+        integration.check_model(model)
+        fixed = load_fixed_context(path, model, FixedContext)
+        integration.install_generation_guard(model)
+        return cls(fixed)
+
+    def to(self, device) -> "SqueezedCache":
+        """A fresh (forked) cache whose fixed context lives on `device`."""
+        fixed = self.fixed
+        moved = FixedContext(tuple(ix.to(device) for ix in fixed.layers), fixed.rule, fixed.config,
+                             fixed.context_ids, fixed.fingerprint)
+        return type(self)(moved)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def check_request(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
+        """Refuse a first `generate` step whose prompt does not start with the cached context."""
+        if any(layer.dynamic_length() for layer in self.layers):
+            return  # continuing a request: the prefix was checked when it started
+        n = self.fixed.num_tokens
+        if attention_mask is not None and attention_mask.shape[-1] >= n and not bool(attention_mask[:, :n].all()):
+            raise ValueError(
+                "attention_mask masks tokens of the fixed context; the context cannot be padded. "
+                "Put padding between the context and the question (left-pad the questions) instead."
+            )
+        if input_ids is None:
+            return
+        only_new = attention_mask is not None and attention_mask.shape[-1] == n + input_ids.shape[-1]
+        if only_new:
+            return  # the caller passed only the new tokens, with a mask over the full sequence
+        if input_ids.shape[-1] <= n:
+            raise ValueError(
+                f"the prompt has {input_ids.shape[-1]} tokens but the cache already holds a {n}-token fixed context: "
+                "pass the full prompt, the context ids followed by at least one new token"
+            )
+        expected = self.fixed.context_ids.to(input_ids.device)
+        differs = input_ids[:, :n] != expected
+        if bool(differs.any()):
+            row, pos = (int(i) for i in differs.nonzero()[0])
+            raise ValueError(
+                f"the prompt does not start with the context this SqueezedCache was built for: row {row} differs "
+                f"at token {pos} (cached id {int(expected[pos])}, got {int(input_ids[row, pos])}). Build or load "
+                "the cache for this context, or pass torch.cat([context_ids, question_ids], -1) as the prompt."
+            )
+
+    def stats(self) -> dict:
+        """Size of the index, and what attention read since this cache was forked."""
+        first = self.fixed.layers[0]
+        selections = sum(layer.selections for layer in self.layers)
+        read = sum(float(layer.read_fraction_sum) for layer in self.layers)
+        scored = sum(float(layer.scored_sum) for layer in self.layers)
+        return {
+            "fixed_tokens": self.fixed.num_tokens,
+            "clustered_tokens": first.clustered_tokens,
+            "window": first.window_keys.shape[1],
+            "layers": len(self.layers),
+            "kv_heads": first.keys.shape[0],
+            "clusters": first.centroids.shape[1],
+            "l1_clusters": 0 if first.l1_centroids is None else first.l1_centroids.shape[1],
+            "keep": self.fixed.config.keep,
+            "selection": self.fixed.config.selection,
+            "dynamic_tokens": self.layers[0].dynamic_length(),
+            "selections": selections,
+            "attended_fraction": read / selections if selections else math.nan,
+            "centroids_scored": scored / selections if selections else math.nan,
+        }
+
+    def __repr__(self):
+        s = self.stats()
+        return (
+            f"SqueezedCache(fixed_tokens={s['fixed_tokens']}, layers={s['layers']}, clusters={s['clusters']}, "
+            f"keep={s['keep']}, selection={s['selection']!r}, dynamic_tokens={s['dynamic_tokens']})"
+        )
+
+
+def _context_ids(context_ids, model, config: SqueezeConfig) -> torch.Tensor:
+    ids = torch.as_tensor(context_ids)
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(
+                f"context_ids has a batch of {ids.shape[0]}; a SqueezedCache holds one fixed context. "
+                "Build one cache per context (batches of questions share one cache at generate time)."
+            )
+        ids = ids[0]
+    if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"context_ids must be a 1-D integer tensor of token ids, got {tuple(ids.shape)} {ids.dtype}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"context_ids must be token ids in [0, {vocab}); got values in [{int(ids.min())}, {int(ids.max())}]")
+    n, window = ids.numel(), config.window
+    if n <= window:
+        raise ValueError(
+            f"the context has {n} tokens, not more than the observation window ({window}): nothing is left to "
+            "cluster. Use a longer context or a smaller SqueezeConfig.window."
+        )
+    clustered = n - window
+    ratio = config.l1_ratio if config.hierarchical else config.centroid_ratio
+    needed = math.ceil(0.5 / ratio)
+    if clustered < needed:
+        raise ValueError(
+            f"the context has {clustered} tokens beyond the observation window, fewer than the {needed} needed for "
+            f"one {'level-1 ' if config.hierarchical else ''}cluster at ratio {ratio}: use a longer context, a "
+            "smaller window, or a larger ratio."
+        )
+    return ids.long().to(model.device)
+
+
+class _ContextRecorder(DynamicLayer):
+    """Prefill-time layer: a plain dynamic layer that also keeps the last `window` queries."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+        self.queries = None
+        self.scaling = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        keys = keys.view_as(keys)
+        setattr(keys, LAYER_ATTR, self)
+        return keys, values
+
+    def attend(self, module, query, key, value, attention_mask, scaling):
+        q = query[0, :, -self.window :].float()
+        self.queries = q if self.queries is None else torch.cat([self.queries, q], 1)[:, -self.window :]
+        self.scaling = scaling
+        return exact_attention(query, key, value, attention_mask, scaling)
+
+
+def _prefill_context(model, ids: torch.Tensor, config: SqueezeConfig, progress: bool):
+    """Dense chunked prefill of the context through the base model (no logits over the context)."""
+    num_layers = len(integration.attention_modules(model))
+    recorder = Cache(layers=[_ContextRecorder(config.window) for _ in range(num_layers)])
+    base = model.base_model
+    chunks = ids.split(config.prefill_chunk)
+    for chunk in tqdm(chunks, desc="prefill context", unit="chunk", disable=not progress or len(chunks) < 2):
+        base(input_ids=chunk[None], past_key_values=recorder, use_cache=True)
+    keys = [layer.keys[0] for layer in recorder.layers]
+    values = [layer.values[0] for layer in recorder.layers]
+    queries = [layer.queries for layer in recorder.layers]
+    scalings = [layer.scaling for layer in recorder.layers]
+    return keys, values, queries, scalings

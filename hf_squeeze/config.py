@@ -1,0 +1,87 @@
+"""`SqueezeConfig`: every knob of the method, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SELECTIONS = ("threshold", "topk")
+
+
+@dataclass(frozen=True)
+class SqueezeConfig:
+    """How a fixed context is squeezed.
+
+    Attributes:
+        keep: target fraction of the clustered fixed-context keys that attention reads, in (0, 1].
+            1.0 reads them all (exact attention).
+        centroid_ratio: clusters per clustered key (the paper uses 5%).
+        hierarchical: add a coarse level of centroids so that most fine centroids are never scored.
+        l1_ratio: coarse (level-1) clusters per clustered key (the paper uses 1%).
+        l1_margin: the level-1 pass keeps `l1_margin * keep` of the keys (capped at 1), leaving the
+            fine pass room to choose.
+        window: the last `window` context tokens (observation window) are never clustered; they are
+            always attended and their queries calibrate the threshold.
+        selection: "threshold" (one threshold calibrated on the observation window, as the paper)
+            or "topk" (a fixed budget of `keep` keys per KV head per selection).
+        kmeans_iters: Lloyd iterations of K-means.
+        seed: seed of the K-means initialisation.
+        prefill_chunk: tokens per forward pass when the fixed context is prefilled.
+    """
+
+    keep: float = 0.3
+    centroid_ratio: float = 0.05
+    hierarchical: bool = False
+    l1_ratio: float = 0.01
+    l1_margin: float = 2.0
+    window: int = 100
+    selection: str = "threshold"
+    kmeans_iters: int = 20
+    seed: int = 0
+    prefill_chunk: int = 2048
+
+    def __post_init__(self):
+        def fail(field, why):
+            raise ValueError(f"SqueezeConfig.{field}={getattr(self, field)!r} is invalid: {why}")
+
+        if not 0.0 < self.keep <= 1.0:
+            fail("keep", "it is the fraction of fixed-context keys attended and must lie in (0, 1]")
+        if not 0.0 < self.centroid_ratio <= 1.0:
+            fail("centroid_ratio", "it must lie in (0, 1] (the paper uses 0.05)")
+        if not isinstance(self.hierarchical, bool):
+            fail("hierarchical", "it must be True or False")
+        if not 0.0 < self.l1_ratio <= self.centroid_ratio:
+            fail("l1_ratio", f"it must lie in (0, centroid_ratio={self.centroid_ratio}]")
+        if not self.l1_margin >= 1.0:
+            fail("l1_margin", "it must be >= 1 (the coarse pass may not keep less than `keep`)")
+        if not isinstance(self.window, int) or self.window < 1:
+            fail("window", "it must be a positive number of tokens (the paper uses 100)")
+        if self.selection not in SELECTIONS:
+            fail("selection", f"choose one of {SELECTIONS}")
+        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+            fail("kmeans_iters", "it must be a positive integer")
+        if not isinstance(self.seed, int):
+            fail("seed", "it must be an integer")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            fail("prefill_chunk", "it must be a positive number of tokens")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SqueezeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SqueezeConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def num_clusters(self, clustered_tokens: int) -> int:
+        return max(1, round(self.centroid_ratio * clustered_tokens))
+
+    def num_l1_clusters(self, clustered_tokens: int) -> int:
+        return min(self.num_clusters(clustered_tokens), max(1, round(self.l1_ratio * clustered_tokens)))
+
+    @property
+    def l1_keep(self) -> float:
+        return min(1.0, self.l1_margin * self.keep)

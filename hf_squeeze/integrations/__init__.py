@@ -1,0 +1,1 @@
+"""Glue between hf_squeeze and the frameworks it plugs into."""

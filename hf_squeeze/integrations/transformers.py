@@ -1,0 +1,132 @@
+"""Registration with transformers, model compatibility checks, model identity, request guard."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..attention import squeezed_attention_forward
+
+NAME = "squeezed"
+
+
+def register() -> None:
+    """Make `attn_implementation="squeezed"` known to transformers (idempotent)."""
+    AttentionInterface.register(NAME, squeezed_attention_forward)
+    # Without a mask entry a custom attention receives attention_mask=None even with padding.
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention modules of `model`, in layer order."""
+    found = {}
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups"):
+            found.setdefault(module.layer_idx, module)
+    return [found[i] for i in sorted(found)]
+
+
+def check_model(model) -> None:
+    """Raise a clear error if `model` cannot use a SqueezedCache."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise TypeError(f"expected a transformers causal LM (e.g. from AutoModelForCausalLM), got {type(model).__name__}")
+    name = f"{type(model).__name__} ({config.model_type})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{name} is an encoder-decoder model; hf_squeeze supports decoder-only LMs")
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != NAME:
+        raise ValueError(
+            f"{name} uses attn_implementation={impl!r}; a SqueezedCache needs the squeezed attention. Load it with "
+            "from_pretrained(..., attn_implementation='squeezed') after `import hf_squeeze`, or call "
+            "model.set_attn_implementation('squeezed')."
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise NotImplementedError(
+            f"{name} has {other} layers; hf_squeeze supports models whose layers all use full attention "
+            "(sliding-window, chunked and linear-attention layers are not supported)"
+        )
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        raise NotImplementedError(f"{name} uses sliding-window attention (sliding_window={config.sliding_window})")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError(f"{name} soft-caps attention logits, which squeezed attention does not model")
+    modules = attention_modules(model)
+    expected = getattr(config, "num_hidden_layers", len(modules))
+    if not modules or len(modules) != expected:
+        raise NotImplementedError(
+            f"{name}: found {len(modules)} attention modules for {expected} layers; hf_squeeze needs standard "
+            "transformers attention modules (with layer_idx and num_key_value_groups)"
+        )
+
+
+def model_fingerprint(model) -> dict:
+    """What a saved cache must match: architecture, shapes, dtype and a checksum of key weights."""
+    config = model.config
+    modules = attention_modules(model)
+    digest = hashlib.sha256()
+    probes = [model.get_input_embeddings().weight] + [next(m.parameters()) for m in modules]
+    for weight in probes:
+        digest.update(weight.detach()[:8].float().cpu().contiguous().numpy().tobytes())
+    return {
+        "model_class": type(model).__name__,
+        "model_type": config.model_type,
+        "num_layers": len(modules),
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "hidden_size": config.hidden_size,
+        "vocab_size": model.get_input_embeddings().weight.shape[0],
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def check_fingerprint(saved: dict, model) -> None:
+    """Refuse a cache built for another model (or the same model in another dtype)."""
+    current = model_fingerprint(model)
+    shape_fields = [k for k in saved if k not in ("dtype", "weights_sha256")]
+    differ = [k for k in shape_fields if saved.get(k) != current.get(k)]
+    if differ:
+        detail = ", ".join(f"{k}: cache {saved.get(k)!r} vs model {current.get(k)!r}" for k in differ)
+        raise ValueError(f"this cache was built for another model ({detail}); build one for this model with "
+                         "SqueezedCache.from_context")
+    if saved.get("dtype") != current["dtype"]:
+        raise ValueError(
+            f"this cache was built with the model in {saved.get('dtype')} but the model is now {current['dtype']}: "
+            f"load the model with dtype=torch.{saved.get('dtype')}, or rebuild the cache"
+        )
+    if saved.get("weights_sha256") != current["weights_sha256"]:
+        raise ValueError(
+            "this cache was built for a model with the same architecture but different weights (checksum "
+            "mismatch); build one for this model with SqueezedCache.from_context"
+        )
+
+
+def install_generation_guard(model) -> None:
+    """Check, on the first step of every `generate`, that the prompt starts with the cached context.
+
+    `generate` hands the full prompt to `prepare_inputs_for_generation` only, and slices it before the
+    forward pass, so this is the one place a wrong prefix can be seen. The wrapper is set on this
+    model instance (never on a transformers class) and only acts when `past_key_values` is a
+    SqueezedCache.
+    """
+    current = model.prepare_inputs_for_generation
+    if getattr(current, "_hf_squeeze_guard", False):
+        return
+
+    @functools.wraps(current)
+    def prepare_inputs_for_generation(*args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if hasattr(cache, "check_request"):
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            cache.check_request(input_ids, kwargs.get("attention_mask"))
+        return current(*args, **kwargs)
+
+    prepare_inputs_for_generation._hf_squeeze_guard = True
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation

@@ -1,0 +1,203 @@
+"""Query -> selected clusters -> key ranges: the torch reference of the online lookup.
+
+Shapes: B batch rows, H KV heads, G query heads per KV head, T query tokens, M candidate clusters,
+D head dim. Everything is computed in float32 and in the log domain, so that tiny probabilities
+never underflow to a tie.
+
+The estimated attention probability of one key of cluster j (paper, eq. 2) is
+
+    p_j = exp(s_j) / sum_k N_k exp(s_k),   s_j = q . C_j * scaling,
+
+with empty clusters (N_k = 0) left out of both the max and the sum. One selection is made per KV
+head, shared by its G query heads (max over the group), and per batch row; for a user-input prefill
+the per-token probabilities are averaged over the input first (one selection per input, as the
+paper), for decode T = 1 and the selection is per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How clusters are kept, resolved for one fixed context.
+
+    `keep_all` short-circuits everything (keep=1.0). Otherwise exactly one of `threshold` (a log
+    probability) or `budget` (keys per KV head) is set for the fine level, and likewise
+    `l1_threshold` / `l1_budget` for the coarse level of a hierarchical index.
+    """
+
+    keep_all: bool = False
+    threshold: float | None = None
+    budget: int | None = None
+    l1_threshold: float | None = None
+    l1_budget: int | None = None
+
+
+@dataclass
+class Candidates:
+    """Clusters that were scored for each (batch row, KV head), padded to a common M."""
+
+    ids: torch.Tensor  # [B, H, M] int64 cluster indices
+    logp: torch.Tensor  # [B, H, M] float32 aggregated log probability (-inf where padding / empty)
+    counts: torch.Tensor  # [B, H, M] int64 keys per cluster (0 where padding / empty)
+
+
+@dataclass
+class Selection:
+    """Selected key ranges of the cluster-sorted keys, per (batch row, KV head)."""
+
+    starts: torch.Tensor  # [B, H, M] int64 first key of each candidate cluster
+    lengths: torch.Tensor  # [B, H, M] int64 keys read from it (0 if not selected)
+    scored: torch.Tensor  # [B, H] number of centroids scored (both levels)
+
+
+def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scores s of every query token against candidate centroids: [B, H, G, T, M], -inf if empty.
+
+    q [B, H, G, T, D]; centroids [B or 1, H, M, D]; counts [B or 1, H, M].
+    """
+    s = torch.einsum("bhgtd,bhmd->bhgtm", q.float(), centroids.float()) * scaling
+    return s.masked_fill((counts == 0)[:, :, None, None, :], NEG_INF)
+
+
+def log_mass(s: torch.Tensor, counts: torch.Tensor, include: torch.Tensor | None = None) -> torch.Tensor:
+    """log sum_k N_k exp(s_k) over the candidates (optionally only where `include`): [B, H, G, T]."""
+    weighted = s + counts.float().log()[:, :, None, None, :]
+    if include is not None:
+        weighted = weighted.masked_fill(~include[:, :, None, None, :], NEG_INF)
+    return torch.logsumexp(weighted, dim=-1)
+
+
+def aggregate(logp: torch.Tensor, q_weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-token log p [B, H, G, T, M] -> one log p per (row, KV head, cluster): [B, H, M].
+
+    Mean over the (valid) query tokens, then max over the query heads of the group.
+    """
+    tokens = logp.shape[3]
+    if q_weight is None:
+        log_w = torch.full((logp.shape[0], tokens), -math.log(tokens), device=logp.device)
+    else:
+        w = q_weight.float()
+        log_w = (w / w.sum(-1, keepdim=True).clamp_min(1.0)).log()
+    mean = torch.logsumexp(logp + log_w[:, None, None, :, None], dim=3)
+    return mean.amax(dim=2)
+
+
+def select(logp: torch.Tensor, counts: torch.Tensor, threshold: float | None, budget: int | None) -> torch.Tensor:
+    """Which candidates to keep: [B, H, M] bool.
+
+    With a threshold: log p >= threshold. With a budget: clusters in decreasing p until `budget`
+    keys are reached (the cluster that crosses the budget is kept). With neither: all non-empty.
+    """
+    nonempty = counts > 0
+    if threshold is not None:
+        return (logp >= threshold) & nonempty
+    if budget is None:
+        return nonempty
+    order = logp.argsort(dim=-1, descending=True)
+    sorted_counts = counts.gather(-1, order)
+    before = sorted_counts.cumsum(-1) - sorted_counts
+    keep_sorted = (before < budget) & (sorted_counts > 0)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn ranges into padded index lists, with work proportional to the selected items.
+
+    starts, lengths [..., M] -> (indices [..., L], valid [..., L]) where row r lists
+    starts[r, m] + i for i < lengths[r, m], m ascending, and L is the longest row.
+    """
+    lead, m = starts.shape[:-1], starts.shape[-1]
+    rows = math.prod(lead)
+    starts, lengths = starts.reshape(rows, m), lengths.reshape(rows, m)
+    per_row = lengths.sum(-1)
+    width = int(per_row.max()) if rows and m else 0
+    total = int(per_row.sum())
+    flat_len = lengths.flatten()
+    segment = torch.repeat_interleave(torch.arange(flat_len.numel(), device=starts.device), flat_len, output_size=total)
+    seg_begin = flat_len.cumsum(0) - flat_len  # position of each range in the flat list
+    row_begin = (per_row.cumsum(0) - per_row).repeat_interleave(m)  # position of each row's first item
+    within = torch.arange(total, device=starts.device) - seg_begin[segment]
+    col = seg_begin[segment] - row_begin[segment] + within
+    indices = torch.zeros(rows, width, dtype=torch.long, device=starts.device)
+    indices[segment // m, col] = starts.flatten()[segment] + within
+    valid = torch.arange(width, device=starts.device) < per_row.unsqueeze(1)
+    return indices.view(*lead, width), valid.view(*lead, width)
+
+
+def _gather_heads(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table [H, M0, ...], ids [B, H, M] -> table[h, ids[b, h, m]]: [B, H, M, ...]."""
+    heads = torch.arange(table.shape[0], device=ids.device)[None, :, None]
+    return table[heads, ids]
+
+
+def score_flat(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
+    """Score every centroid. Returns the candidates and the per-token log p [B, H, G, T, C]."""
+    batch = q.shape[0]
+    s = centroid_logits(q, index.centroids[None], index.counts[None], scaling)
+    logp = s - log_mass(s, index.counts[None]).unsqueeze(-1)
+    heads, clusters = index.counts.shape
+    ids = torch.arange(clusters, device=q.device).expand(batch, heads, clusters)
+    counts = index.counts[None].expand(batch, heads, clusters)
+    return Candidates(ids, aggregate(logp, q_weight), counts), logp
+
+
+def score_level1(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
+    """Score the coarse centroids. Returns the candidates and the per-token scores s1 [B, H, G, T, C1]."""
+    batch = q.shape[0]
+    s1 = centroid_logits(q, index.l1_centroids[None], index.l1_counts[None], scaling)
+    logp1 = s1 - log_mass(s1, index.l1_counts[None]).unsqueeze(-1)
+    heads, clusters = index.l1_counts.shape
+    ids = torch.arange(clusters, device=q.device).expand(batch, heads, clusters)
+    counts = index.l1_counts[None].expand(batch, heads, clusters)
+    return Candidates(ids, aggregate(logp1, q_weight), counts), s1
+
+
+def score_level2(q, index, scaling, q_weight, l1_keep: torch.Tensor, s1: torch.Tensor) -> Candidates:
+    """Score only the fine centroids under the kept coarse clusters.
+
+    The normaliser mixes resolutions: fine terms where fine centroids were scored, coarse terms
+    (N_k exp(s1_k) of the coarse centroid) for the rejected coarse clusters, so it estimates the
+    full sum without scoring any fine centroid under a rejected coarse cluster.
+    """
+    first = index.l1_offsets[:, :-1][None].expand_as(l1_keep)
+    sizes = (index.l1_offsets[:, 1:] - index.l1_offsets[:, :-1])[None].expand_as(l1_keep)
+    ids, valid = expand_ranges(first, sizes * l1_keep)
+    counts = _gather_heads(index.counts, ids) * valid
+    s2 = centroid_logits(q, _gather_heads(index.centroids, ids), counts, scaling)
+    rejected = log_mass(s1, index.l1_counts[None].expand_as(l1_keep), include=~l1_keep)
+    log_norm = torch.logaddexp(log_mass(s2, counts), rejected)
+    logp2 = s2 - log_norm.unsqueeze(-1)
+    return Candidates(ids, aggregate(logp2, q_weight), counts)
+
+
+def lookup(q: torch.Tensor, index, scaling: float, rule: SelectionRule, q_weight=None) -> Selection:
+    """Select the key ranges of the fixed context that queries `q` [B, H, G, T, D] attend to."""
+    batch, heads = q.shape[:2]
+    if index.l1_centroids is None:
+        cand, _ = score_flat(q, index, scaling, q_weight)
+        scored = torch.full((batch, heads), index.counts.shape[1], device=q.device)
+    else:
+        l1, s1 = score_level1(q, index, scaling, q_weight)
+        l1_keep = select(l1.logp, l1.counts, *_level_rule(rule, level=1))
+        cand = score_level2(q, index, scaling, q_weight, l1_keep, s1)
+        fine_per_coarse = index.l1_offsets[:, 1:] - index.l1_offsets[:, :-1]
+        scored = index.l1_counts.shape[1] + (fine_per_coarse[None] * l1_keep).sum(-1)
+    keep = select(cand.logp, cand.counts, *_level_rule(rule, level=2))
+    starts = _gather_heads(index.offsets, cand.ids)
+    return Selection(starts, cand.counts * keep, scored)
+
+
+def _level_rule(rule: SelectionRule, level: int) -> tuple[float | None, int | None]:
+    if rule.keep_all:
+        return None, None
+    if level == 1:
+        return rule.l1_threshold, rule.l1_budget
+    return rule.threshold, rule.budget
