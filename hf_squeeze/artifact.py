@@ -104,7 +104,7 @@ def load_fixed_context(path, model, fixed_cls):
     for i in range(header["num_layers"]):
         prefix = f"layers.{i}."
         parts = {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
-        if not {"keys", "values", "centroids", "counts", "offsets", "window_keys", "window_values"} <= set(parts) \
+        if not {"keys", "values", "centroids", "counts", "offsets", "dense_keys", "dense_values"} <= set(parts) \
                 or not set(parts) <= field_names:
             raise _bad_file(path, f"layer {i} is incomplete")
         layers.append(LayerIndex(**parts))

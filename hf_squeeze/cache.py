@@ -152,7 +152,7 @@ class SqueezedLayer(CacheLayerMixin):
 
     # ---- attention ------------------------------------------------------------------------
     def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
-        """Exact attention over the selected fixed keys + window + all dynamic tokens.
+        """Exact attention over the selected fixed keys + sinks + window + all dynamic tokens.
 
         query [B, Hq, T, D]; key/value: the dynamic part [B, H, Ld, D] (what `update` returned);
         attention_mask: boolean [B, 1, T, Ld] over the dynamic part, or None (causal, no padding).
@@ -174,7 +174,7 @@ class SqueezedLayer(CacheLayerMixin):
                 valid[:, :, None, None, :],
                 scaling,
             ),
-            partial_attention(q, index.window_keys[None].float(), index.window_values[None].float(), None, scaling),
+            partial_attention(q, index.dense_keys[None].float(), index.dense_values[None].float(), None, scaling),
             partial_attention(q, key.float(), value.float(), dyn_mask, scaling),
         ]
         out = merge_partials(parts)
@@ -296,7 +296,7 @@ class SqueezedCache(Cache):
         return {
             "fixed_tokens": self.fixed.num_tokens,
             "clustered_tokens": first.clustered_tokens,
-            "window": first.window_keys.shape[1],
+            "dense_tokens": first.dense_keys.shape[1],
             "layers": len(self.layers),
             "kv_heads": first.keys.shape[0],
             "clusters": first.centroids.shape[1],
@@ -331,18 +331,19 @@ def _context_ids(context_ids, model, config: SqueezeConfig) -> torch.Tensor:
     vocab = model.get_input_embeddings().weight.shape[0]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f"context_ids must be token ids in [0, {vocab}); got values in [{int(ids.min())}, {int(ids.max())}]")
-    n, window = ids.numel(), config.window
-    if n <= window:
+    n, dense = ids.numel(), config.dense_tokens
+    if n <= dense:
         raise ValueError(
-            f"the context has {n} tokens, not more than the observation window ({window}): nothing is left to "
-            "cluster. Use a longer context or a smaller SqueezeConfig.window."
+            f"the context has {n} tokens, not more than the {config.sinks} attention sinks + {config.window}-token "
+            "observation window that are kept dense: nothing is left to cluster. Use a longer context or a smaller "
+            "SqueezeConfig.window."
         )
-    clustered = n - window
+    clustered = n - dense
     ratio = config.l1_ratio if config.hierarchical else config.centroid_ratio
     needed = math.ceil(0.5 / ratio)
     if clustered < needed:
         raise ValueError(
-            f"the context has {clustered} tokens beyond the observation window, fewer than the {needed} needed for "
+            f"the context has {clustered} tokens beyond the sinks and observation window, fewer than the {needed} needed for "
             f"one {'level-1 ' if config.hierarchical else ''}cluster at ratio {ratio}: use a longer context, a "
             "smaller window, or a larger ratio."
         )

@@ -33,8 +33,8 @@ class LayerIndex:
     centroids: torch.Tensor  # [H, C, D] float32 mean of the raw keys of each cluster
     counts: torch.Tensor  # [H, C] int64 keys per cluster
     offsets: torch.Tensor  # [H, C + 1] int64 first key of each cluster
-    window_keys: torch.Tensor  # [H, W, D] observation window, always attended
-    window_values: torch.Tensor  # [H, W, D]
+    dense_keys: torch.Tensor  # [H, S + W, D] attention sinks + observation window, always attended
+    dense_values: torch.Tensor  # [H, S + W, D]
     l1_centroids: torch.Tensor | None = None  # [H, C1, D] float32
     l1_counts: torch.Tensor | None = None  # [H, C1] int64 keys under each coarse cluster
     l1_offsets: torch.Tensor | None = None  # [H, C1 + 1] int64 first fine cluster of each
@@ -75,18 +75,17 @@ def _sort_by_cluster(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 def build_indices(keys: list[torch.Tensor], values: list[torch.Tensor], config: SqueezeConfig) -> list[LayerIndex]:
     """Build the index of every layer from its context keys/values [H, N, D] (post-RoPE keys)."""
-    n = keys[0].shape[1]
-    clustered = n - config.window
-    k = config.num_clusters(clustered)
-    labels = _cluster_all([key[:, :clustered] for key in keys], k, config.kmeans_iters, config.seed)
+    clustered = slice(config.sinks, keys[0].shape[1] - config.window)
+    k = config.num_clusters(clustered.stop - clustered.start)
+    labels = _cluster_all([key[:, clustered] for key in keys], k, config.kmeans_iters, config.seed)
     indices = []
     tree_inputs = []
     for key, value, label in zip(keys, values, labels):
-        centroids, counts = cluster_means(key[:, :clustered], label, k)
+        centroids, counts = cluster_means(key[:, clustered], label, k)
         tree_inputs.append(centroids)
         indices.append((key, value, label, centroids, counts))
     if config.hierarchical:
-        k1 = config.num_l1_clusters(clustered)
+        k1 = config.num_l1_clusters(clustered.stop - clustered.start)
         parents = _cluster_all(tree_inputs, k1, config.kmeans_iters, config.seed + 1)
     else:
         parents = [None] * len(indices)
@@ -94,11 +93,12 @@ def build_indices(keys: list[torch.Tensor], values: list[torch.Tensor], config: 
 
 
 def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerIndex:
-    clustered = key.shape[1] - config.window
+    clustered = slice(config.sinks, key.shape[1] - config.window)
+    dense = torch.cat([torch.arange(config.sinks), torch.arange(clustered.stop, key.shape[1])]).to(key.device)
     heads = torch.arange(key.shape[0], device=key.device)[:, None]
     extra = {}
     if parent is not None:
-        k1 = config.num_l1_clusters(clustered)
+        k1 = config.num_l1_clusters(clustered.stop - clustered.start)
         # A coarse centroid is the mean of the raw keys under it: the count-weighted mean of its children.
         key_sums = torch.zeros(key.shape[0], k1, key.shape[2], device=key.device)
         key_sums.scatter_add_(1, parent.unsqueeze(-1).expand_as(centroids), centroids * counts.unsqueeze(-1))
@@ -114,13 +114,13 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
         extra = dict(l1_centroids=l1_centroids, l1_counts=l1_counts, l1_offsets=l1_offsets)
     order, offsets = _sort_by_cluster(label, centroids.shape[1])
     return LayerIndex(
-        keys=key[:, :clustered][heads, order].contiguous(),
-        values=value[:, :clustered][heads, order].contiguous(),
+        keys=key[:, clustered][heads, order].contiguous(),
+        values=value[:, clustered][heads, order].contiguous(),
         centroids=centroids.contiguous(),
         counts=counts,
         offsets=offsets,
-        window_keys=key[:, clustered:].contiguous(),
-        window_values=value[:, clustered:].contiguous(),
+        dense_keys=key[:, dense].contiguous(),
+        dense_values=value[:, dense].contiguous(),
         **extra,
     )
 
