@@ -1,0 +1,39 @@
+import pytest
+
+from hf_squeeze import SqueezeConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("keep", 0.0),
+        ("keep", 1.5),
+        ("keep", -0.1),
+        ("centroid_ratio", 0.0),
+        ("l1_ratio", 0.2),  # larger than centroid_ratio
+        ("l1_margin", 0.5),
+        ("window", 0),
+        ("sinks", -1),
+        ("selection", "random"),
+        ("kmeans_iters", 0),
+        ("prefill_chunk", 0),
+        ("hierarchical", "yes"),
+    ],
+)
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"SqueezeConfig\.{field}="):
+        SqueezeConfig(**{field: value})
+
+
+def test_round_trip_and_unknown_fields():
+    config = SqueezeConfig(keep=0.1, hierarchical=True, selection="topk")
+    assert SqueezeConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown SqueezeConfig fields"):
+        SqueezeConfig.from_dict({**config.to_dict(), "colour": "red"})
+
+
+def test_cluster_counts():
+    config = SqueezeConfig(centroid_ratio=0.05, l1_ratio=0.01)
+    assert config.num_clusters(2000) == 100
+    assert config.num_l1_clusters(2000) == 20
+    assert config.l1_keep == min(1.0, config.l1_margin * config.keep)
