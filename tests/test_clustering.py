@@ -23,15 +23,15 @@ def sklearn_objective(points, k, iters, seed=0):
     return np.array(total)
 
 
-@pytest.mark.parametrize("k, tolerance", [(5, 1.03), (12, 1.01), (40, 1.01)])
-def test_quality_matches_sklearn_on_clustered_data(k, tolerance):
+@pytest.mark.parametrize("k", [12, 40, 80])
+def test_quality_matches_sklearn_on_clustered_data(k):
+    # As many clusters as the data has, or more (the method uses 5% of the keys: many clusters).
     # Single runs depend on the luck of the seeding draw (for both); compare totals over seeds.
-    # k=5 forces 12 true clusters into 5: a rugged landscape where 3 seeds are noisy (+-5%).
     points = clustered_points(k=12)
     seeds = range(3)
     ours = sum(cosine_objective(points, kmeans(points, k, iters=30, seed=s), k).sum().item() for s in seeds)
     ref = sum(sklearn_objective(points, k, iters=30, seed=s).sum() for s in seeds)
-    assert ours <= ref * tolerance, (ours, ref)
+    assert ours <= ref * 1.01, (ours, ref)
 
 
 def test_quality_matches_sklearn_on_real_keys(llama, context):
