@@ -1,0 +1,86 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_squeeze.attention import causal_mask, exact_attention, merge_partials, partial_attention
+
+from .conftest import tiny_model
+
+
+def reference_attention(q, k, v, mask, scaling):
+    """Eager GQA attention; mask [B, 1, T, L] bool or None (no mask)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = q @ k.transpose(-1, -2) * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+def test_partials_merge_to_full_softmax():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 2, 4, 8, generator=g)
+    keys = [torch.randn(2, 3, n, 8, generator=g) for n in (5, 0, 7, 3)]
+    values = [torch.randn(2, 3, n, 8, generator=g) for n in (5, 0, 7, 3)]
+    masks = [torch.rand(2, 3, 1, 4, n, generator=g) > 0.3 for n in (5, 0, 7, 3)]
+    masks[2][0, 0] = False  # a part with no key for some rows
+    parts = [partial_attention(q, k, v, m, 0.5) for k, v, m in zip(keys, values, masks)]
+    out = merge_partials(parts)
+    k_all, v_all, m_all = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, -1)
+    s = torch.einsum("bhgtd,bhld->bhgtl", q, k_all) * 0.5
+    ref = torch.einsum("bhgtl,bhld->bhgtd", s.masked_fill(~m_all, float("-inf")).softmax(-1), v_all)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_partial_of_an_empty_part_is_neutral():
+    q = torch.randn(1, 1, 1, 2, 4)
+    out, lse = partial_attention(q, torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4), None, 1.0)
+    assert torch.isneginf(lse).all() and torch.equal(out, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(1, 9), (5, 5), (4, 11)])
+def test_exact_attention_is_causal_and_end_aligned(q_len, kv_len):
+    q, k, v = torch.randn(2, 6, q_len, 8), torch.randn(2, 2, kv_len, 8), torch.randn(2, 2, kv_len, 8)
+    out = exact_attention(q, k, v, None, 0.3)
+    ref = reference_attention(q, k, v, causal_mask(q_len, kv_len, "cpu")[None, None], 0.3)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_exact_attention_with_padding_mask():
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    mask = causal_mask(4, 10, "cpu")[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, :3] = False
+    assert torch.allclose(exact_attention(q, k, v, mask, 0.3), reference_attention(q, k, v, mask, 0.3), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_squeezed_without_squeezed_cache_equals_sdpa(kind):
+    squeezed, sdpa = tiny_model(kind), tiny_model(kind)
+    sdpa.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 256, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    with torch.no_grad():
+        for model_kwargs in ({}, {"attention_mask": mask}):
+            a = squeezed(ids, **model_kwargs).logits
+            b = sdpa(ids, **model_kwargs).logits
+            valid = model_kwargs.get("attention_mask", torch.ones_like(ids)).bool()
+            assert torch.allclose(a[valid], b[valid], atol=1e-5)
+    # incremental decoding with an ordinary DynamicCache
+    a = squeezed.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), max_new_tokens=6, do_sample=False)
+    b = sdpa.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_training_gradients_match_sdpa():
+    squeezed, sdpa = tiny_model("llama"), tiny_model("llama")
+    sdpa.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 256, (2, 20))
+    losses = []
+    for model in (squeezed, sdpa):
+        model.train()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append((loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert torch.allclose(losses[0][0], losses[1][0], atol=1e-5)
+    assert torch.allclose(losses[0][1], losses[1][1], atol=1e-5)

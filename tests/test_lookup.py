@@ -1,0 +1,157 @@
+import math
+
+import pytest
+import torch
+
+from hf_squeeze import SqueezeConfig
+from hf_squeeze.index import build_indices
+from hf_squeeze.lookup import SelectionRule, expand_ranges, lookup, score_flat, score_level1, score_level2, select
+
+
+def random_index(heads=2, n=400, dim=8, hierarchical=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(heads, n, dim, generator=g)]
+    values = [torch.randn(heads, n, dim, generator=g)]
+    config = SqueezeConfig(window=20, sinks=2, centroid_ratio=0.1, l1_ratio=0.02, hierarchical=hierarchical)
+    return build_indices(keys, values, config)[0]
+
+
+def naive_logp(q, centroids, counts, scaling):
+    """p_j = exp(s_j) / sum_k N_k exp(s_k) over non-empty clusters, mean over tokens, max over group."""
+    B, H, G, T, _ = q.shape
+    out = torch.full((B, H, centroids.shape[1]), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            per_head = []
+            for g in range(G):
+                probs = []
+                for t in range(T):
+                    s = (centroids[h].double() @ q[b, h, g, t].double()) * scaling
+                    nonempty = counts[h] > 0
+                    z = sum(counts[h, k].item() * math.exp(s[k].item()) for k in range(len(s)) if nonempty[k])
+                    probs.append(torch.where(nonempty, torch.exp(s) / z, torch.zeros_like(s)))
+                per_head.append(torch.stack(probs).mean(0))
+            out[b, h] = torch.stack(per_head).amax(0).log()
+    return out
+
+
+def test_estimated_probability_matches_the_formula():
+    index = random_index()
+    q = torch.randn(2, 2, 3, 4, 8)
+    cand, _ = score_flat(q, index, 0.35, None)
+    ref = naive_logp(q, index.centroids, index.counts, 0.35)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(cand.logp))
+    assert torch.allclose(cand.logp[finite].double(), ref[finite], atol=1e-5)
+
+
+def test_empty_clusters_are_masked_out_of_max_and_sum():
+    index = random_index()
+    counts = index.counts.clone()
+    counts[:, :3] = 0
+    centroids = index.centroids.clone()
+    centroids[:, :3] = 1e4  # would dominate the max, and overflow, if not masked
+    empty = type(index)(**{**index.tensors(), "counts": counts, "centroids": centroids})
+    q = torch.randn(1, 2, 1, 1, 8)
+    cand, _ = score_flat(q, empty, 1.0, None)
+    assert torch.isneginf(cand.logp[..., :3]).all()
+    assert torch.isfinite(cand.logp[..., 3:][cand.counts[..., 3:] > 0]).all()
+    # for one query, the probabilities of one key per cluster, weighted by cluster sizes, sum to one
+    total = (cand.logp.exp() * cand.counts).sum(-1)
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-4)
+
+
+def test_padding_tokens_do_not_vote():
+    index = random_index()
+    q = torch.randn(1, 2, 3, 5, 8)
+    weight = torch.tensor([[False, False, True, True, True]])
+    with_padding, _ = score_flat(q, index, 0.35, weight)
+    without, _ = score_flat(q[:, :, :, 2:], index, 0.35, None)
+    assert torch.allclose(with_padding.logp, without.logp, atol=1e-6)
+
+
+def test_select_threshold_and_budget():
+    logp = torch.tensor([[[-1.0, -3.0, -0.5, -2.0, -0.1]]])
+    counts = torch.tensor([[[4, 5, 0, 3, 2]]])
+    assert select(logp, counts, -1.5, None).tolist() == [[[True, False, False, False, True]]]
+    # by decreasing p: cluster 4 (2 keys), cluster 2 is empty, cluster 0 (4 keys) -> 6 >= budget 5
+    assert select(logp, counts, None, 5).tolist() == [[[True, False, False, False, True]]]
+    assert select(logp, counts, None, 7).tolist() == [[[True, False, False, True, True]]]
+    assert select(logp, counts, None, None).tolist() == [[[True, True, False, True, True]]]
+
+
+def test_expand_ranges_matches_python():
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 100, (2, 3, 7), generator=g)
+    lengths = torch.randint(0, 5, (2, 3, 7), generator=g)
+    lengths[0, 1] = 0  # a row with nothing selected
+    indices, valid = expand_ranges(starts, lengths)
+    for b in range(2):
+        for h in range(3):
+            expected = [s + i for s, n in zip(starts[b, h].tolist(), lengths[b, h].tolist()) for i in range(n)]
+            assert indices[b, h][valid[b, h]].tolist() == expected
+            assert int(valid[b, h].sum()) == len(expected)
+
+
+def test_expand_ranges_with_no_candidates():
+    indices, valid = expand_ranges(torch.zeros(2, 3, 0, dtype=torch.long), torch.zeros(2, 3, 0, dtype=torch.long))
+    assert indices.shape == (2, 3, 0) and valid.shape == (2, 3, 0)
+
+
+def test_level2_with_every_coarse_cluster_kept_equals_flat():
+    # With nothing rejected the mixed-resolution normaliser is the full one: same estimate as flat.
+    index = random_index(hierarchical=True)
+    q = torch.randn(2, 2, 3, 2, 8)
+    flat, _ = score_flat(q, index, 0.35, None)
+    _, s1 = score_level1(q, index, 0.35, None)
+    keep_all = torch.ones(2, 2, index.l1_counts.shape[1], dtype=torch.bool)
+    fine = score_level2(q, index, 0.35, None, keep_all, s1)
+    assert torch.equal(fine.ids, flat.ids)
+    finite = torch.isfinite(flat.logp)
+    assert torch.allclose(fine.logp[finite], flat.logp[finite], atol=1e-5)
+
+
+def test_level2_normaliser_uses_coarse_mass_of_rejected_clusters():
+    index = random_index(hierarchical=True)
+    q = torch.randn(1, 2, 1, 1, 8)
+    _, s1 = score_level1(q, index, 0.35, None)
+    keep = torch.zeros(1, 2, index.l1_counts.shape[1], dtype=torch.bool)
+    keep[..., 0] = True
+    fine = score_level2(q, index, 0.35, None, keep, s1)
+    for h in range(2):
+        lo, hi = index.l1_offsets[h, 0].item(), index.l1_offsets[h, 1].item()
+        assert fine.ids[0, h][fine.counts[0, h] > 0].tolist() == [
+            j for j in range(lo, hi) if index.counts[h, j] > 0
+        ]
+        qv = q[0, h, 0, 0].double()
+        s2 = index.centroids[h, lo:hi].double() @ qv * 0.35
+        n2 = index.counts[h, lo:hi].double()
+        s1h = index.l1_centroids[h, 1:].double() @ qv * 0.35
+        n1 = index.l1_counts[h, 1:].double()
+        z = (n2 * s2.exp()).sum() + (n1 * s1h.exp()).sum()
+        ok = n2 > 0
+        got = fine.logp[0, h, : hi - lo][ok].double()
+        assert torch.allclose(got, (s2 - z.log())[ok], atol=1e-5)
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_keep_all_selects_every_key(hierarchical):
+    index = random_index(hierarchical=hierarchical)
+    q = torch.randn(2, 2, 3, 1, 8)
+    sel = lookup(q, index, 0.35, SelectionRule(keep_all=True))
+    assert torch.equal(sel.lengths.sum(-1), torch.full((2, 2), index.clustered_tokens))
+    rows, valid = expand_ranges(sel.starts, sel.lengths)
+    for b in range(2):
+        for h in range(2):
+            assert sorted(rows[b, h][valid[b, h]].tolist()) == list(range(index.clustered_tokens))
+
+
+def test_hierarchical_lookup_skips_fine_centroids():
+    index = random_index(hierarchical=True)
+    q = torch.randn(1, 2, 3, 1, 8)
+    budget = index.clustered_tokens // 10
+    sel = lookup(q, index, 0.35, SelectionRule(budget=budget, l1_budget=2 * budget))
+    fine = index.counts.shape[1]
+    assert (sel.scored < fine).all()
+    assert (sel.lengths.sum(-1) >= budget).all()
+    assert (sel.lengths.sum(-1) <= 2 * budget + int(index.counts.max())).all()
