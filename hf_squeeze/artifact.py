@@ -45,7 +45,7 @@ def save_fixed_context(fixed, path) -> Path:
         "version": VERSION,
         "num_layers": len(fixed.layers),
         "config": fixed.config.to_dict(),
-        "rule": dataclasses.asdict(fixed.rule),
+        "rules": [dataclasses.asdict(rule) for rule in fixed.rules],
         "fingerprint": fixed.fingerprint,
         "context_tokens": fixed.num_tokens,
         "context_sha256": context_sha256(fixed.context_ids),
@@ -109,5 +109,7 @@ def load_fixed_context(path, model, fixed_cls):
             raise _bad_file(path, f"layer {i} is incomplete")
         layers.append(LayerIndex(**parts))
     config = SqueezeConfig.from_dict(header["config"])
-    rule = SelectionRule(**header["rule"])
-    return fixed_cls(tuple(layers), rule, config, ids, header["fingerprint"])
+    rules = tuple(SelectionRule(**rule) for rule in header["rules"])
+    if len(rules) != len(layers):
+        raise _bad_file(path, "it has a selection rule count that does not match its layers")
+    return fixed_cls(tuple(layers), rules, config, ids, header["fingerprint"])

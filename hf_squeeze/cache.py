@@ -33,7 +33,7 @@ class FixedContext:
     """Everything a squeezed cache knows about its fixed context. Never mutated; never copied."""
 
     layers: tuple[LayerIndex, ...]
-    rule: SelectionRule
+    rules: tuple[SelectionRule, ...]  # one per layer
     config: SqueezeConfig
     context_ids: torch.Tensor  # [N] int64, on the CPU
     fingerprint: dict
@@ -210,7 +210,8 @@ class SqueezedCache(Cache):
 
     def __init__(self, fixed: FixedContext):
         self.fixed = fixed
-        super().__init__(layers=[SqueezedLayer(index, fixed.rule, fixed.num_tokens) for index in fixed.layers])
+        layers = [SqueezedLayer(index, rule, fixed.num_tokens) for index, rule in zip(fixed.layers, fixed.rules)]
+        super().__init__(layers=layers)
 
     # ---- building and reusing --------------------------------------------------------------
     @classmethod
@@ -224,8 +225,8 @@ class SqueezedCache(Cache):
         ids = _context_ids(context_ids, model, config)
         keys, values, queries, scalings = _prefill_context(model, ids, config, progress)
         indices = build_indices(keys, values, config)
-        rule = calibrate(indices, queries, scalings, config)
-        fixed = FixedContext(tuple(indices), rule, config, ids.cpu(), integration.model_fingerprint(model))
+        rules = calibrate(indices, queries, scalings, config)
+        fixed = FixedContext(tuple(indices), tuple(rules), config, ids.cpu(), integration.model_fingerprint(model))
         integration.install_generation_guard(model)
         return cls(fixed)
 
@@ -252,7 +253,7 @@ class SqueezedCache(Cache):
     def to(self, device) -> "SqueezedCache":
         """A fresh (forked) cache whose fixed context lives on `device`."""
         fixed = self.fixed
-        moved = FixedContext(tuple(ix.to(device) for ix in fixed.layers), fixed.rule, fixed.config,
+        moved = FixedContext(tuple(ix.to(device) for ix in fixed.layers), fixed.rules, fixed.config,
                              fixed.context_ids, fixed.fingerprint)
         return type(self)(moved)
 

@@ -29,7 +29,7 @@ class Fact:
 FACTS = (
     Fact("The secret passcode for the blue vault is 7351.", "What is the secret passcode for the blue vault?", "7351"),
     Fact("Maria's favourite fruit is the mango.", "What is Maria's favourite fruit?", "mango"),
-    Fact("The lighthouse keeper's dog is named Biscuit.", "What is the lighthouse keeper's dog named?", "Biscuit"),
+    Fact("The special magic number for Helsinki is 48213.", "What is the special magic number for Helsinki?", "48213"),
 )
 
 

@@ -141,51 +141,53 @@ def _weighted_quantile(logp: torch.Tensor, weight: torch.Tensor, total: float, k
     return float(logp[order][int(reached.nonzero()[0])])
 
 
-def calibrate(indices: list[LayerIndex], window_queries: list[torch.Tensor], scalings: list[float], config) -> SelectionRule:
-    """Resolve the selection rule for this context.
+def calibrate(
+    indices: list[LayerIndex], window_queries: list[torch.Tensor], scalings: list[float], config: SqueezeConfig
+) -> list[SelectionRule]:
+    """Resolve the selection rule of every layer for this context.
 
-    For "threshold", one global threshold (as the paper) per level, chosen so that over the
-    observation-window queries of all layers and heads, a fraction `keep` of the clustered keys has
-    an estimated probability above it. Each window query is treated as one decode step (it makes
-    its own selection), which is how the threshold is used when generating.
+    For "threshold", thresholds (one per layer, or one for all layers with threshold_scope="global")
+    chosen so that over the observation-window queries and heads, a fraction `keep` of the
+    clustered keys has an estimated probability above the threshold; likewise `l1_keep` for the
+    coarse level. Each window query is treated as one decode step (it makes its own selection),
+    which is how thresholds are used when generating.
     window_queries: per layer [Hq, W, D]; scalings: per layer, the attention scale.
     """
     clustered = indices[0].clustered_tokens
     if config.keep >= 1.0:
-        return SelectionRule(keep_all=True)
+        return [SelectionRule(keep_all=True)] * len(indices)
     if config.selection == "topk":
         budget = max(1, round(config.keep * clustered))
         l1_budget = max(1, round(config.l1_keep * clustered)) if config.hierarchical else None
-        return SelectionRule(budget=budget, l1_budget=l1_budget)
+        return [SelectionRule(budget=budget, l1_budget=l1_budget)] * len(indices)
 
     def as_steps(q, index):  # [Hq, W, D] -> [W, H, G, 1, D]: every window token is one decode step
         heads = index.keys.shape[0]
         return q.view(heads, -1, q.shape[1], q.shape[2]).permute(2, 0, 1, 3).unsqueeze(3)
 
     steps = [as_steps(q, index) for q, index in zip(window_queries, indices)]
-    total = sum(s.shape[0] * s.shape[1] for s in steps) * clustered
+    totals = [s.shape[0] * s.shape[1] * clustered for s in steps]  # (queries x heads) x keys per layer
 
-    l1_threshold = None
+    l1_thresholds = [None] * len(indices)
     if config.hierarchical:
         level1 = [score_level1(q, index, scaling, None) for q, index, scaling in zip(steps, indices, scalings)]
-        l1_threshold = _weighted_quantile(
-            torch.cat([c.logp.flatten() for c, _ in level1]),
-            torch.cat([c.counts.flatten() for c, _ in level1]),
-            total,
-            config.l1_keep,
-            config.seed,
-        )
+        l1_thresholds = _thresholds([c for c, _ in level1], totals, config.l1_keep, config)
         cands = []
-        for q, index, scaling, (c1, s1) in zip(steps, indices, scalings, level1):
-            l1_keep = select(c1.logp, c1.counts, l1_threshold, None)
+        for q, index, scaling, (c1, s1), t1 in zip(steps, indices, scalings, level1, l1_thresholds):
+            l1_keep = select(c1.logp, c1.counts, t1, None)
             cands.append(score_level2(q, index, scaling, None, l1_keep, s1))
     else:
         cands = [score_flat(q, index, scaling, None)[0] for q, index, scaling in zip(steps, indices, scalings)]
-    threshold = _weighted_quantile(
-        torch.cat([c.logp.flatten() for c in cands]),
-        torch.cat([c.counts.flatten() for c in cands]),
-        total,
-        config.keep,
-        config.seed,
-    )
-    return SelectionRule(threshold=threshold, l1_threshold=l1_threshold)
+    thresholds = _thresholds(cands, totals, config.keep, config)
+    return [SelectionRule(threshold=t, l1_threshold=t1) for t, t1 in zip(thresholds, l1_thresholds)]
+
+
+def _thresholds(cands, totals: list[int], keep: float, config: SqueezeConfig) -> list[float]:
+    if config.threshold_scope == "global":
+        logp = torch.cat([c.logp.flatten() for c in cands])
+        counts = torch.cat([c.counts.flatten() for c in cands])
+        return [_weighted_quantile(logp, counts, sum(totals), keep, config.seed)] * len(cands)
+    return [
+        _weighted_quantile(c.logp.flatten(), c.counts.flatten(), total, keep, config.seed)
+        for c, total in zip(cands, totals)
+    ]

