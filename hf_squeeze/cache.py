@@ -260,7 +260,7 @@ class SqueezedCache(Cache):
     # ---- requests ----------------------------------------------------------------------------
     def check_request(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
         """Refuse a first `generate` step whose prompt does not start with the cached context."""
-        if any(layer.dynamic_length() for layer in self.layers):
+        if self.layers[0].dynamic_length():
             return  # continuing a request: the prefix was checked when it started
         n = self.fixed.num_tokens
         if attention_mask is not None and attention_mask.shape[-1] >= n and not bool(attention_mask[:, :n].all()):

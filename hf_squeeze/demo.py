@@ -72,8 +72,13 @@ def chat_prompt_ids(tokenizer, document_text: str, question: str) -> tuple[torch
 
 
 def answer(model, tokenizer, prompt: torch.Tensor, cache, max_new_tokens: int = 16) -> str:
+    ids = prompt[None].to(model.device)
     out = model.generate(
-        prompt[None].to(model.device), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
     )
     return tokenizer.decode(out[0, prompt.numel():], skip_special_tokens=True).strip()
 

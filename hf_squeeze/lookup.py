@@ -138,26 +138,24 @@ def _gather_heads(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return table[heads, ids]
 
 
-def score_flat(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
-    """Score every centroid. Returns the candidates and the per-token log p [B, H, G, T, C]."""
+def _score_every(q, centroids, counts, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
+    """Score all centroids [H, M, D]: the candidates and the per-token scores s [B, H, G, T, M]."""
     batch = q.shape[0]
-    s = centroid_logits(q, index.centroids[None], index.counts[None], scaling)
-    logp = s - log_mass(s, index.counts[None]).unsqueeze(-1)
-    heads, clusters = index.counts.shape
+    s = centroid_logits(q, centroids[None], counts[None], scaling)
+    logp = s - log_mass(s, counts[None]).unsqueeze(-1)
+    heads, clusters = counts.shape
     ids = torch.arange(clusters, device=q.device).expand(batch, heads, clusters)
-    counts = index.counts[None].expand(batch, heads, clusters)
-    return Candidates(ids, aggregate(logp, q_weight), counts), logp
+    return Candidates(ids, aggregate(logp, q_weight), counts[None].expand(batch, heads, clusters)), s
+
+
+def score_flat(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
+    """Score every (fine) centroid."""
+    return _score_every(q, index.centroids, index.counts, scaling, q_weight)
 
 
 def score_level1(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
-    """Score the coarse centroids. Returns the candidates and the per-token scores s1 [B, H, G, T, C1]."""
-    batch = q.shape[0]
-    s1 = centroid_logits(q, index.l1_centroids[None], index.l1_counts[None], scaling)
-    logp1 = s1 - log_mass(s1, index.l1_counts[None]).unsqueeze(-1)
-    heads, clusters = index.l1_counts.shape
-    ids = torch.arange(clusters, device=q.device).expand(batch, heads, clusters)
-    counts = index.l1_counts[None].expand(batch, heads, clusters)
-    return Candidates(ids, aggregate(logp1, q_weight), counts), s1
+    """Score the coarse centroids."""
+    return _score_every(q, index.l1_centroids, index.l1_counts, scaling, q_weight)
 
 
 def score_level2(q, index, scaling, q_weight, l1_keep: torch.Tensor, s1: torch.Tensor) -> Candidates:
