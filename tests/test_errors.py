@@ -130,3 +130,11 @@ def test_corrupted_and_truncated_files(llama, saved, tmp_path):
         SqueezedCache.load(other, llama)
     with pytest.raises(FileNotFoundError):
         SqueezedCache.load(tmp_path / "missing.squeeze", llama)
+
+
+def test_device_mismatch(llama, saved):
+    cache, _ = saved
+    elsewhere = cache.to("meta")  # stands in for a GPU: any device other than the model's
+    assert elsewhere.layers[0].index.keys.device.type == "meta"
+    with torch.no_grad(), pytest.raises(RuntimeError, match="SqueezedCache is on meta but the model runs on cpu.*cache.to"):
+        llama(torch.tensor([[5, 6, 7]]), past_key_values=elsewhere)
