@@ -213,3 +213,20 @@ def test_crop_and_reset(llama, context):
         request.crop(-(QUESTION.numel()))
     request.reset()
     assert request.get_seq_length() == context.numel() and request.stats()["selections"] == 0
+
+
+def test_two_caches_in_two_threads(llama, context):
+    """No global state: two requests on two contexts, concurrently on one model, as if alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = torch.randint(3, 256, (500,), generator=torch.Generator().manual_seed(7))
+    caches = {
+        "a": (context, SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)),
+        "b": (other, SqueezedCache.from_context(llama, other, SqueezeConfig(keep=0.1), progress=False)),
+    }
+    alone = {k: generate(llama, full_prompt(ctx), c.fork(), max_new_tokens=20) for k, (ctx, c) in caches.items()}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [(k, pool.submit(generate, llama, full_prompt(ctx), c.fork(), max_new_tokens=20))
+                for _ in range(3) for k, (ctx, c) in caches.items()]
+        for k, job in jobs:
+            assert torch.equal(job.result(), alone[k])
