@@ -1,4 +1,4 @@
-"""Check the squeezed path on a CUDA device (CI has no GPU): run `PYTHONPATH=. python3 tools/check_cuda.py`.
+"""Check the squeezed path on a CUDA device (the test suite runs on the CPU): `PYTHONPATH=. python3 tools/check_cuda.py`.
 
 Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - float32, keep=1.0: same greedy tokens as a dense DynamicCache, logits within 1e-4;
