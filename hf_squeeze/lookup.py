@@ -118,8 +118,8 @@ def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Te
     rows = math.prod(lead)
     starts, lengths = starts.reshape(rows, m), lengths.reshape(rows, m)
     per_row = lengths.sum(-1)
-    width = int(per_row.max()) if rows and m else 0
-    total = int(per_row.sum())
+    # The output shape depends on the data: one host sync (both numbers in one transfer).
+    width, total = torch.stack([per_row.max(), per_row.sum()]).tolist() if rows and m else (0, 0)
     flat_len = lengths.flatten()
     segment = torch.repeat_interleave(torch.arange(flat_len.numel(), device=starts.device), flat_len, output_size=total)
     seg_begin = flat_len.cumsum(0) - flat_len  # position of each range in the flat list
