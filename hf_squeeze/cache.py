@@ -27,6 +27,11 @@ from .index import LayerIndex, build_indices, calibrate
 from .integrations import transformers as integration
 from .lookup import SelectionRule, expand_ranges, lookup
 
+try:  # the kernels need Triton; without it every device uses the torch reference path
+    from . import kernels
+except ImportError:  # pragma: no cover - platforms without Triton
+    kernels = None
+
 
 @dataclass(frozen=True, eq=False)
 class FixedContext:
@@ -58,12 +63,15 @@ class SqueezedLayer(CacheLayerMixin):
         self.index = index
         self.rule = rule
         self.fixed_tokens = fixed_tokens
+        self._kernel_index = None  # device view for the Triton kernels, built on first use
         self._reset_stats()
 
     def _reset_stats(self):
         # Tensors, not Python numbers: accumulating them needs no host sync per step.
         self.read_fraction_sum = torch.zeros((), dtype=torch.float64)
         self.scored_sum = torch.zeros((), dtype=torch.float64)
+        self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
+        self.kernel_scored = 0  # centroids scored by the kernel path (flat: all of them)
         self.selections = 0
 
     # ---- the CacheLayerMixin contract -------------------------------------------------------
@@ -156,7 +164,33 @@ class SqueezedLayer(CacheLayerMixin):
 
         query [B, Hq, T, D]; key/value: the dynamic part [B, H, Ld, D] (what `update` returned);
         attention_mask: boolean [B, 1, T, Ld] over the dynamic part, or None (causal, no padding).
+        Returns [B, T, Hq, D]. Triton kernels on CUDA, the torch reference elsewhere.
         """
+        if kernels is not None and kernels.supports(self.index, query) is None:
+            return self.attend_kernels(query, key, value, attention_mask, scaling)
+        return self.attend_reference(query, key, value, attention_mask, scaling)
+
+    def attend_kernels(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        if self._kernel_index is None or self._kernel_index.keys.device != query.device:
+            self._kernel_index = kernels.kernel_index(self.index)
+        key_valid = q_valid = None
+        if attention_mask is not None:
+            # The masks registered for "squeezed" are causal AND key padding: the last query row
+            # sees every valid key, and a query token is real iff it sees itself.
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            tokens, dyn_len = query.shape[2], key.shape[2]
+            key_valid = mask[:, 0, -1, :]
+            t = torch.arange(tokens, device=query.device)
+            q_valid = mask[:, 0, t, dyn_len - tokens + t]
+        self.kernel_keys = self.kernel_keys.to(query.device)
+        selections = query.shape[0] * self.index.keys.shape[0]
+        self.selections += selections
+        self.kernel_scored += selections * self.index.counts.shape[1]
+        return kernels.attend(
+            query, key, value, self._kernel_index, self.rule, scaling, key_valid, q_valid, self.kernel_keys
+        )
+
+    def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         index = self.index
         batch, q_heads, tokens, dim = query.shape
         heads = index.keys.shape[0]
@@ -292,8 +326,11 @@ class SqueezedCache(Cache):
         """Size of the index, and what attention read since this cache was forked."""
         first = self.fixed.layers[0]
         selections = sum(layer.selections for layer in self.layers)
-        read = sum(float(layer.read_fraction_sum) for layer in self.layers)
-        scored = sum(float(layer.scored_sum) for layer in self.layers)
+        read = sum(
+            float(layer.read_fraction_sum) + float(layer.kernel_keys.sum()) / layer.index.clustered_tokens
+            for layer in self.layers
+        )
+        scored = sum(float(layer.scored_sum) + layer.kernel_scored for layer in self.layers)
         return {
             "fixed_tokens": self.fixed.num_tokens,
             "clustered_tokens": first.clustered_tokens,

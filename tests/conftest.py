@@ -1,5 +1,35 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter; set before they are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreter_bf16_dot():
+    """Triton's CPU interpreter stores bfloat16 as uint16 and its `tl.dot` multiplies those raw
+    bits; widen bfloat16 operands to float32 first so bf16 kernels can be tested on the CPU."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        data = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_bf16_dot()
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import hf_squeeze  # noqa: F401  (registers attn_implementation="squeezed")

@@ -1,0 +1,77 @@
+"""Triton kernels of the online path: centroid lookup (`lookup.py`) and sparse attention
+(`attention.py`) over the device view of a layer index (`layout.py`).
+
+`hf_squeeze.lookup` and `hf_squeeze.attention` hold the torch reference the kernels are tested
+against; the cache uses the kernels on CUDA devices and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .attention import sparse_attention
+from .layout import TILE_ROWS, KernelIndex, kernel_index
+from .lookup import Work, lookup, max_clusters
+
+__all__ = ["KernelIndex", "TILE_ROWS", "Work", "attend", "kernel_index", "lookup", "sparse_attention", "supports"]
+
+# "auto" (default): kernels on CUDA devices; "0": torch reference everywhere; "1": also on the CPU
+# under TRITON_INTERPRET=1 (slow; for tests).
+_ENV = "HF_SQUEEZE_KERNELS"
+
+
+def supports(index, query: torch.Tensor) -> str | None:
+    """Why the kernels cannot serve this layer and query (None when they can)."""
+    mode = os.environ.get(_ENV, "auto")
+    if mode == "0":
+        return f"{_ENV}=0"
+    if query.device.type != "cuda" and not (mode == "1" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return "not a CUDA device (on the CPU the kernels run only with TRITON_INTERPRET=1 and HF_SQUEEZE_KERNELS=1)"
+    if index.l1_centroids is not None:
+        return "hierarchical index"
+    dim = query.shape[-1]
+    if dim < 16 or dim & (dim - 1):
+        return f"head dim {dim} is not a power of two >= 16"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {query.dtype}"
+    if index.counts.shape[1] > max_clusters():
+        return f"more than {max_clusters()} clusters per head"
+    if index.clustered_tokens == 0:
+        return "no clustered tokens"
+    return None
+
+
+def query_weights(q_valid: torch.Tensor | None, batch: int, tokens: int, device) -> torch.Tensor:
+    """log weight of each query token in the per-input mean: [B, T] (-inf for padding)."""
+    if q_valid is None:
+        return torch.full((batch, tokens), -math.log(tokens), device=device)
+    w = q_valid.float()
+    return (w / w.sum(-1, keepdim=True).clamp_min(1.0)).log()
+
+
+def attend(
+    query: torch.Tensor,
+    dyn_keys: torch.Tensor,
+    dyn_values: torch.Tensor,
+    kindex: KernelIndex,
+    rule,
+    scaling: float,
+    key_valid: torch.Tensor | None,
+    q_valid: torch.Tensor | None,
+    stats: torch.Tensor,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squeezed attention of `query` [B, Hq, T, D] -> [B, T, Hq, D], lookup and attention on the
+    device with no host synchronisation. `stats` [1] int64 accumulates the keys read."""
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    dyn_keys, dyn_values = dyn_keys.contiguous(), dyn_values.contiguous()
+    threshold, budget = (float("-inf"), None) if rule.keep_all else (rule.threshold, rule.budget)
+    batch, _, tokens, _ = query.shape
+    logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 else None
+    work = lookup(query, kindex, scaling, threshold, budget, logw, stats)
+    return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out)

@@ -1,0 +1,184 @@
+"""Triton kernels against the torch reference (on the CPU they run under TRITON_INTERPRET=1).
+
+Indexes are built by hand so that every awkward case is present in one layer: empty clusters,
+clusters of one key, context lengths that are not a multiple of the tile, keys with cluster
+structure (so selections are meaningful), several batch rows, GQA groups of 1, 3, 4 and 7.
+"""
+
+import math
+
+import pytest
+import torch
+
+from hf_squeeze import kernels
+from hf_squeeze.cache import SqueezedLayer
+from hf_squeeze.index import LayerIndex
+from hf_squeeze.lookup import SelectionRule, lookup
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = [0, 1, 1, 2, 3, 7, 12, 25, 0, 40, 5, 1, 9, 30, 17]  # clusters of size 0 and 1 included
+
+
+def make_index(heads=2, dim=64, dense=10, dtype=torch.float32, seed=0) -> LayerIndex:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.stack([torch.tensor(SIZES)[torch.randperm(len(SIZES), generator=g)] for _ in range(heads)])
+    rows = int(counts[0].sum())  # 153: not a multiple of the 32-row tile
+    centers = torch.randn(heads, len(SIZES), dim, generator=g) * 2
+    label = torch.repeat_interleave(torch.arange(len(SIZES)).expand(heads, -1).flatten(), counts.flatten())
+    label = label.view(heads, rows)
+    keys = centers.gather(1, label[..., None].expand(-1, -1, dim)) + 0.5 * torch.randn(heads, rows, dim, generator=g)
+    sums = torch.zeros(heads, len(SIZES), dim).scatter_add_(1, label[..., None].expand(-1, -1, dim), keys)
+    offsets = torch.cat([torch.zeros(heads, 1, dtype=torch.long), counts.cumsum(-1)], 1)
+    return LayerIndex(
+        keys=keys.to(dtype).to(DEVICE),
+        values=torch.randn(heads, rows, dim, generator=g).to(dtype).to(DEVICE),
+        centroids=(sums / counts.clamp_min(1)[..., None]).to(DEVICE),
+        counts=counts.to(DEVICE),
+        offsets=offsets.to(DEVICE),
+        dense_keys=torch.randn(heads, dense, dim, generator=g).to(dtype).to(DEVICE),
+        dense_values=torch.randn(heads, dense, dim, generator=g).to(dtype).to(DEVICE),
+    )
+
+
+def make_inputs(index, group, tokens, dyn_len, batch=2, seed=1):
+    """Queries near the cluster centres, and a dynamic part whose last `tokens` are the queries."""
+    g = torch.Generator().manual_seed(seed)
+    heads, _, dim = index.keys.shape
+    dtype = index.keys.dtype
+    base = index.centroids.cpu()[:, torch.randint(len(SIZES), (batch * group * tokens,), generator=g)]
+    query = (base.view(heads, batch, group, tokens, dim).permute(1, 0, 2, 3, 4).reshape(batch, heads * group, tokens, dim))
+    query = (query + torch.randn(query.shape, generator=g)).to(dtype).to(DEVICE)
+    dyn = [torch.randn(batch, heads, dyn_len, dim, generator=g).to(dtype).to(DEVICE) for _ in range(2)]
+    return query, dyn[0], dyn[1]
+
+
+def rule_for(kind, index) -> SelectionRule:
+    return {
+        "budget": SelectionRule(budget=40),
+        "threshold": SelectionRule(threshold=math.log(0.01)),
+        "none": SelectionRule(threshold=float("inf")),  # empty selection
+        "all": SelectionRule(keep_all=True),
+    }[kind]
+
+
+def reference_keep(query, index, rule, scaling, q_valid=None):
+    batch, q_heads, tokens, dim = query.shape
+    heads = index.keys.shape[0]
+    q = query.view(batch, heads, q_heads // heads, tokens, dim).float()
+    return lookup(q, index, scaling, rule, q_valid).lengths > 0
+
+
+@pytest.mark.parametrize("kind", ["budget", "threshold", "none", "all"])
+@pytest.mark.parametrize("group,tokens", [(1, 1), (3, 1), (4, 6), (7, 1)])
+def test_lookup_kernel_selects_what_the_reference_selects(kind, group, tokens):
+    index = make_index()
+    kindex = kernels.kernel_index(index)
+    rule = rule_for(kind, index)
+    query, _, _ = make_inputs(index, group, tokens, dyn_len=tokens)
+    scaling = query.shape[-1] ** -0.5
+    stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    threshold, budget = (float("-inf"), None) if rule.keep_all else (rule.threshold, rule.budget)
+    logw = kernels.query_weights(None, query.shape[0], tokens, DEVICE)
+    work = kernels.lookup(query, kindex, scaling, threshold, budget, logw, stats)
+
+    expected = reference_keep(query, index, rule, scaling)
+    assert torch.equal(work.keep.bool().cpu(), expected.cpu())
+    kept_keys = (index.counts[None] * expected).sum()
+    assert int(stats) == int(kept_keys)
+    if kind == "budget":  # the crossing cluster is kept: at least the budget, less than budget + one cluster
+        per_head = (index.counts[None] * expected).sum(-1)
+        assert (per_head >= rule.budget).all() and (per_head < rule.budget + max(SIZES)).all()
+
+    # The work list: exactly the tiles holding a kept row, in increasing order.
+    row_kept = expected[:, :, None, :].cpu() & (kindex.row_cluster.cpu()[None, :, :, None] == torch.arange(len(SIZES)))
+    row_kept = row_kept.any(-1)  # [B, H, Nc]
+    tiles = kindex.tiles
+    padded = torch.nn.functional.pad(row_kept, (0, tiles * kernels.TILE_ROWS - row_kept.shape[-1]))
+    needed = padded.view(*padded.shape[:2], tiles, kernels.TILE_ROWS).any(-1)
+    for b in range(query.shape[0]):
+        for h in range(index.keys.shape[0]):
+            n = int(work.ntiles[b, h])
+            assert work.tiles[b, h, :n].tolist() == needed[b, h].nonzero().flatten().tolist()
+
+
+def poisoned(query):
+    batch, q_heads, tokens, dim = query.shape
+    return torch.full((batch, tokens, q_heads, dim), float("nan"), device=query.device, dtype=query.dtype)
+
+
+def run_both(index, rule, query, dyn_k, dyn_v, mask=None, splits=1):
+    """Kernel output (into a NaN-poisoned buffer) and reference output through a SqueezedLayer."""
+    scaling = query.shape[-1] ** -0.5
+    layer = SqueezedLayer(index, rule, fixed_tokens=1000)
+    keys, values = layer.update(dyn_k, dyn_v)
+    expected = layer.attend_reference(query, keys, values, mask, scaling)
+    key_valid = q_valid = None
+    if mask is not None:
+        tokens, dyn_len = query.shape[2], keys.shape[2]
+        key_valid = mask[:, 0, -1, :]
+        t = torch.arange(tokens, device=query.device)
+        q_valid = mask[:, 0, t, dyn_len - tokens + t]
+    out = poisoned(query)
+    stats = torch.zeros(1, dtype=torch.int64, device=query.device)
+    kindex = kernels.kernel_index(index)
+    got = kernels.attend(query, keys, values, kindex, rule, scaling, key_valid, q_valid, stats, splits, out)
+    assert got.data_ptr() == out.data_ptr()
+    return got.float(), expected.float()
+
+
+def assert_close(got, expected, dtype):
+    assert torch.isfinite(got).all()
+    err = (got - expected).abs().max() / expected.abs().max()
+    assert err <= (1e-4 if dtype == torch.float32 else 1e-2), float(err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["budget", "threshold", "none", "all"])
+@pytest.mark.parametrize("group,dim", [(1, 64), (3, 128), (4, 64), (7, 64)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_matches_reference(dtype, kind, group, dim, splits):
+    index = make_index(dim=dim, dtype=dtype)
+    query, dyn_k, dyn_v = make_inputs(index, group, tokens=1, dyn_len=37)
+    got, expected = run_both(index, rule_for(kind, index), query, dyn_k, dyn_v, splits=splits)
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["budget", "threshold"])
+@pytest.mark.parametrize("group,tokens", [(3, 9), (4, 33)])
+def test_prefill_attention_matches_reference(dtype, kind, group, tokens):
+    index = make_index(dtype=dtype)
+    query, dyn_k, dyn_v = make_inputs(index, group, tokens=tokens, dyn_len=tokens + 5)
+    got, expected = run_both(index, rule_for(kind, index), query, dyn_k, dyn_v)
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_padding_masks_keys_and_query_tokens(tokens):
+    """Left padding: row 0 has 4 padded dynamic tokens; padded query tokens do not vote."""
+    index = make_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=tokens, dyn_len=12)
+    dyn_len = dyn_k.shape[2]
+    valid = torch.ones(2, dyn_len, dtype=torch.bool, device=DEVICE)
+    valid[0, :4] = False
+    causal = torch.ones(tokens, dyn_len, dtype=torch.bool, device=DEVICE).tril(dyn_len - tokens)
+    mask = (causal[None] & valid[:, None, :])[:, None]  # [B, 1, T, Ld]
+    got, expected = run_both(index, rule_for("budget", index), query, dyn_k, dyn_v, mask=mask, splits=2)
+    real = valid[:, dyn_len - tokens :]  # outputs of padding query tokens are not used
+    assert_close(got[real], expected[real], torch.float32)
+
+
+def test_kernel_path_through_the_layer_counts_what_it_reads(monkeypatch):
+    """`attend` dispatches to the kernels when asked to, and stats agree with the reference."""
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1" if DEVICE == "cpu" else "auto")
+    index = make_index()
+    rule = rule_for("budget", index)
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=5)
+    layer = SqueezedLayer(index, rule, fixed_tokens=1000)
+    keys, values = layer.update(dyn_k, dyn_v)
+    assert kernels.supports(index, query) is None
+    layer.attend(None, query, keys, values, None, 0.125)
+    expected = (index.counts[None] * reference_keep(query, index, rule, 0.125)).sum()
+    assert int(layer.kernel_keys.sum()) == int(expected)
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "0")
+    assert kernels.supports(index, query) == "HF_SQUEEZE_KERNELS=0"
