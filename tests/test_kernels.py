@@ -89,16 +89,20 @@ def test_lookup_kernel_selects_what_the_reference_selects(kind, group, tokens):
         per_head = (index.counts[None] * expected).sum(-1)
         assert (per_head >= rule.budget).all() and (per_head < rule.budget + max(SIZES)).all()
 
-    # The work list: exactly the tiles holding a kept row, in increasing order.
-    row_kept = expected[:, :, None, :].cpu() & (kindex.row_cluster.cpu()[None, :, :, None] == torch.arange(len(SIZES)))
-    row_kept = row_kept.any(-1)  # [B, H, Nc]
-    tiles = kindex.tiles
-    padded = torch.nn.functional.pad(row_kept, (0, tiles * kernels.TILE_ROWS - row_kept.shape[-1]))
-    needed = padded.view(*padded.shape[:2], tiles, kernels.TILE_ROWS).any(-1)
+    # The work list: the kept clusters in order, cut into pieces of at most PIECE_ROWS keys, with
+    # the kept keys before each piece.
+    piece = kernels.PIECE_ROWS
     for b in range(query.shape[0]):
         for h in range(index.keys.shape[0]):
-            n = int(work.ntiles[b, h])
-            assert work.tiles[b, h, :n].tolist() == needed[b, h].nonzero().flatten().tolist()
+            pieces, before = [], 0
+            for c in expected[b, h].nonzero().flatten().tolist():
+                start, count = int(index.offsets[h, c]), int(index.counts[h, c])
+                pieces += [(start + j, min(piece, count - j), before + j) for j in range(0, count, piece)]
+                before += count
+            n = int(work.nsel[b, h])
+            got = list(zip(work.starts[b, h, :n].tolist(), work.lengths[b, h, :n].tolist(), work.positions[b, h, :n].tolist()))
+            assert got == pieces
+            assert int(work.nkeys[b, h]) == before
 
 
 def poisoned(query):
@@ -132,10 +136,11 @@ def assert_close(got, expected, dtype):
     assert err <= (1e-4 if dtype == torch.float32 else 1e-2), float(err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["budget", "threshold", "none", "all"])
-@pytest.mark.parametrize("group,dim", [(1, 64), (3, 128), (4, 64), (7, 64)])
-@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize(
+    "dtype,kind,group,dim,splits",
+    [(torch.float32, kind, group, dim, 4) for kind in ("budget", "threshold", "none", "all") for group, dim in ((1, 64), (4, 128), (7, 64))]
+    + [(dtype, "budget", 3, 128, splits) for dtype in (torch.bfloat16, torch.float16) for splits in (1, 3)],
+)
 def test_decode_attention_matches_reference(dtype, kind, group, dim, splits):
     index = make_index(dim=dim, dtype=dtype)
     query, dyn_k, dyn_v = make_inputs(index, group, tokens=1, dyn_len=37)

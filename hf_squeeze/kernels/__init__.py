@@ -12,11 +12,11 @@ import os
 
 import torch
 
-from .attention import sparse_attention
-from .layout import TILE_ROWS, KernelIndex, kernel_index
+from .attention import gather_capacity, sparse_attention
+from .layout import PIECE_ROWS, KernelIndex, kernel_index
 from .lookup import Work, lookup, max_clusters
 
-__all__ = ["KernelIndex", "TILE_ROWS", "Work", "attend", "kernel_index", "lookup", "sparse_attention", "supports"]
+__all__ = ["PIECE_ROWS", "KernelIndex", "Work", "attend", "kernel_index", "lookup", "query_weights", "sparse_attention", "supports"]
 
 # "auto" (default): kernels on CUDA devices; "0": torch reference everywhere; "1": also on the CPU
 # under TRITON_INTERPRET=1 (slow; for tests).
@@ -74,4 +74,5 @@ def attend(
     batch, _, tokens, _ = query.shape
     logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 else None
     work = lookup(query, kindex, scaling, threshold, budget, logw, stats)
-    return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out)
+    capacity = gather_capacity(kindex, budget)
+    return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity)

@@ -1,13 +1,19 @@
-"""Triton kernel of the squeezed attention: exact attention over the selected fixed-context tiles,
-the dense part (sinks + observation window) and the dynamic tokens, in one online-softmax pass.
+"""Triton kernels of the squeezed attention: exact attention over the kept clusters of the fixed
+context, the dense part (sinks + observation window) and the dynamic tokens, in one online-softmax
+pass per program.
 
-Each program owns a block of query rows of one KV head, rows ordered token-major (row = t * G + g)
-so that all G query heads of the group share every K/V tile it loads. The work of a (row, head) is
-a virtual list of tiles: first the needed tiles of the cluster-sorted keys (from the lookup's work
-list, rows of dropped clusters masked), then the dense part, then the dynamic keys up to the
-causal limit of the block. `SPLITS` programs share that list evenly (flash-decoding): each writes
-a partial output and its log-sum-exp, and `_merge_kernel` combines them. The list length is read on
-the device, so launch shapes never depend on the selection (CUDA-graph capturable).
+Programs own the G query heads of one KV head (rows ordered token-major, row = t * G + g), so each
+K/V row is loaded once for the whole group. The work of a (batch row, KV head) is a list of items:
+the kept clusters, then chunks of the dense part, then chunks of the dynamic keys up to the causal
+limit of the program's tokens. `SPLITS` programs share that list evenly (flash-decoding); each
+writes a partial output and its log-sum-exp, and `_merge_kernel` combines them. List lengths are
+read on the device, so launch shapes never depend on the selection (CUDA-graph capturable).
+
+- Decode (`_decode_kernel`) reads each kept cluster's rows where they are: it is bound by bytes,
+  and reading them once is the minimum.
+- Prefill first copies the kept rows into one contiguous buffer (`_gather_kernel`, one read and
+  one write of the kept bytes), so that `_prefill_kernel` streams full K/V tiles from contiguous
+  memory, which is what keeps the matrix units fed when hundreds of query rows share each tile.
 """
 
 from __future__ import annotations
@@ -16,23 +22,150 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import TILE_ROWS, KernelIndex
+from .layout import PIECE_ROWS, KernelIndex
 from .lookup import Work, _pow2, _precision
+
+DECODE_PIECES = 2  # pieces per decode step: a 64-row K/V tile
+PREFILL_BLOCK_M = 128
+PREFILL_BLOCK_N = 64
+GATHER_PIECES = 4
 
 
 @triton.jit
-def _attention_kernel(
+def _online_step(q, k, v, visible, m_i, l_i, acc, scaling, PRECISION: tl.constexpr):
+    """One tile of online softmax; `visible` [BLOCK_M, BLOCK_N] (or broadcastable)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, sp, r, rmask, G, R, so_b, so_t, so_h,
+            D: tl.constexpr, SPLITS: tl.constexpr):
+    """Write the normalised output (one split) or this split's partial output and log-sum-exp."""
+    d = tl.arange(0, D)
+    has = l_i > 0
+    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    if SPLITS == 1:
+        t = r // G
+        g = r % G
+        optr = out_ptr + b * so_b + t[:, None] * so_t + (h * G + g)[:, None] * so_h + d[None, :]
+        tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        part = (bh * SPLITS + sp) * R + r
+        tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=rmask[:, None])
+        tl.store(plse_ptr + part, lse, mask=rmask)
+
+
+@triton.jit
+def _split_range(total, SPLITS: tl.constexpr):
+    per = tl.cdiv(total, SPLITS)
+    start = tl.program_id(2) * per
+    return start, tl.minimum(total, start + per)
+
+
+@triton.jit
+def _decode_kernel(
     q_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr,
-    row_cluster_ptr, keep_ptr, tiles_ptr, ntiles_ptr, kvalid_ptr,
+    sel_start_ptr, sel_len_ptr, nsel_ptr, kvalid_ptr,
     out_ptr, po_ptr, plse_ptr,
-    scaling, H, G, T, C, NC, NT, SW, LD,
+    scaling, H, G, PC, NC, SW, LD,
+    sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query token: kept keys read where they are, then the dense part and the dynamic keys."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    r = tl.arange(0, BLOCK_M)  # = g, T = 1
+    rmask = r < G
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + b * sq_b + (h * G + r)[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+    # Steps: pieces of kept clusters, BLOCK_N // PIECE at a time; then dense and dynamic chunks.
+    n_pieces = tl.load(nsel_ptr + bh)
+    n_sel = tl.cdiv(n_pieces, BLOCK_N // PIECE)
+    n_dense = tl.cdiv(SW, BLOCK_N)
+    start, end = _split_range(n_sel + n_dense + tl.cdiv(LD, BLOCK_N), SPLITS)
+    for i in range(start, tl.minimum(end, n_sel)):
+        piece = i * (BLOCK_N // PIECE) + n // PIECE
+        within = n % PIECE
+        first = tl.load(sel_start_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
+        length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
+        valid = within < length
+        rows = h * NC + first + within
+        k = tl.load(k_ptr + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_dense)):
+        rows = (i - n_sel) * BLOCK_N + n
+        valid = rows < SW
+        k = tl.load(dk_ptr + (h * SW + rows)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(dv_ptr + (h * SW + rows)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    for i in range(tl.maximum(start, n_sel + n_dense), end):
+        rows = (i - n_sel - n_dense) * BLOCK_N + n
+        valid = rows < LD
+        if HAS_KVALID:
+            valid = valid & (tl.load(kvalid_ptr + b * LD + rows, mask=valid, other=0) != 0)
+        ptrs = b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
+        k = tl.load(yk_ptr + ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(yv_ptr + ptrs, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, G,
+            so_b, so_t, so_h, D, SPLITS)
+
+
+@triton.jit
+def _gather_kernel(
+    k_ptr, v_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr, nsel_ptr, gk_ptr, gv_ptr,
+    H, PC, NC, CAP,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Copy the kept rows of one (batch row, KV head) into a contiguous buffer [CAP, D]."""
+    bh = tl.program_id(0)
+    h = bh % H
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    n_pieces = tl.load(nsel_ptr + bh)
+    start, end = _split_range(tl.cdiv(n_pieces, BLOCK_N // PIECE), SPLITS)
+    for i in range(start, end):
+        piece = i * (BLOCK_N // PIECE) + n // PIECE
+        within = n % PIECE
+        first = tl.load(sel_start_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
+        length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
+        pos = tl.load(sel_pos_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
+        valid = (within < length)[:, None]
+        src = (h * NC + first + within)[:, None] * D + d[None, :]
+        dst = (bh * CAP + pos + within)[:, None] * D + d[None, :]
+        tl.store(gk_ptr + dst, tl.load(k_ptr + src, mask=valid), mask=valid)
+        tl.store(gv_ptr + dst, tl.load(v_ptr + src, mask=valid), mask=valid)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, gk_ptr, gv_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr, nkeys_ptr, kvalid_ptr,
+    out_ptr, po_ptr, plse_ptr,
+    scaling, H, G, T, SW, LD, CAP,
     sq_b, sq_h, sq_t, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """A block of query rows over the gathered kept keys, the dense part and the dynamic keys."""
     bh = tl.program_id(0)
     mb = tl.program_id(1)
-    sp = tl.program_id(2)
     b = bh // H
     h = bh % H
     R = T * G
@@ -47,103 +180,80 @@ def _attention_kernel(
         mask=rmask[:, None],
         other=0.0,
     )
-
-    n_sel = tl.load(ntiles_ptr + bh)
-    n_dense = tl.cdiv(SW, BLOCK_N)
-    last_token = tl.minimum(((mb + 1) * BLOCK_M - 1) // G, T - 1)
-    n_dyn = tl.cdiv(LD - T + last_token + 1, BLOCK_N)
-    total = n_sel + n_dense + n_dyn
-    per = tl.cdiv(total, SPLITS)
-    start = sp * per
-    end = tl.minimum(total, start + per)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for i in range(start, end):
-        if i < n_sel:  # a needed tile of the cluster-sorted keys
-            rows = tl.load(tiles_ptr + bh * NT + i) * BLOCK_N + n
-            valid = rows < NC
-            cluster = tl.load(row_cluster_ptr + h * NC + rows, mask=valid, other=0)
-            valid = valid & (tl.load(keep_ptr + bh * C + cluster, mask=valid, other=0) != 0)
-            kp = k_ptr + (h * NC + rows)[:, None] * D + d[None, :]
-            vp = v_ptr + (h * NC + rows)[:, None] * D + d[None, :]
-            visible = valid[None, :] & rmask[:, None]
-        elif i < n_sel + n_dense:  # sinks + observation window
-            rows = (i - n_sel) * BLOCK_N + n
-            valid = rows < SW
-            kp = dk_ptr + (h * SW + rows)[:, None] * D + d[None, :]
-            vp = dv_ptr + (h * SW + rows)[:, None] * D + d[None, :]
-            visible = valid[None, :] & rmask[:, None]
-        else:  # dynamic tokens, causal
-            rows = (i - n_sel - n_dense) * BLOCK_N + n
-            valid = rows < LD
-            if HAS_KVALID:
-                valid = valid & (tl.load(kvalid_ptr + b * LD + rows, mask=valid, other=0) != 0)
-            kp = yk_ptr + b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
-            vp = yv_ptr + b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
-            visible = valid[None, :] & (rows[None, :] <= (LD - T + t)[:, None])
-        k = tl.load(kp, mask=valid[:, None], other=0.0)
-        v = tl.load(vp, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
 
-    has = l_i > 0
-    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-    if SPLITS == 1:
-        optr = out_ptr + b * so_b + t[:, None] * so_t + (h * G + g)[:, None] * so_h + d[None, :]
-        tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-    else:
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        part = (bh * SPLITS + sp) * R + r
-        tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=rmask[:, None])
-        tl.store(plse_ptr + part, lse, mask=rmask)
+    n_keys = tl.load(nkeys_ptr + bh)
+    n_kept = tl.cdiv(n_keys, BLOCK_N)
+    n_fixed = n_kept + tl.cdiv(SW, BLOCK_N)
+    last_token = tl.minimum(((mb + 1) * BLOCK_M - 1) // G, T - 1)
+    start, end = _split_range(n_fixed + tl.cdiv(LD - T + last_token + 1, BLOCK_N), SPLITS)
+    for i in range(start, tl.minimum(end, n_kept)):
+        rows = i * BLOCK_N + n
+        valid = rows < n_keys
+        ptrs = (bh * CAP + rows)[:, None] * D + d[None, :]
+        k = tl.load(gk_ptr + ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(gv_ptr + ptrs, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    for i in range(tl.maximum(start, n_kept), tl.minimum(end, n_fixed)):
+        rows = (i - n_kept) * BLOCK_N + n
+        valid = rows < SW
+        ptrs = (h * SW + rows)[:, None] * D + d[None, :]
+        k = tl.load(dk_ptr + ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(dv_ptr + ptrs, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    for i in range(tl.maximum(start, n_fixed), end):
+        rows = (i - n_fixed) * BLOCK_N + n
+        valid = rows < LD
+        if HAS_KVALID:
+            valid = valid & (tl.load(kvalid_ptr + b * LD + rows, mask=valid, other=0) != 0)
+        ptrs = b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
+        k = tl.load(yk_ptr + ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(yv_ptr + ptrs, mask=valid[:, None], other=0.0)
+        visible = valid[None, :] & (rows[None, :] <= (LD - T + t)[:, None])
+        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, scaling, PRECISION)
+    _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, R,
+            so_b, so_t, so_h, D, SPLITS)
 
 
 @triton.jit
 def _merge_kernel(
     po_ptr, plse_ptr, out_ptr, H, G, T, so_b, so_t, so_h,
-    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Combine the SPLITS partial outputs of each query row by their log-sum-exp."""
+    """Combine the SPLITS partial outputs of one query row by their log-sum-exp."""
     bh = tl.program_id(0)
-    rb = tl.program_id(1)
+    r = tl.program_id(1)
     b = bh // H
     h = bh % H
     R = T * G
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = r < R
+    sp = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for sp in range(SPLITS):
-        m = tl.maximum(m, tl.load(plse_ptr + (bh * SPLITS + sp) * R + r, mask=rmask, other=float("-inf")))
-    m = tl.where(m > float("-inf"), m, 0.0)
-    total = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, D], tl.float32)
-    for sp in range(SPLITS):
-        part = (bh * SPLITS + sp) * R + r
-        w = tl.exp(tl.load(plse_ptr + part, mask=rmask, other=float("-inf")) - m)
-        total += w
-        acc += w[:, None] * tl.load(po_ptr + part[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    o = acc / tl.where(total > 0, total, 1.0)[:, None]
-    t = r // G
-    g = r % G
-    optr = out_ptr + b * so_b + t[:, None] * so_t + (h * G + g)[:, None] * so_h + d[None, :]
-    tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    part = (bh * SPLITS + sp) * R + r
+    lse = tl.load(plse_ptr + part, mask=sp < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp(lse - tl.where(m > float("-inf"), m, 0.0))
+    o = tl.sum(w[:, None] * tl.load(po_ptr + part[:, None] * D + d[None, :], mask=(sp < SPLITS)[:, None], other=0.0), 0)
+    total = tl.sum(w, 0)
+    o = o / tl.where(total > 0, total, 1.0)
+    optr = out_ptr + b * so_b + (r // G) * so_t + (h * G + r % G) * so_h + d
+    tl.store(optr, o.to(out_ptr.dtype.element_ty))
 
 
-def num_programs_target(device: torch.device) -> int:
-    """About four programs per streaming multiprocessor keep the memory system busy."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+def _default_splits(device: torch.device, programs: int, most: int) -> int:
+    """A power of two of splits giving about 8 programs per streaming multiprocessor."""
+    if device.type != "cuda":
+        return 1
+    target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1 << max(0, min(most.bit_length() - 1, (target // max(1, programs)).bit_length() - 1))
+
+
+def gather_capacity(kindex: KernelIndex, budget: int | None) -> int:
+    """Rows the prefill gather buffer needs: a top-k selection overshoots its budget by less than
+    one cluster; a threshold may keep everything."""
+    rows = kindex.clustered_tokens
+    return rows if budget is None else min(rows, budget + kindex.largest)
 
 
 def sparse_attention(
@@ -156,10 +266,12 @@ def sparse_attention(
     key_valid: torch.Tensor | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    capacity: int | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, T, D]; dyn_keys/values [B, H, Ld, D] (the dynamic part, causal, the queries
     are its last T tokens); key_valid [B, Ld] bool/int or None -> out [B, T, Hq, D] (query dtype).
-    `splits` programs share each row block's tiles (default: enough to fill the GPU).
+    `splits` programs share each row block's work (default: enough to fill the GPU); `capacity`
+    bounds the kept keys per head (prefill gather buffer; default: all clustered keys).
     """
     if dyn_keys.stride() != dyn_values.stride():
         raise ValueError("dynamic keys and values must have the same layout")
@@ -168,36 +280,55 @@ def sparse_attention(
     group = q_heads // heads
     dyn_len = dyn_keys.shape[2]
     rows = tokens * group
-    block_m = 16 if rows <= 16 else 64
-    m_blocks = triton.cdiv(rows, block_m)
-    if splits is None:
-        splits = num_programs_target(query.device) // (batch * heads * m_blocks)
-        splits = 1 << max(0, min(6, splits.bit_length() - 1))
+    dev = query.device
     if out is None:
-        out = torch.empty(batch, tokens, q_heads, dim, device=query.device, dtype=query.dtype)
+        out = torch.empty(batch, tokens, q_heads, dim, device=dev, dtype=query.dtype)
+    kvalid = out if key_valid is None else key_valid.to(torch.int8).contiguous()
+    common = dict(HAS_KVALID=key_valid is not None, PRECISION=_precision(query.dtype))
+    dyn_strides = (dyn_keys.stride(0), dyn_keys.stride(1), dyn_keys.stride(2))
+    out_strides = (out.stride(0), out.stride(1), out.stride(2))
+    if tokens == 1:
+        block_m, m_blocks = _pow2(group, 16), 1
+        splits = splits or _default_splits(dev, batch * heads, most=64)
+    else:
+        block_m = PREFILL_BLOCK_M if rows > 64 else 64
+        m_blocks = triton.cdiv(rows, block_m)
+        splits = splits or _default_splits(dev, batch * heads * m_blocks, most=16)
     if splits > 1:
-        po = torch.empty(batch * heads, splits, rows, dim, device=query.device, dtype=torch.float32)
-        plse = torch.empty(batch * heads, splits, rows, device=query.device, dtype=torch.float32)
+        po = torch.empty(batch * heads, splits, rows, dim, device=dev, dtype=torch.float32)
+        plse = torch.empty(batch * heads, splits, rows, device=dev, dtype=torch.float32)
     else:
         po = plse = out
-    if key_valid is not None:
-        key_valid = key_valid.to(torch.int8).contiguous()
-    _attention_kernel[(batch * heads, m_blocks, splits)](
-        query, kindex.keys, kindex.values, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
-        kindex.row_cluster, work.keep, work.tiles, work.ntiles, out if key_valid is None else key_valid,
-        out, po, plse,
-        scaling, heads, group, tokens, kindex.clusters, kindex.clustered_tokens, kindex.tiles,
-        kindex.dense_keys.shape[1], dyn_len,
-        query.stride(0), query.stride(1), query.stride(2),
-        dyn_keys.stride(0), dyn_keys.stride(1), dyn_keys.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        D=dim, BLOCK_M=block_m, BLOCK_N=TILE_ROWS, SPLITS=splits,
-        HAS_KVALID=key_valid is not None, PRECISION=_precision(query.dtype),
-    )
+    grid = (batch * heads, m_blocks, splits)
+    if tokens == 1:
+        _decode_kernel[grid](
+            query, kindex.keys, kindex.values, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
+            work.starts, work.lengths, work.nsel, kvalid, out, po, plse,
+            scaling, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
+            query.stride(0), query.stride(1), *dyn_strides, *out_strides,
+            D=dim, BLOCK_M=block_m, BLOCK_N=DECODE_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits, **common,
+            num_stages=3,
+        )
+    else:
+        cap = capacity or kindex.clustered_tokens
+        gk = torch.empty(batch * heads, cap, dim, device=dev, dtype=kindex.keys.dtype)
+        gv = torch.empty_like(gk)
+        gather_splits = _default_splits(dev, batch * heads, most=64)
+        _gather_kernel[(batch * heads, 1, gather_splits)](
+            kindex.keys, kindex.values, work.starts, work.lengths, work.positions, work.nsel, gk, gv,
+            heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
+            D=dim, BLOCK_N=GATHER_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=gather_splits,
+        )
+        _prefill_kernel[grid](
+            query, gk, gv, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values, work.nkeys, kvalid,
+            out, po, plse,
+            scaling, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap,
+            query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides,
+            D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, **common,
+            num_warps=8 if block_m >= 128 else 4, num_stages=3,
+        )
     if splits > 1:
-        block_r = min(_pow2(rows), 64)
-        _merge_kernel[(batch * heads, triton.cdiv(rows, block_r))](
-            po, plse, out, heads, group, tokens, out.stride(0), out.stride(1), out.stride(2),
-            D=dim, SPLITS=splits, BLOCK_R=block_r,
+        _merge_kernel[(batch * heads, rows)](
+            po, plse, out, heads, group, tokens, *out_strides, D=dim, SPLITS=splits, BLOCK_S=_pow2(splits)
         )
     return out

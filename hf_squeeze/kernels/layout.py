@@ -1,14 +1,11 @@
 """The device-side view of a layer index that the Triton kernels read.
 
 Derived once per layer (and device) from a `LayerIndex`, never saved: the cluster-sorted K/V are
-shared, not copied; what is added is small (per-row cluster ids, per-tile cluster bounds, the
-centroids in the keys' dtype, log counts).
-
-The kernels read the selected keys in *tiles* of `TILE_ROWS` consecutive rows of the
-cluster-sorted order. A tile is needed when one of its rows belongs to a kept cluster; rows of
-dropped clusters inside a needed tile are masked at load, so the bytes read are exactly the kept
-keys while the work list stays a plain array of tile ids (built on the device by a cumulative sum,
-with no per-key index list and no host synchronisation).
+shared, not copied; what is added is small (the centroids in the keys' dtype, log counts, int32
+offsets). Because the keys are sorted by cluster, a selection is a list of key ranges, built on
+the device by a cumulative sum over the clusters: no per-key index list and no host
+synchronisation. Ranges are cut into *pieces* of at most `PIECE_ROWS` keys, so that the attention
+kernels can stream several pieces per step with fixed-size tiles whatever the cluster sizes.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-TILE_ROWS = 32
+PIECE_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -29,9 +26,9 @@ class KernelIndex:
     centroids: torch.Tensor  # [H, C, D] in the keys' dtype: centroids are read like keys
     log_counts: torch.Tensor  # [H, C] float32 log of keys per cluster, -inf if empty
     counts: torch.Tensor  # [H, C] int32
-    row_cluster: torch.Tensor  # [H, Nc] int32 cluster of each row
-    tile_first: torch.Tensor  # [H, NT] int32 cluster of the first row of each tile
-    tile_last: torch.Tensor  # [H, NT] int32 cluster of the last row of each tile
+    starts: torch.Tensor  # [H, C] int32 first row of each cluster
+    largest: int  # most keys in one cluster
+    pieces: int  # most pieces one head's clusters cut into (sizes the selection lists)
 
     @property
     def heads(self) -> int:
@@ -45,33 +42,20 @@ class KernelIndex:
     def clustered_tokens(self) -> int:
         return self.keys.shape[1]
 
-    @property
-    def tiles(self) -> int:
-        return self.tile_first.shape[1]
-
 
 def kernel_index(index, dtype: torch.dtype | None = None) -> KernelIndex:
     """Build the kernel view of a flat `LayerIndex` on its own device."""
-    keys = index.keys
-    dtype = dtype or keys.dtype
-    heads, rows, _ = keys.shape
-    clusters = index.counts.shape[1]
+    dtype = dtype or index.keys.dtype
     counts = index.counts
-    ids = torch.arange(clusters, device=keys.device).expand(heads, clusters)
-    row_cluster = torch.repeat_interleave(ids.flatten(), counts.flatten(), output_size=heads * rows)
-    row_cluster = row_cluster.view(heads, rows).to(torch.int32)
-    tiles = -(-rows // TILE_ROWS)
-    first = torch.arange(tiles, device=keys.device) * TILE_ROWS
-    last = (first + TILE_ROWS - 1).clamp_max(rows - 1)
     return KernelIndex(
-        keys=keys.to(dtype).contiguous(),
+        keys=index.keys.to(dtype).contiguous(),
         values=index.values.to(dtype).contiguous(),
         dense_keys=index.dense_keys.to(dtype).contiguous(),
         dense_values=index.dense_values.to(dtype).contiguous(),
         centroids=index.centroids.to(dtype).contiguous(),
         log_counts=counts.float().log().contiguous(),
         counts=counts.to(torch.int32).contiguous(),
-        row_cluster=row_cluster.contiguous(),
-        tile_first=row_cluster[:, first].contiguous(),
-        tile_last=row_cluster[:, last].contiguous(),
+        starts=index.offsets[:, :-1].to(torch.int32).contiguous(),
+        largest=int(counts.max()) if counts.numel() else 0,
+        pieces=int((-(-counts // PIECE_ROWS)).sum(-1).max()) if counts.numel() else 0,
     )

@@ -7,8 +7,8 @@ device and with no host synchronisation:
               log mean over the valid query tokens of exp(s_j - log sum_k N_k exp(s_k))
 
 then keep clusters by threshold (log p_j >= threshold) or by budget (clusters in decreasing p until
-`budget` keys; the cluster that crosses the budget is kept), and turn the kept clusters into the
-list of key tiles to read (see `layout.py`).
+`budget` keys; the cluster that crosses the budget is kept), and turn the kept clusters into a
+compact list of key ranges (see `layout.py`).
 
 Decode (one query token) and prefill (many) score differently: a decode step has only G query rows,
 so the centroids are split over many programs and the normaliser is reduced in `_select_kernel`;
@@ -22,11 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import KernelIndex
+from .layout import PIECE_ROWS, KernelIndex
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring
 PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
-TILE_BLOCK = 1024  # tiles per step when building the work list
 
 
 @triton.jit
@@ -99,7 +98,10 @@ def _aggregate_kernel(
     scaling, H, C, G, T, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Prefill: log p of a block of centroids, mean over the tokens (log domain), max over G."""
+    """Prefill: log p of a block of centroids, mean over the tokens (log domain), max over G.
+
+    Centroids are the rows of the score tile and tokens its columns, so the running log-sum-exp
+    over tokens is a row reduction, as in flash attention."""
     bh = tl.program_id(0)
     cb = tl.program_id(1)
     b = bh // H
@@ -119,13 +121,12 @@ def _aggregate_kernel(
                 mask=t[:, None] < T,
                 other=0.0,
             )
-            norm = tl.load(norm_ptr + (bh * G + g) * T + t, mask=t < T, other=0.0)
-            logw = tl.load(logw_ptr + b * T + t, mask=t < T, other=float("-inf"))
-            x = tl.dot(q, tl.trans(cent), input_precision=PRECISION) * scaling
-            x = x - norm[:, None] + logw[:, None]
-            m_new = tl.maximum(m, tl.max(x, 0))
+            shift = tl.load(logw_ptr + b * T + t, mask=t < T, other=float("-inf"))
+            shift -= tl.load(norm_ptr + (bh * G + g) * T + t, mask=t < T, other=0.0)
+            x = tl.dot(cent, tl.trans(q), input_precision=PRECISION) * scaling + shift[None, :]
+            m_new = tl.maximum(m, tl.max(x, 1))
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[None, :]), 0)
+            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
             m = m_new
         best = tl.maximum(best, m + tl.log(l))
     best = tl.where(logn > float("-inf"), best, float("-inf"))
@@ -134,13 +135,13 @@ def _aggregate_kernel(
 
 @triton.jit
 def _select_kernel(
-    logp_ptr, s_ptr, pm_ptr, pl_ptr, counts_ptr, tile_first_ptr, tile_last_ptr,
-    kcum_ptr, keep_ptr, tiles_ptr, ntiles_ptr, stats_ptr,
-    threshold, budget, H, C, NT, G, NCB,
-    USE_BUDGET: tl.constexpr, FROM_SCORES: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CB: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr, s_ptr, pm_ptr, pl_ptr, counts_ptr, starts_ptr,
+    keep_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr, nsel_ptr, nkeys_ptr, stats_ptr,
+    threshold, budget, H, C, G, NCB, PC, MAX_PIECES,
+    USE_BUDGET: tl.constexpr, FROM_SCORES: tl.constexpr, PIECE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CB: tl.constexpr,
 ):
-    """One (batch row, KV head): which clusters to keep, and the list of key tiles to read."""
+    """One (batch row, KV head): which clusters to keep, as a compact list of key pieces."""
     bh = tl.program_id(0)
     h = bh % H
     c = tl.arange(0, BLOCK_C)
@@ -166,39 +167,44 @@ def _select_kernel(
         logp = tl.load(logp_ptr + bh * C + c, mask=cmask, other=float("-inf"))
     nonempty = counts > 0
     if USE_BUDGET:
-        # Find the largest key x with sum(N_j : key_j >= x) >= budget, bit by bit over an order-
-        # preserving integer image of the float log p; keeping key_j >= x keeps the crossing
-        # cluster. If the non-empty clusters hold fewer keys than the budget, x stays 0: keep all.
+        # Binary search, over an order-preserving int32 image of log p, for the largest x with
+        # sum(N_j : key_j >= x) >= budget; keeping key_j >= x keeps the cluster that crosses the
+        # budget. It stops as soon as one cluster is left in [lo, hi) (about log2 C steps). If the
+        # non-empty clusters hold fewer keys than the budget, lo stays at the smallest key: keep all.
         bits = logp.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-        x = tl.zeros([], tl.int64)
-        half = tl.full([], 2147483648, tl.int64)
-        for _ in range(32):
-            above = tl.sum(tl.where(key >= x + half, counts, 0))
-            x = tl.where(above >= budget, x + half, x)
-            half = half // 2
-        keep = (key >= x) & nonempty
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        lo = tl.min(tl.where(nonempty, key, 2147483647))
+        hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
+        if tl.sum(counts) < budget:
+            hi = lo
+        inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
+        while (inside > 1) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):  # (equal keys end at width 1)
+            mid = (lo.to(tl.int64) + (hi.to(tl.int64) - lo.to(tl.int64)) // 2).to(tl.int32)
+            up = tl.sum(tl.where(key >= mid, counts, 0)) >= budget
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid)
+            inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
+        keep = (key >= lo) & nonempty
     else:
         keep = (logp >= threshold) & nonempty
-    keep_i = keep.to(tl.int32)
-    tl.store(keep_ptr + bh * C + c, keep_i.to(tl.int8), mask=cmask)
-    tl.store(kcum_ptr + bh * C + c, tl.cumsum(keep_i, 0), mask=cmask)
-    tl.atomic_add(stats_ptr, tl.sum(tl.where(keep, counts, 0)).to(tl.int64))
-    tl.debug_barrier()  # the cumulative counts written above are read back by other threads
-    n = tl.zeros([], tl.int32)
-    for t0 in range(0, NT, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t < NT
-        first = tl.load(tile_first_ptr + h * NT + t, mask=tmask, other=0)
-        last = tl.load(tile_last_ptr + h * NT + t, mask=tmask, other=0)
-        upto_last = tl.load(kcum_ptr + bh * C + last, mask=tmask, other=0)
-        before_first = tl.load(kcum_ptr + bh * C + first - 1, mask=tmask & (first > 0), other=0)
-        need = ((upto_last - before_first) > 0) & tmask
-        need_i = need.to(tl.int32)
-        pos = n + tl.cumsum(need_i, 0) - need_i
-        tl.store(tiles_ptr + bh * NT + pos, t, mask=need)
-        n += tl.sum(need_i)
-    tl.store(ntiles_ptr + bh, n)
+    # One scan gives both the first piece slot and the first key position of each kept cluster.
+    pieces = tl.where(keep, tl.cdiv(counts, PIECE), 0)
+    kept = tl.where(keep, counts, 0)
+    packed = kept.to(tl.int64) * 4294967296 + pieces
+    before = tl.cumsum(packed, 0) - packed
+    slot = (before % 4294967296).to(tl.int32)
+    position = (before // 4294967296).to(tl.int32)
+    starts = tl.load(starts_ptr + h * C + c, mask=cmask, other=0)
+    tl.store(keep_ptr + bh * C + c, keep.to(tl.int8), mask=cmask)
+    for j in range(0, MAX_PIECES):
+        write = keep & (j < pieces)
+        tl.store(sel_start_ptr + bh * PC + slot + j, starts + j * PIECE, mask=write)
+        tl.store(sel_len_ptr + bh * PC + slot + j, tl.minimum(counts - j * PIECE, PIECE), mask=write)
+        tl.store(sel_pos_ptr + bh * PC + slot + j, position + j * PIECE, mask=write)
+    nkeys = tl.sum(kept)
+    tl.store(nsel_ptr + bh, tl.sum(pieces))
+    tl.store(nkeys_ptr + bh, nkeys)
+    tl.atomic_add(stats_ptr, nkeys.to(tl.int64))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -210,12 +216,17 @@ def _pow2(n: int, least: int = 1) -> int:
 
 
 class Work:
-    """What the selection hands to the attention kernel, all on the device."""
+    """What the selection hands to the attention kernels, all on the device. Per (row, KV head):
+    the kept clusters as pieces of at most PIECE_ROWS keys (the first `nsel` entries are valid),
+    in cluster order."""
 
-    def __init__(self, keep, tiles, ntiles):
+    def __init__(self, keep, starts, lengths, positions, nsel, nkeys):
         self.keep = keep  # [B, H, C] int8 kept clusters
-        self.tiles = tiles  # [B, H, NT] int32 needed tiles (first ntiles entries)
-        self.ntiles = ntiles  # [B, H] int32
+        self.starts = starts  # [B, H, P] int32 first row of each piece
+        self.lengths = lengths  # [B, H, P] int32 its keys
+        self.positions = positions  # [B, H, P] int32 kept keys before it
+        self.nsel = nsel  # [B, H] int32 pieces
+        self.nkeys = nkeys  # [B, H] int32 kept keys
 
 
 def max_clusters() -> int:
@@ -232,7 +243,7 @@ def lookup(
     logw: torch.Tensor | None,
     stats: torch.Tensor,
 ) -> Work:
-    """query [B, Hq, T, D] (last dim contiguous) -> the kept clusters and tiles per (row, KV head).
+    """query [B, Hq, T, D] (last dim contiguous) -> the kept clusters per (row, KV head) as key ranges.
 
     `logw` [B, T] float32: log weight of each query token in the mean (log 1/T without padding;
     -inf for padding tokens); only used when T > 1. `stats` [1] int64 accumulates the kept keys.
@@ -269,19 +280,20 @@ def lookup(
             D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
         )
         s = pm = pl = dummy
-    tiles = kindex.tiles
-    keep = torch.empty(batch, heads, clusters, device=dev, dtype=torch.int8)
-    kcum = torch.empty(batch, heads, clusters, device=dev, dtype=torch.int32)
-    tile_list = torch.empty(batch, heads, tiles, device=dev, dtype=torch.int32)
-    ntiles = torch.empty(batch, heads, device=dev, dtype=torch.int32)
+    def buffer(dtype, *shape):
+        return torch.empty(*shape, device=dev, dtype=dtype)
+
+    keep = buffer(torch.int8, batch, heads, clusters)
+    starts, lengths, positions = (buffer(torch.int32, batch, heads, max(1, kindex.pieces)) for _ in range(3))
+    nsel, nkeys = (buffer(torch.int32, batch, heads) for _ in range(2))
     block_c = _pow2(clusters)
     _select_kernel[(batch * heads,)](
-        logp, s, pm, pl, kindex.counts, kindex.tile_first, kindex.tile_last,
-        kcum, keep, tile_list, ntiles, stats,
+        logp, s, pm, pl, kindex.counts, kindex.starts,
+        keep, starts, lengths, positions, nsel, nkeys, stats,
         float("-inf") if threshold is None else threshold, 0 if budget is None else budget,
-        heads, clusters, tiles, group, ncb,
-        USE_BUDGET=budget is not None, FROM_SCORES=tokens == 1,
-        BLOCK_C=block_c, BLOCK_G=_pow2(group), BLOCK_CB=_pow2(ncb), BLOCK_T=min(TILE_BLOCK, _pow2(tiles)),
+        heads, clusters, group, ncb, max(1, kindex.pieces), triton.cdiv(kindex.largest, PIECE_ROWS),
+        USE_BUDGET=budget is not None, FROM_SCORES=tokens == 1, PIECE=PIECE_ROWS,
+        BLOCK_C=block_c, BLOCK_G=_pow2(group), BLOCK_CB=_pow2(ncb),
         num_warps=16 if block_c >= 4096 else 4,
     )
-    return Work(keep, tile_list, ntiles)
+    return Work(keep, starts, lengths, positions, nsel, nkeys)

@@ -1,0 +1,255 @@
+"""Per-layer attention time: squeezed kernels (lookup + sparse attention) vs dense SDPA, same run.
+
+Llama-3.1-8B attention shape by default (32 query heads, 8 KV heads, head dim 128, bf16), batch 1.
+For each fixed-context length, the dense anchor is torch SDPA over all keys with the cuDNN and the
+flash backends (the faster one is the anchor); ours is `hf_squeeze.kernels.attend` on an index with
+5% centroids and top-k selection at each `keep`. Both are timed as CUDA graphs (median of
+`triton.testing.do_bench`), ours also eagerly. Decode = 1 query token after a 64-token user input;
+prefill = a user input of `--prefill-tokens` tokens (causal among themselves).
+
+The keys have cluster structure (Gaussian clusters around random centres, as K-means would find on
+real keys) and the index is built from the generating labels: the kernels' speed depends on the
+number and sizes of clusters, not on how they were found. Bytes "needed" = kept keys and values +
+centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from hf_squeeze import kernels
+from hf_squeeze.index import LayerIndex
+from hf_squeeze.lookup import SelectionRule
+
+
+def synthetic_index(tokens, heads, dim, ratio, sinks, window, dtype, device, seed=0) -> LayerIndex:
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows = tokens - sinks - window
+    clusters = max(1, round(ratio * rows))
+    centers = torch.randn(heads, clusters, dim, device=device, generator=g) * 3
+    labels = torch.randint(clusters, (heads, rows), device=device, generator=g).sort(-1).values
+    keys = torch.empty(heads, rows, dim, device=device, dtype=dtype)
+    centroids = torch.zeros(heads, clusters, dim, device=device)
+    for h in range(heads):  # one head at a time keeps the float32 temporaries small
+        k = centers[h, labels[h]] + torch.randn(rows, dim, device=device, generator=g)
+        centroids[h].index_add_(0, labels[h], k)
+        keys[h] = k.to(dtype)
+    counts = torch.zeros(heads, clusters, dtype=torch.long, device=device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))
+    centroids /= counts.clamp_min(1)[..., None]
+    offsets = torch.cat([counts.new_zeros(heads, 1), counts.cumsum(-1)], 1)
+    values = torch.randn(heads, rows, dim, device=device, generator=g).to(dtype)
+    dense = torch.randn(2, heads, sinks + window, dim, device=device, generator=g).to(dtype)
+    return LayerIndex(keys, values, centroids, counts, offsets, dense[0], dense[1])
+
+
+def bench(fn, graph: bool) -> float:
+    """Median microseconds of fn, replayed from a CUDA graph when `graph`."""
+    if graph:
+        fn()  # compile / autotune outside capture
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def dense_time(q, k, v, causal_tail: int) -> dict[str, float]:
+    """SDPA over all keys with each backend; the queries are the last tokens (no mask needed for
+    decode; for prefill the anchor attends to every key, a slight over-count of causal work)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        try:
+            times[name] = bench(run, graph=True)
+        except RuntimeError as err:  # a backend may refuse a shape
+            print(f"  dense {name}: {str(err).splitlines()[0]}")
+    return times
+
+
+def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense_cache):
+    heads, rows, dim = index.keys.shape
+    q_heads = heads * args.group
+    dtype = index.keys.dtype
+    dev = index.keys.device
+    scaling = dim**-0.5
+    centre = index.centroids[:, torch.randint(index.centroids.shape[1], (args.group * query_tokens,), device=dev)]
+    query = (centre.view(heads, args.group, query_tokens, dim) + torch.randn(heads, args.group, query_tokens, dim, device=dev))
+    query = query.reshape(1, q_heads, query_tokens, dim).to(dtype)
+    dyn_k = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
+    dyn_v = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
+    rule = SelectionRule(budget=max(1, round(keep * rows)))
+    stats = torch.zeros(1, dtype=torch.int64, device=dev)
+
+    def ours():
+        return kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats)
+
+    logw = kernels.query_weights(None, 1, query_tokens, dev) if query_tokens > 1 else None
+
+    def lookup_only():
+        return kernels.lookup(query, kindex, scaling, None, rule.budget, logw, stats)
+
+    ours()
+    stats.zero_()
+    ours()
+    kept = int(stats)  # keys read from the clustered part, over all KV heads
+    if args.profile and tokens_ctx == args.profile_context and keep == args.profile_keep:
+        profile(ours, f"{tokens_ctx} tokens, {query_tokens} query tokens, keep {keep}")
+    t_graph = bench(ours, graph=True)
+    t_eager = bench(ours, graph=False)
+    t_lookup = bench(lookup_only, graph=True)
+
+    key = (tokens_ctx, query_tokens)
+    if key not in dense_cache:
+        k_all = torch.cat([index.dense_keys, index.keys], 1)[None]
+        v_all = torch.cat([index.dense_values, index.values], 1)[None]
+        k_all = torch.cat([k_all, dyn_k], 2)
+        v_all = torch.cat([v_all, dyn_v], 2)
+        dense_cache[key] = dense_time(query, k_all, v_all, query_tokens)
+        del k_all, v_all
+    dense = dense_cache[key]
+    best = min(dense.values())
+    elem = index.keys.element_size()
+    needed = (kept + heads * (index.dense_keys.shape[1] + dyn_len)) * dim * 2 * elem
+    needed += kindex.centroids.numel() * elem
+    return dict(
+        context=tokens_ctx,
+        mode="decode" if query_tokens == 1 else f"prefill{query_tokens}",
+        keep=keep,
+        kept_fraction=kept / (heads * rows),
+        dense_cudnn_us=dense.get("cudnn", math.nan),
+        dense_flash_us=dense.get("flash", math.nan),
+        ours_graph_us=t_graph,
+        ours_eager_us=t_eager,
+        lookup_us=t_lookup,
+        lookup_share=t_lookup / t_graph,
+        speedup=best / t_graph,
+        speedup_eager=best / t_eager,
+        needed_MB=needed / 1e6,
+        achieved_TBps=needed / (t_graph * 1e-6) / 1e12,
+    )
+
+
+def profile(fn, title: str, steps: int = 20):
+    """Per-kernel device time of `fn`, averaged over `steps` calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    print(f"  profile ({title}), per call:")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        print(f"    {e.key[:60]:60s} {e.device_time_total / steps:8.1f} us  x{e.count // steps}")
+
+
+def plot(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for ctx in sorted({r["context"] for r in rows}):
+            pts = sorted((r["keep"], r["speedup"]) for r in rows if r["mode"] == mode and r["context"] == ctx)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{ctx // 1024}K context")
+        ax.set_xscale("log")
+        ax.set_xlabel("keep (fraction of clustered keys read)")
+        ax.set_ylabel("speedup vs best dense SDPA (same run)")
+        ax.set_title(f"{mode}, one layer, Llama-3.1-8B shape")
+        ax.axhline(1, color="grey", lw=0.5)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="32768,131072,524288")
+    p.add_argument("--keeps", default="0.3,0.1,0.05")
+    p.add_argument("--heads", type=int, default=8, help="KV heads")
+    p.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--centroid-ratio", type=float, default=0.05)
+    p.add_argument("--prefill-tokens", type=int, default=1024)
+    p.add_argument("--decode-input", type=int, default=64, help="user-input tokens before the decode step")
+    p.add_argument("--modes", default="decode,prefill")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of one case")
+    p.add_argument("--profile-context", type=int, default=131072)
+    p.add_argument("--profile-keep", type=float, default=0.1)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    rows = []
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        start = time.time()
+        index = synthetic_index(ctx, args.heads, args.dim, args.centroid_ratio, 4, 100, torch.bfloat16, dev)
+        kindex = kernels.kernel_index(index)
+        reason = kernels.supports(index, torch.empty(1, 1, 1, args.dim, device=dev, dtype=torch.bfloat16))
+        print(f"context {ctx}: index built in {time.time() - start:.1f} s, {index.counts.shape[1]} clusters/head")
+        if reason:
+            print(f"  skipped: {reason}")
+            continue
+        dense_cache = {}
+        for mode in args.modes.split(","):
+            q_tokens, dyn = (1, args.decode_input + 1) if mode == "decode" else (args.prefill_tokens, args.prefill_tokens)
+            for keep in [float(k) for k in args.keeps.split(",")]:
+                try:
+                    r = run_case(index, kindex, ctx, keep, q_tokens, dyn, args, dense_cache)
+                except Exception as err:  # report and go on: one failing shape should not hide the rest
+                    print(f"  {mode} keep={keep}: FAILED {type(err).__name__}: {err}")
+                    continue
+                rows.append(r)
+                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+        del index, kindex
+        torch.cuda.empty_cache()
+    if not rows:
+        return
+    with open(out / "kernels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, out / "kernels_speedup.png")
+    print()
+    print("| context | mode | keep | read | dense cuDNN us | dense flash us | ours us (graph) | ours us (eager) | lookup share | speedup | TB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['context'] // 1024}K | {r['mode']} | {r['keep']} | {r['kept_fraction']:.3f} | {r['dense_cudnn_us']:.1f} | "
+            f"{r['dense_flash_us']:.1f} | {r['ours_graph_us']:.1f} | {r['ours_eager_us']:.1f} | {r['lookup_share']:.0%} | "
+            f"**{r['speedup']:.2f}x** | {r['achieved_TBps']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
