@@ -26,6 +26,8 @@ from .layout import PIECE_ROWS, KernelIndex
 from .lookup import Work, _pow2, _precision
 
 DECODE_PIECES = 2  # pieces per decode step: a 64-row K/V tile
+DECODE_WARPS = 4
+DECODE_STAGES = 1  # measured: software pipelining of the gathered loads does not pay here
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 GATHER_PIECES = 4
@@ -241,11 +243,11 @@ def _merge_kernel(
     tl.store(optr, o.to(out_ptr.dtype.element_ty))
 
 
-def _default_splits(device: torch.device, programs: int, most: int) -> int:
-    """A power of two of splits giving about 8 programs per streaming multiprocessor."""
+def _default_splits(device: torch.device, programs: int, most: int, per_sm: int = 8) -> int:
+    """A power of two of splits giving about `per_sm` programs per streaming multiprocessor."""
     if device.type != "cuda":
         return 1
-    target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 1 << max(0, min(most.bit_length() - 1, (target // max(1, programs)).bit_length() - 1))
 
 
@@ -293,7 +295,8 @@ def sparse_attention(
     else:
         block_m = PREFILL_BLOCK_M if rows > 64 else 64
         m_blocks = triton.cdiv(rows, block_m)
-        splits = splits or _default_splits(dev, batch * heads * m_blocks, most=16)
+        # Splitting pays only while the row blocks alone leave multiprocessors idle.
+        splits = splits or _default_splits(dev, batch * heads * m_blocks, most=16, per_sm=1)
     if splits > 1:
         po = torch.empty(batch * heads, splits, rows, dim, device=dev, dtype=torch.float32)
         plse = torch.empty(batch * heads, splits, rows, device=dev, dtype=torch.float32)
@@ -307,7 +310,7 @@ def sparse_attention(
             scaling, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=DECODE_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits, **common,
-            num_stages=3,
+            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
         )
     else:
         cap = capacity or kindex.clustered_tokens

@@ -11,7 +11,7 @@ then keep clusters by threshold (log p_j >= threshold) or by budget (clusters in
 compact list of key ranges (see `layout.py`).
 
 Decode (one query token) and prefill (many) score differently: a decode step has only G query rows,
-so the centroids are split over many programs and the normaliser is reduced in `_select_kernel`;
+so the centroids are split over many programs and the normaliser is reduced in `_decode_logp_kernel`;
 a prefill first computes each query row's normaliser, then each program averages the probabilities
 of a block of centroids over the input tokens.
 """
@@ -26,6 +26,7 @@ from .layout import PIECE_ROWS, KernelIndex
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring
 PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
+SELECT_WARPS = None  # warps of the selection program (None: by the number of clusters)
 
 
 @triton.jit
@@ -134,12 +135,35 @@ def _aggregate_kernel(
 
 
 @triton.jit
-def _select_kernel(
-    logp_ptr, s_ptr, pm_ptr, pl_ptr, counts_ptr, starts_ptr,
-    keep_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr, nsel_ptr, nkeys_ptr, stats_ptr,
-    threshold, budget, H, C, G, NCB, PC, MAX_PIECES,
-    USE_BUDGET: tl.constexpr, FROM_SCORES: tl.constexpr, PIECE: tl.constexpr,
+def _decode_logp_kernel(
+    s_ptr, pm_ptr, pl_ptr, logp_ptr, C, G, NCB,
     BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CB: tl.constexpr,
+):
+    """Decode: finish each query head's normaliser from the per-block pieces, then
+    log p = max over the group of (s - normaliser), for a block of centroids."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = tl.arange(0, BLOCK_G)
+    cb = tl.arange(0, BLOCK_CB)
+    piece = (cb[:, None] < NCB) & (g[None, :] < G)
+    pm = tl.load(pm_ptr + (bh * NCB + cb[:, None]) * G + g[None, :], mask=piece, other=float("-inf"))
+    pl = tl.load(pl_ptr + (bh * NCB + cb[:, None]) * G + g[None, :], mask=piece, other=0.0)
+    mx = tl.max(pm, 0)
+    mx = tl.where(mx > float("-inf"), mx, 0.0)
+    total = tl.sum(pl * tl.exp(pm - mx[None, :]), 0)
+    norm = tl.where(g < G, mx + tl.log(tl.where(g < G, total, 1.0)), 0.0)
+    s = tl.load(
+        s_ptr + (bh * G + g[:, None]) * C + c[None, :], mask=(g[:, None] < G) & (c[None, :] < C), other=float("-inf")
+    )
+    tl.store(logp_ptr + bh * C + c, tl.max(s - norm[:, None], 0), mask=c < C)
+
+
+@triton.jit
+def _select_kernel(
+    logp_ptr, counts_ptr, starts_ptr,
+    keep_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr, nsel_ptr, nkeys_ptr, stats_ptr,
+    threshold, budget, H, C, PC, MAX_PIECES,
+    USE_BUDGET: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One (batch row, KV head): which clusters to keep, as a compact list of key pieces."""
     bh = tl.program_id(0)
@@ -147,24 +171,7 @@ def _select_kernel(
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     counts = tl.load(counts_ptr + h * C + c, mask=cmask, other=0)
-    if FROM_SCORES:  # decode: finish the normaliser from the per-block pieces, then max over G
-        g = tl.arange(0, BLOCK_G)
-        cb = tl.arange(0, BLOCK_CB)
-        piece = (cb[:, None] < NCB) & (g[None, :] < G)
-        pm = tl.load(pm_ptr + (bh * NCB + cb[:, None]) * G + g[None, :], mask=piece, other=float("-inf"))
-        pl = tl.load(pl_ptr + (bh * NCB + cb[:, None]) * G + g[None, :], mask=piece, other=0.0)
-        mx = tl.max(pm, 0)
-        mx = tl.where(mx > float("-inf"), mx, 0.0)
-        total = tl.sum(pl * tl.exp(pm - mx[None, :]), 0)
-        norm = tl.where(g < G, mx + tl.log(tl.where(g < G, total, 1.0)), 0.0)
-        s = tl.load(
-            s_ptr + (bh * G + g[:, None]) * C + c[None, :],
-            mask=(g[:, None] < G) & cmask[None, :],
-            other=float("-inf"),
-        )
-        logp = tl.max(s - norm[:, None], 0)
-    else:
-        logp = tl.load(logp_ptr + bh * C + c, mask=cmask, other=float("-inf"))
+    logp = tl.load(logp_ptr + bh * C + c, mask=cmask, other=float("-inf"))
     nonempty = counts > 0
     if USE_BUDGET:
         # Binary search, over an order-preserving int32 image of log p, for the largest x with
@@ -187,13 +194,10 @@ def _select_kernel(
         keep = (key >= lo) & nonempty
     else:
         keep = (logp >= threshold) & nonempty
-    # One scan gives both the first piece slot and the first key position of each kept cluster.
     pieces = tl.where(keep, tl.cdiv(counts, PIECE), 0)
     kept = tl.where(keep, counts, 0)
-    packed = kept.to(tl.int64) * 4294967296 + pieces
-    before = tl.cumsum(packed, 0) - packed
-    slot = (before % 4294967296).to(tl.int32)
-    position = (before // 4294967296).to(tl.int32)
+    slot = tl.cumsum(pieces, 0) - pieces  # first piece of each kept cluster in the list
+    position = tl.cumsum(kept, 0) - kept  # kept keys before it
     starts = tl.load(starts_ptr + h * C + c, mask=cmask, other=0)
     tl.store(keep_ptr + bh * C + c, keep.to(tl.int8), mask=cmask)
     for j in range(0, MAX_PIECES):
@@ -231,7 +235,7 @@ class Work:
 
 def max_clusters() -> int:
     """The selection holds one KV head's clusters in registers; larger indexes use the torch path."""
-    return 16384
+    return 32768
 
 
 def lookup(
@@ -255,7 +259,7 @@ def lookup(
     precision = _precision(query.dtype)
     ncb = triton.cdiv(clusters, SCORE_BLOCK_C)
     sq_b, sq_h, sq_t = query.stride(0), query.stride(1), query.stride(2)
-    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    logp = torch.empty(batch, heads, clusters, device=dev, dtype=torch.float32)
     if tokens == 1:
         s = torch.empty(batch, heads, group, clusters, device=dev, dtype=torch.float32)
         pm = torch.empty(batch, heads, ncb, group, device=dev, dtype=torch.float32)
@@ -265,7 +269,9 @@ def lookup(
             scaling, heads, clusters, group, ncb, sq_b, sq_h,
             D=dim, BLOCK_G=_pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
         )
-        logp = dummy
+        _decode_logp_kernel[(batch * heads, ncb)](
+            s, pm, pl, logp, clusters, group, ncb, BLOCK_C=SCORE_BLOCK_C, BLOCK_G=_pow2(group), BLOCK_CB=_pow2(ncb)
+        )
     else:
         norm = torch.empty(batch, heads, group, tokens, device=dev, dtype=torch.float32)
         _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
@@ -273,13 +279,11 @@ def lookup(
             scaling, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
             D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
         )
-        logp = torch.empty(batch, heads, clusters, device=dev, dtype=torch.float32)
         _aggregate_kernel[(batch * heads, ncb)](
             query, kindex.centroids, kindex.log_counts, norm, logw.float().contiguous(), logp,
             scaling, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
             D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
         )
-        s = pm = pl = dummy
     def buffer(dtype, *shape):
         return torch.empty(*shape, device=dev, dtype=dtype)
 
@@ -288,12 +292,11 @@ def lookup(
     nsel, nkeys = (buffer(torch.int32, batch, heads) for _ in range(2))
     block_c = _pow2(clusters)
     _select_kernel[(batch * heads,)](
-        logp, s, pm, pl, kindex.counts, kindex.starts,
+        logp, kindex.counts, kindex.starts,
         keep, starts, lengths, positions, nsel, nkeys, stats,
         float("-inf") if threshold is None else threshold, 0 if budget is None else budget,
-        heads, clusters, group, ncb, max(1, kindex.pieces), triton.cdiv(kindex.largest, PIECE_ROWS),
-        USE_BUDGET=budget is not None, FROM_SCORES=tokens == 1, PIECE=PIECE_ROWS,
-        BLOCK_C=block_c, BLOCK_G=_pow2(group), BLOCK_CB=_pow2(ncb),
-        num_warps=16 if block_c >= 4096 else 4,
+        heads, clusters, max(1, kindex.pieces), triton.cdiv(kindex.largest, PIECE_ROWS),
+        USE_BUDGET=budget is not None, PIECE=PIECE_ROWS, BLOCK_C=block_c,
+        num_warps=SELECT_WARPS or (4 if block_c < 4096 else 16 if block_c <= 8192 else 32),
     )
     return Work(keep, starts, lengths, positions, nsel, nkeys)
