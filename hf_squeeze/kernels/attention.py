@@ -28,7 +28,7 @@ from .lookup import Work, _pow2, _precision
 DECODE_PIECES = 2  # pieces per decode step: a 64-row K/V tile
 DECODE_WARPS = 4
 DECODE_STAGES = 1  # measured: software pipelining of the gathered loads does not pay here
-PREFILL_BLOCK_M = 128
+PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 GATHER_PIECES = 4
 

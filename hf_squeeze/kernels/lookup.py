@@ -27,6 +27,7 @@ from .layout import PIECE_ROWS, KernelIndex
 SCORE_BLOCK_C = 128  # centroids per program when scoring
 PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
 SELECT_WARPS = None  # warps of the selection program (None: by the number of clusters)
+COMPACT_BLOCK = 128  # clusters per program when writing the selection list
 
 
 @triton.jit
@@ -160,12 +161,12 @@ def _decode_logp_kernel(
 
 @triton.jit
 def _select_kernel(
-    logp_ptr, counts_ptr, starts_ptr,
-    keep_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr, nsel_ptr, nkeys_ptr, stats_ptr,
-    threshold, budget, H, C, PC, MAX_PIECES,
-    USE_BUDGET: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr,
+    logp_ptr, counts_ptr, keep_ptr, block_ptr, nsel_ptr, nkeys_ptr, stats_ptr,
+    threshold, budget, H, C,
+    USE_BUDGET: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """One (batch row, KV head): which clusters to keep, as a compact list of key pieces."""
+    """One (batch row, KV head): which clusters to keep, and for each block of BLOCK_S clusters
+    the pieces and keys kept before it (so that `_compact_kernel` can place its ranges)."""
     bh = tl.program_id(0)
     h = bh % H
     c = tl.arange(0, BLOCK_C)
@@ -194,21 +195,47 @@ def _select_kernel(
         keep = (key >= lo) & nonempty
     else:
         keep = (logp >= threshold) & nonempty
+    tl.store(keep_ptr + bh * C + c, keep.to(tl.int8), mask=cmask)
     pieces = tl.where(keep, tl.cdiv(counts, PIECE), 0)
     kept = tl.where(keep, counts, 0)
-    slot = tl.cumsum(pieces, 0) - pieces  # first piece of each kept cluster in the list
-    position = tl.cumsum(kept, 0) - kept  # kept keys before it
+    # Per-block totals and their exclusive prefix: a scan over C / BLOCK_S numbers, not over C.
+    NB: tl.constexpr = BLOCK_C // BLOCK_S
+    block_pieces = tl.sum(tl.reshape(pieces, [NB, BLOCK_S]), 1)
+    block_keys = tl.sum(tl.reshape(kept, [NB, BLOCK_S]), 1)
+    b = tl.arange(0, NB)
+    tl.store(block_ptr + (bh * NB + b) * 2, tl.cumsum(block_pieces, 0) - block_pieces)
+    tl.store(block_ptr + (bh * NB + b) * 2 + 1, tl.cumsum(block_keys, 0) - block_keys)
+    nkeys = tl.sum(kept)
+    tl.store(nsel_ptr + bh, tl.sum(pieces))
+    tl.store(nkeys_ptr + bh, nkeys)
+    tl.atomic_add(stats_ptr, nkeys.to(tl.int64))
+
+
+@triton.jit
+def _compact_kernel(
+    keep_ptr, counts_ptr, starts_ptr, block_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr,
+    H, C, PC, NB, MAX_PIECES,
+    PIECE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """A block of clusters of one (batch row, KV head): write its kept clusters as pieces of at most
+    PIECE keys into the selection list, in cluster order."""
+    bh = tl.program_id(0)
+    blk = tl.program_id(1)
+    h = bh % H
+    c = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    cmask = c < C
+    keep = tl.load(keep_ptr + bh * C + c, mask=cmask, other=0) != 0
+    counts = tl.load(counts_ptr + h * C + c, mask=cmask, other=0)
     starts = tl.load(starts_ptr + h * C + c, mask=cmask, other=0)
-    tl.store(keep_ptr + bh * C + c, keep.to(tl.int8), mask=cmask)
+    pieces = tl.where(keep, tl.cdiv(counts, PIECE), 0)
+    kept = tl.where(keep, counts, 0)
+    slot = tl.load(block_ptr + (bh * NB + blk) * 2) + tl.cumsum(pieces, 0) - pieces
+    position = tl.load(block_ptr + (bh * NB + blk) * 2 + 1) + tl.cumsum(kept, 0) - kept
     for j in range(0, MAX_PIECES):
         write = keep & (j < pieces)
         tl.store(sel_start_ptr + bh * PC + slot + j, starts + j * PIECE, mask=write)
         tl.store(sel_len_ptr + bh * PC + slot + j, tl.minimum(counts - j * PIECE, PIECE), mask=write)
         tl.store(sel_pos_ptr + bh * PC + slot + j, position + j * PIECE, mask=write)
-    nkeys = tl.sum(kept)
-    tl.store(nsel_ptr + bh, tl.sum(pieces))
-    tl.store(nkeys_ptr + bh, nkeys)
-    tl.atomic_add(stats_ptr, nkeys.to(tl.int64))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -291,12 +318,18 @@ def lookup(
     starts, lengths, positions = (buffer(torch.int32, batch, heads, max(1, kindex.pieces)) for _ in range(3))
     nsel, nkeys = (buffer(torch.int32, batch, heads) for _ in range(2))
     block_c = _pow2(clusters)
+    block_s = min(COMPACT_BLOCK, block_c)
+    blocks = block_c // block_s
+    block_offsets = buffer(torch.int32, batch, heads, blocks, 2)
     _select_kernel[(batch * heads,)](
-        logp, kindex.counts, kindex.starts,
-        keep, starts, lengths, positions, nsel, nkeys, stats,
-        float("-inf") if threshold is None else threshold, 0 if budget is None else budget,
-        heads, clusters, max(1, kindex.pieces), triton.cdiv(kindex.largest, PIECE_ROWS),
-        USE_BUDGET=budget is not None, PIECE=PIECE_ROWS, BLOCK_C=block_c,
+        logp, kindex.counts, keep, block_offsets, nsel, nkeys, stats,
+        float("-inf") if threshold is None else threshold, 0 if budget is None else budget, heads, clusters,
+        USE_BUDGET=budget is not None, PIECE=PIECE_ROWS, BLOCK_C=block_c, BLOCK_S=block_s,
         num_warps=SELECT_WARPS or (4 if block_c < 4096 else 16 if block_c <= 8192 else 32),
+    )
+    _compact_kernel[(batch * heads, blocks)](
+        keep, kindex.counts, kindex.starts, block_offsets, starts, lengths, positions,
+        heads, clusters, starts.shape[-1], blocks, triton.cdiv(kindex.largest, PIECE_ROWS),
+        PIECE=PIECE_ROWS, BLOCK_S=block_s,
     )
     return Work(keep, starts, lengths, positions, nsel, nkeys)
