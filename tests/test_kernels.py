@@ -19,15 +19,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [0, 1, 1, 2, 3, 7, 12, 25, 0, 40, 5, 1, 9, 30, 17]  # clusters of size 0 and 1 included
 
 
-def make_index(heads=2, dim=64, dense=10, dtype=torch.float32, seed=0) -> LayerIndex:
+def make_index(heads=2, dim=64, dense=10, dtype=torch.float32, seed=0, sizes=SIZES) -> LayerIndex:
     g = torch.Generator().manual_seed(seed)
-    counts = torch.stack([torch.tensor(SIZES)[torch.randperm(len(SIZES), generator=g)] for _ in range(heads)])
+    counts = torch.stack([torch.tensor(sizes)[torch.randperm(len(sizes), generator=g)] for _ in range(heads)])
     rows = int(counts[0].sum())  # 153: not a multiple of the 32-row tile
-    centers = torch.randn(heads, len(SIZES), dim, generator=g) * 2
-    label = torch.repeat_interleave(torch.arange(len(SIZES)).expand(heads, -1).flatten(), counts.flatten())
+    centers = torch.randn(heads, len(sizes), dim, generator=g) * 2
+    label = torch.repeat_interleave(torch.arange(len(sizes)).expand(heads, -1).flatten(), counts.flatten())
     label = label.view(heads, rows)
     keys = centers.gather(1, label[..., None].expand(-1, -1, dim)) + 0.5 * torch.randn(heads, rows, dim, generator=g)
-    sums = torch.zeros(heads, len(SIZES), dim).scatter_add_(1, label[..., None].expand(-1, -1, dim), keys)
+    sums = torch.zeros(heads, len(sizes), dim).scatter_add_(1, label[..., None].expand(-1, -1, dim), keys)
     offsets = torch.cat([torch.zeros(heads, 1, dtype=torch.long), counts.cumsum(-1)], 1)
     return LayerIndex(
         keys=keys.to(dtype).to(DEVICE),
@@ -45,7 +45,7 @@ def make_inputs(index, group, tokens, dyn_len, batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     heads, _, dim = index.keys.shape
     dtype = index.keys.dtype
-    base = index.centroids.cpu()[:, torch.randint(len(SIZES), (batch * group * tokens,), generator=g)]
+    base = index.centroids.cpu()[:, torch.randint(index.centroids.shape[1], (batch * group * tokens,), generator=g)]
     query = (base.view(heads, batch, group, tokens, dim).permute(1, 0, 2, 3, 4).reshape(batch, heads * group, tokens, dim))
     query = (query + torch.randn(query.shape, generator=g)).to(dtype).to(DEVICE)
     dyn = [torch.randn(batch, heads, dyn_len, dim, generator=g).to(dtype).to(DEVICE) for _ in range(2)]
@@ -103,6 +103,29 @@ def test_lookup_kernel_selects_what_the_reference_selects(kind, group, tokens):
             got = list(zip(work.starts[b, h, :n].tolist(), work.lengths[b, h, :n].tolist(), work.positions[b, h, :n].tolist()))
             assert got == pieces
             assert int(work.nkeys[b, h]) == before
+
+
+@pytest.mark.parametrize("kind", ["budget", "threshold"])
+def test_selection_over_many_clusters(kind):
+    """Several passes of the selection program (more clusters than one chunk) and many blocks
+    in the compaction; sizes 0 to 5, so the budget crosses at a cluster boundary often."""
+    sizes = torch.randint(0, 6, (1500,), generator=torch.Generator().manual_seed(3)).tolist()
+    index = make_index(dim=16, dense=4, sizes=sizes)
+    rule = SelectionRule(budget=700) if kind == "budget" else SelectionRule(threshold=math.log(2e-4))
+    query, _, _ = make_inputs(index, 3, tokens=1, dyn_len=1)
+    scaling = 0.25
+    stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    work = kernels.lookup(query, kernels.kernel_index(index), scaling, rule.threshold, rule.budget, None, stats)
+    expected = reference_keep(query, index, rule, scaling)
+    assert 0 < int(expected.sum()) < expected.numel()
+    assert torch.equal(work.keep.bool().cpu(), expected.cpu())
+    for b in range(query.shape[0]):
+        for h in range(index.keys.shape[0]):
+            ids = expected[b, h].nonzero().flatten()
+            n = int(work.nsel[b, h])
+            assert work.starts[b, h, :n].tolist() == index.offsets[h, ids].tolist()
+            kept = index.counts[h, ids]
+            assert work.positions[b, h, :n].tolist() == (kept.cumsum(0) - kept).tolist()
 
 
 def poisoned(query):

@@ -16,18 +16,18 @@ kindex = kernels.kernel_index(index)
 q = torch.randn(1, 32, 1, 128, device=dev, dtype=torch.bfloat16)
 stats = torch.zeros(1, dtype=torch.int64, device=dev)
 rows = index.keys.shape[1]
-for warps in (4, 8, 16, 32):
+for warps in (4, 8, 16):
     kl.SELECT_WARPS = warps
     for name, thr, budget in (("budget", None, round(0.1 * rows)), ("threshold", -9.0, None)):
         t = bench(lambda: kernels.lookup(q, kindex, 0.088, thr, budget, None, stats), graph=True)
         print(f"lookup select_warps={warps:2d} {name:9s}: {t:7.1f} us")
-kl.SELECT_WARPS = None
+kl.SELECT_WARPS = 8
 
 work = kernels.lookup(q, kindex, 0.088, None, round(0.1 * rows), None, stats)
 dk = torch.randn(1, 8, 65, 128, device=dev, dtype=torch.bfloat16)
-for pieces in (2, 4):
-    for warps in (2, 4, 8):
-        for stages in (1, 3):
+for pieces in (1, 2, 4):
+    for warps in (2, 4):
+        for stages in (1,):
             for splits in (32, 64, 128):
                 ka.DECODE_PIECES, ka.DECODE_WARPS, ka.DECODE_STAGES = pieces, warps, stages
                 t = bench(lambda: kernels.sparse_attention(q, dk, dk, kindex, work, 0.088, splits=splits), graph=True)
