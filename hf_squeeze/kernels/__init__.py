@@ -14,7 +14,7 @@ import torch
 
 from .attention import gather_capacity, sparse_attention
 from .layout import PIECE_ROWS, KernelIndex, kernel_index
-from .lookup import Work, lookup
+from .lookup import MAX_CLUSTERS, Work, lookup
 
 __all__ = ["PIECE_ROWS", "KernelIndex", "Work", "attend", "kernel_index", "lookup", "query_weights", "sparse_attention", "supports"]
 
@@ -37,6 +37,8 @@ def supports(index, query: torch.Tensor) -> str | None:
         return f"head dim {dim} is not a power of two >= 16"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {query.dtype}"
+    if index.counts.shape[1] > MAX_CLUSTERS:
+        return f"more than {MAX_CLUSTERS} clusters per KV head"
     if index.clustered_tokens == 0:
         return "no clustered tokens"
     return None

@@ -26,10 +26,8 @@ from .layout import PIECE_ROWS, KernelIndex
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring
 PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
-SELECT_WARPS = 8  # the selection runs one program per (batch row, KV head)
-SELECT_WAYS = 16  # candidate thresholds per step of the budget search
-SELECT_CHUNK = 512  # clusters per step of the selection's passes
 COMPACT_BLOCK = 128  # clusters per program when writing the selection list
+MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
 
 
 @triton.jit
@@ -162,94 +160,60 @@ def _decode_logp_kernel(
 
 
 @triton.jit
-def _order_key(logp):
-    """An int32 image of float32 log p that orders like the floats."""
-    bits = logp.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-
-
-@triton.jit
 def _select_kernel(
     logp_ptr, counts_ptr, keep_ptr, block_ptr, nsel_ptr, nkeys_ptr, stats_ptr,
-    threshold, budget, H, C, NB,
-    USE_BUDGET: tl.constexpr, PIECE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_NB: tl.constexpr, WAYS: tl.constexpr,
+    threshold, budget, H, C,
+    USE_BUDGET: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One (batch row, KV head): which clusters to keep, and for each block of BLOCK_S clusters
-    the pieces and keys kept before it (so that `_compact_kernel` can place its ranges).
-
-    With a budget, the threshold is found by a WAYS-ary search over an order-preserving int32
-    image of log p: each step counts, in one pass over the clusters, the keys at or above WAYS
-    candidate thresholds, and keeps the interval where the count crosses the budget. It ends when
-    one cluster is left in the interval (about log_WAYS C steps): keeping every cluster at or above
-    the interval's lower end keeps the cluster that crosses the budget, as the reference does.
-    """
+    the pieces and keys kept before it (so that `_compact_kernel` can place its ranges)."""
     bh = tl.program_id(0)
     h = bh % H
-    lo = tl.full([], 2147483647, tl.int32)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    counts = tl.load(counts_ptr + h * C + c, mask=cmask, other=0)
+    logp = tl.load(logp_ptr + bh * C + c, mask=cmask, other=float("-inf"))
+    nonempty = counts > 0
     if USE_BUDGET:
-        top = tl.full([], -2147483647, tl.int32)
-        total = tl.zeros([], tl.int32)
-        for c0 in range(0, C, CHUNK):
-            c = c0 + tl.arange(0, CHUNK)
-            counts = tl.load(counts_ptr + h * C + c, mask=c < C, other=0)
-            key = _order_key(tl.load(logp_ptr + bh * C + c, mask=c < C, other=0.0))
-            lo = tl.minimum(lo, tl.min(tl.where(counts > 0, key, 2147483647)))
-            top = tl.maximum(top, tl.max(tl.where(counts > 0, key, -2147483647)))
-            total += tl.sum(counts)
-        hi = tl.minimum(top.to(tl.int64) + 1, 2147483647).to(tl.int32)
-        if total < budget:  # fewer keys than the budget: keep every non-empty cluster
+        # Binary search, over an order-preserving int32 image of log p, for the largest x with
+        # sum(N_j : key_j >= x) >= budget; keeping key_j >= x keeps the cluster that crosses the
+        # budget. It stops as soon as one cluster is left in [lo, hi) (about log2 C steps). If the
+        # non-empty clusters hold fewer keys than the budget, lo stays at the smallest key: keep all.
+        # Each step makes one reduction (they dominate the cost here): the keys at or above mid and
+        # the clusters in [lo, mid) and in [mid, hi), packed into one int64 sum.
+        bits = logp.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        lo = tl.min(tl.where(nonempty, key, 2147483647))
+        hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
+        if tl.sum(counts) < budget:
             hi = lo
         inside = tl.where(hi > lo, 2, 0)
-        above_hi = tl.zeros([], tl.int32)  # non-empty clusters at or above hi
-        way = tl.arange(0, WAYS)
-        while (inside > 1) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):
-            width = hi.to(tl.int64) - lo.to(tl.int64)
-            cand = (lo.to(tl.int64) + width * way // WAYS).to(tl.int32)
-            keys_above = tl.zeros([WAYS], tl.int32)
-            clusters_above = tl.zeros([WAYS], tl.int32)
-            for c0 in range(0, C, CHUNK):
-                c = c0 + tl.arange(0, CHUNK)
-                counts = tl.load(counts_ptr + h * C + c, mask=c < C, other=0)
-                key = _order_key(tl.load(logp_ptr + bh * C + c, mask=c < C, other=0.0))
-                ge = (key[None, :] >= cand[:, None]) & (counts > 0)[None, :]
-                keys_above += tl.sum(tl.where(ge, counts[None, :], 0), 1)
-                clusters_above += tl.sum(ge.to(tl.int32), 1)
-            k = tl.max(tl.where(keys_above >= budget, way, 0))  # cand[0] = lo always qualifies
-            at_k = tl.sum(tl.where(way == k, clusters_above, 0))
-            at_next = tl.sum(tl.where(way == k + 1, clusters_above, 0))
-            new_hi = tl.where(k == WAYS - 1, hi, (lo.to(tl.int64) + width * (k + 1) // WAYS).to(tl.int32))
-            above_hi = tl.where(k == WAYS - 1, above_hi, at_next)
-            lo = (lo.to(tl.int64) + width * k // WAYS).to(tl.int32)
-            hi = new_hi
-            inside = at_k - above_hi
-    nkeys = tl.zeros([], tl.int32)
-    npieces = tl.zeros([], tl.int32)
-    SUB: tl.constexpr = CHUNK // BLOCK_S
-    for c0 in range(0, C, CHUNK):
-        c = c0 + tl.arange(0, CHUNK)
-        counts = tl.load(counts_ptr + h * C + c, mask=c < C, other=0)
-        logp = tl.load(logp_ptr + bh * C + c, mask=c < C, other=float("-inf"))
-        if USE_BUDGET:
-            keep = (_order_key(logp) >= lo) & (counts > 0)
-        else:
-            keep = (logp >= threshold) & (counts > 0)
-        tl.store(keep_ptr + bh * C + c, keep.to(tl.int8), mask=c < C)
-        pieces = tl.where(keep, tl.cdiv(counts, PIECE), 0)
-        kept = tl.where(keep, counts, 0)
-        blk = c0 // BLOCK_S + tl.arange(0, SUB)
-        tl.store(block_ptr + (bh * BLOCK_NB + blk) * 2, tl.sum(tl.reshape(pieces, [SUB, BLOCK_S]), 1))
-        tl.store(block_ptr + (bh * BLOCK_NB + blk) * 2 + 1, tl.sum(tl.reshape(kept, [SUB, BLOCK_S]), 1))
-        nkeys += tl.sum(kept)
-        npieces += tl.sum(pieces)
-    tl.debug_barrier()  # the block totals stored above are read back by other threads
-    b = tl.arange(0, BLOCK_NB)
-    totals = tl.load(block_ptr + (bh * BLOCK_NB + b) * 2, mask=b < NB, other=0)
-    keys = tl.load(block_ptr + (bh * BLOCK_NB + b) * 2 + 1, mask=b < NB, other=0)
-    tl.debug_barrier()
-    tl.store(block_ptr + (bh * BLOCK_NB + b) * 2, tl.cumsum(totals, 0) - totals, mask=b < NB)
-    tl.store(block_ptr + (bh * BLOCK_NB + b) * 2 + 1, tl.cumsum(keys, 0) - keys, mask=b < NB)
-    tl.store(nsel_ptr + bh, npieces)
+        while (inside > 1) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):  # (equal keys end at width 1)
+            mid = (lo.to(tl.int64) + (hi.to(tl.int64) - lo.to(tl.int64)) // 2).to(tl.int32)
+            upper = nonempty & (key >= mid)
+            lower = nonempty & (key >= lo) & (key < mid)
+            packed = tl.where(upper, counts.to(tl.int64), 0)
+            packed += tl.where(upper & (key < hi), 1 << 42, 0) + tl.where(lower, 1 << 21, 0)
+            total = tl.sum(packed)
+            up = (total & 0x1FFFFF) >= budget  # keys at or above mid (< 2^21 keys per head)
+            inside = tl.where(up, (total >> 42) & 0x1FFFFF, (total >> 21) & 0x1FFFFF).to(tl.int32)
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid)
+        keep = (key >= lo) & nonempty
+    else:
+        keep = (logp >= threshold) & nonempty
+    tl.store(keep_ptr + bh * C + c, keep.to(tl.int8), mask=cmask)
+    pieces = tl.where(keep, tl.cdiv(counts, PIECE), 0)
+    kept = tl.where(keep, counts, 0)
+    # Per-block totals and their exclusive prefix: a scan over C / BLOCK_S numbers, not over C.
+    NB: tl.constexpr = BLOCK_C // BLOCK_S
+    block_pieces = tl.sum(tl.reshape(pieces, [NB, BLOCK_S]), 1)
+    block_keys = tl.sum(tl.reshape(kept, [NB, BLOCK_S]), 1)
+    b = tl.arange(0, NB)
+    tl.store(block_ptr + (bh * NB + b) * 2, tl.cumsum(block_pieces, 0) - block_pieces)
+    tl.store(block_ptr + (bh * NB + b) * 2 + 1, tl.cumsum(block_keys, 0) - block_keys)
+    nkeys = tl.sum(kept)
+    tl.store(nsel_ptr + bh, tl.sum(pieces))
     tl.store(nkeys_ptr + bh, nkeys)
     tl.atomic_add(stats_ptr, nkeys.to(tl.int64))
 
@@ -355,19 +319,18 @@ def lookup(
     keep = buffer(torch.int8, batch, heads, clusters)
     starts, lengths, positions = (buffer(torch.int32, batch, heads, max(1, kindex.pieces)) for _ in range(3))
     nsel, nkeys = (buffer(torch.int32, batch, heads) for _ in range(2))
-    block_s = min(COMPACT_BLOCK, _pow2(clusters))
-    chunk = max(block_s, min(SELECT_CHUNK, _pow2(clusters)))
-    blocks = triton.cdiv(clusters, block_s)
-    block_offsets = buffer(torch.int32, batch, heads, _pow2(blocks), 2)
+    block_c = _pow2(clusters, COMPACT_BLOCK)
+    blocks = block_c // COMPACT_BLOCK
+    block_offsets = buffer(torch.int32, batch, heads, blocks, 2)
     _select_kernel[(batch * heads,)](
         logp, kindex.counts, keep, block_offsets, nsel, nkeys, stats,
-        float("-inf") if threshold is None else threshold, 0 if budget is None else budget, heads, clusters, blocks,
-        USE_BUDGET=budget is not None, PIECE=PIECE_ROWS, CHUNK=chunk, BLOCK_S=block_s,
-        BLOCK_NB=_pow2(blocks), WAYS=SELECT_WAYS, num_warps=SELECT_WARPS,
+        float("-inf") if threshold is None else threshold, 0 if budget is None else budget, heads, clusters,
+        USE_BUDGET=budget is not None, PIECE=PIECE_ROWS, BLOCK_C=block_c, BLOCK_S=COMPACT_BLOCK,
+        num_warps=4 if block_c < 4096 else 16 if block_c <= 8192 else 32,
     )
     _compact_kernel[(batch * heads, blocks)](
         keep, kindex.counts, kindex.starts, block_offsets, starts, lengths, positions,
-        heads, clusters, starts.shape[-1], _pow2(blocks), triton.cdiv(kindex.largest, PIECE_ROWS),
-        PIECE=PIECE_ROWS, BLOCK_S=block_s,
+        heads, clusters, starts.shape[-1], blocks, triton.cdiv(kindex.largest, PIECE_ROWS),
+        PIECE=PIECE_ROWS, BLOCK_S=COMPACT_BLOCK,
     )
     return Work(keep, starts, lengths, positions, nsel, nkeys)
