@@ -4,9 +4,11 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - float32, keep=1.0: same greedy tokens as a dense DynamicCache, logits within 1e-4;
 - bfloat16, keep=1.0: logits within bf16 tolerance of dense bf16 attention;
 - keep=0.2 flat / hierarchical / threshold: generation runs, attended fraction near keep;
-- a padded batch of questions; save -> load onto the GPU -> identical tokens.
+- a padded batch of questions; save -> load onto the GPU -> identical tokens;
+- Triton kernels (the default on CUDA) vs the torch reference path, keep=0.2: same tokens, close logits.
 """
 
+import os
 import sys
 import tempfile
 
@@ -72,6 +74,22 @@ def main():
             check(f"{m.dtype} {config.selection} hierarchical={config.hierarchical}",
                   out.shape[1] == full.shape[1] + 12 and abs(s["attended_fraction"] - 0.2) < 0.05,
                   f"attended {s['attended_fraction']:.3f}, centroids scored {s['centroids_scored']:.1f}/{s['clusters']}")
+
+    from hf_squeeze import kernels
+
+    request = SqueezedCache.from_context(model, context, SqueezeConfig(keep=0.2), progress=False)
+    layer = request.layers[0]
+    check("kernels serve the CUDA path", kernels.supports(layer.index, torch.empty(1, 6, 1, 16, device=device)) is None)
+    outputs = {}
+    for mode in ("auto", "0"):  # Triton kernels, then the torch reference
+        os.environ["HF_SQUEEZE_KERNELS"] = mode
+        with torch.no_grad():
+            logits = model(question[None], past_key_values=request.fork()).logits
+        outputs[mode] = (logits, model.generate(full, past_key_values=request.fork(), **gen))
+    os.environ["HF_SQUEEZE_KERNELS"] = "auto"
+    diff = (outputs["auto"][0] - outputs["0"][0]).abs().max().item()
+    check("kernels vs reference keep=0.2 logits", diff < 1e-4, f"max diff {diff:.2e}")
+    check("kernels vs reference keep=0.2 tokens", torch.equal(outputs["auto"][1], outputs["0"][1]))
 
     short = torch.randint(3, 256, (5,), generator=g).to(device)
     ids = torch.stack([torch.cat([context, torch.zeros(11, dtype=torch.long, device=device), short]), full[0]])

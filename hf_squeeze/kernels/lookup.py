@@ -179,26 +179,19 @@ def _select_kernel(
         # sum(N_j : key_j >= x) >= budget; keeping key_j >= x keeps the cluster that crosses the
         # budget. It stops as soon as one cluster is left in [lo, hi) (about log2 C steps). If the
         # non-empty clusters hold fewer keys than the budget, lo stays at the smallest key: keep all.
-        # Each step makes one reduction (they dominate the cost here): the keys at or above mid and
-        # the clusters in [lo, mid) and in [mid, hi), packed into one int64 sum.
         bits = logp.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         lo = tl.min(tl.where(nonempty, key, 2147483647))
         hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
         if tl.sum(counts) < budget:
             hi = lo
-        inside = tl.where(hi > lo, 2, 0)
+        inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
         while (inside > 1) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):  # (equal keys end at width 1)
             mid = (lo.to(tl.int64) + (hi.to(tl.int64) - lo.to(tl.int64)) // 2).to(tl.int32)
-            upper = nonempty & (key >= mid)
-            lower = nonempty & (key >= lo) & (key < mid)
-            packed = tl.where(upper, counts.to(tl.int64), 0)
-            packed += tl.where(upper & (key < hi), 1 << 42, 0) + tl.where(lower, 1 << 21, 0)
-            total = tl.sum(packed)
-            up = (total & 0x1FFFFF) >= budget  # keys at or above mid (< 2^21 keys per head)
-            inside = tl.where(up, (total >> 42) & 0x1FFFFF, (total >> 21) & 0x1FFFFF).to(tl.int32)
+            up = tl.sum(tl.where(key >= mid, counts, 0)) >= budget
             lo = tl.where(up, mid, lo)
             hi = tl.where(up, hi, mid)
+            inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
         keep = (key >= lo) & nonempty
     else:
         keep = (logp >= threshold) & nonempty
