@@ -48,6 +48,40 @@ def _online_step(q, k, v, visible, m_i, l_i, acc, scaling, PRECISION: tl.constex
 
 
 @triton.jit
+def _step_rows(q, k_ptr, v_ptr, offsets, valid, visible, m_i, l_i, acc, scaling, PRECISION: tl.constexpr):
+    """Load the K/V rows at element `offsets` [BLOCK_N, D] (rows where `valid`) and take a step."""
+    k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
+    return _online_step(q, k, v, visible, m_i, l_i, acc, scaling, PRECISION)
+
+
+@triton.jit
+def _dense_and_dynamic(
+    q, t, start, end, first, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, T, sy_b, sy_h, sy_n,
+    m_i, l_i, acc, scaling, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Steps `first`... of the work list in [start, end): the dense part (sinks + window), then the
+    dynamic keys, causal for query tokens `t` (the last T of the LD dynamic tokens)."""
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    n_dense = tl.cdiv(SW, BLOCK_N)
+    for i in range(tl.maximum(start, first), tl.minimum(end, first + n_dense)):
+        rows = (i - first) * BLOCK_N + n
+        valid = rows < SW
+        offsets = (h * SW + rows)[:, None] * D + d[None, :]
+        m_i, l_i, acc = _step_rows(q, dk_ptr, dv_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    for i in range(tl.maximum(start, first + n_dense), end):
+        rows = (i - first - n_dense) * BLOCK_N + n
+        valid = rows < LD
+        if HAS_KVALID:
+            valid = valid & (tl.load(kvalid_ptr + b * LD + rows, mask=valid, other=0) != 0)
+        visible = valid[None, :] & (rows[None, :] <= (LD - T + t)[:, None])
+        offsets = b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
+        m_i, l_i, acc = _step_rows(q, yk_ptr, yv_ptr, offsets, valid, visible, m_i, l_i, acc, scaling, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, sp, r, rmask, G, R, so_b, so_t, so_h,
             D: tl.constexpr, SPLITS: tl.constexpr):
     """Write the normalised output (one split) or this split's partial output and log-sum-exp."""
@@ -107,25 +141,12 @@ def _decode_kernel(
         first = tl.load(sel_start_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
         length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
         valid = within < length
-        rows = h * NC + first + within
-        k = tl.load(k_ptr + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
-    for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_dense)):
-        rows = (i - n_sel) * BLOCK_N + n
-        valid = rows < SW
-        k = tl.load(dk_ptr + (h * SW + rows)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(dv_ptr + (h * SW + rows)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
-    for i in range(tl.maximum(start, n_sel + n_dense), end):
-        rows = (i - n_sel - n_dense) * BLOCK_N + n
-        valid = rows < LD
-        if HAS_KVALID:
-            valid = valid & (tl.load(kvalid_ptr + b * LD + rows, mask=valid, other=0) != 0)
-        ptrs = b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
-        k = tl.load(yk_ptr + ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(yv_ptr + ptrs, mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+        offsets = (h * NC + first + within)[:, None] * D + d[None, :]
+        m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    m_i, l_i, acc = _dense_and_dynamic(
+        q, r * 0, start, end, n_sel, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, 1, sy_b, sy_h, sy_n,
+        m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
+    )
     _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, G,
             so_b, so_t, so_h, D, SPLITS)
 
@@ -194,27 +215,12 @@ def _prefill_kernel(
     for i in range(start, tl.minimum(end, n_kept)):
         rows = i * BLOCK_N + n
         valid = rows < n_keys
-        ptrs = (bh * CAP + rows)[:, None] * D + d[None, :]
-        k = tl.load(gk_ptr + ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(gv_ptr + ptrs, mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
-    for i in range(tl.maximum(start, n_kept), tl.minimum(end, n_fixed)):
-        rows = (i - n_kept) * BLOCK_N + n
-        valid = rows < SW
-        ptrs = (h * SW + rows)[:, None] * D + d[None, :]
-        k = tl.load(dk_ptr + ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(dv_ptr + ptrs, mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
-    for i in range(tl.maximum(start, n_fixed), end):
-        rows = (i - n_fixed) * BLOCK_N + n
-        valid = rows < LD
-        if HAS_KVALID:
-            valid = valid & (tl.load(kvalid_ptr + b * LD + rows, mask=valid, other=0) != 0)
-        ptrs = b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
-        k = tl.load(yk_ptr + ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(yv_ptr + ptrs, mask=valid[:, None], other=0.0)
-        visible = valid[None, :] & (rows[None, :] <= (LD - T + t)[:, None])
-        m_i, l_i, acc = _online_step(q, k, v, visible, m_i, l_i, acc, scaling, PRECISION)
+        offsets = (bh * CAP + rows)[:, None] * D + d[None, :]
+        m_i, l_i, acc = _step_rows(q, gk_ptr, gv_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    m_i, l_i, acc = _dense_and_dynamic(
+        q, t, start, end, n_kept, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, T, sy_b, sy_h, sy_n,
+        m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
+    )
     _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, R,
             so_b, so_t, so_h, D, SPLITS)
 
