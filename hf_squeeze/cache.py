@@ -14,14 +14,17 @@ context beyond the selected keys.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from .attention import LAYER_ATTR, causal_mask, exact_attention, merge_partials, partial_attention
+from .attention import LAYER_ATTR, causal_mask, merge_partials, partial_attention
 from .config import SqueezeConfig
 from .index import LayerIndex, build_indices, calibrate
 from .integrations import transformers as integration
@@ -242,6 +245,8 @@ class SqueezedCache(Cache):
     as `past_key_values` to each `generate` call whose prompt starts with that context.
     """
 
+    build_stats: dict | None = None  # set by from_context: time and peak GPU memory of each step
+
     def __init__(self, fixed: FixedContext):
         self.fixed = fixed
         layers = [SqueezedLayer(index, rule, fixed.num_tokens) for index, rule in zip(fixed.layers, fixed.rules)]
@@ -250,44 +255,78 @@ class SqueezedCache(Cache):
     # ---- building and reusing --------------------------------------------------------------
     @classmethod
     @torch.no_grad()
-    def from_context(cls, model, context_ids, config: SqueezeConfig | None = None, *, progress: bool = True):
-        """Prefill `context_ids` (1-D, or [1, N]) once and build its squeezed index."""
+    def from_context(cls, model, context_ids, config: SqueezeConfig | None = None, *, progress: bool = True,
+                     storage=None):
+        """Prefill `context_ids` (1-D, or [1, N]) once and build its squeezed index.
+
+        The prefill runs in chunks of `config.prefill_chunk` tokens into K/V buffers allocated once;
+        K-means runs on the model's device, a group of layers at a time. `storage="cpu"` keeps the
+        finished index in pinned CPU memory (for contexts whose index should not stay on the GPU
+        between requests): bring it back with `cache.to(model.device, non_blocking=True)`.
+        `cache.build_stats` reports the time of each step and, on a GPU, the peak memory (this
+        resets the device's peak-memory statistics).
+        """
         config = config or SqueezeConfig()
         if not isinstance(config, SqueezeConfig):
             raise TypeError(f"config must be a SqueezeConfig, got {type(config).__name__}")
         integration.check_model(model)
         ids = _context_ids(context_ids, model, config)
+        device = ids.device
+        stats = {"context_tokens": ids.numel()}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         keys, values, queries, scalings = _prefill_context(model, ids, config, progress)
-        indices = build_indices(keys, values, config)
+        stats["prefill_seconds"] = _elapsed(start, device)
+        if device.type == "cuda":
+            stats["prefill_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        indices = build_indices(keys, values, config, device=device, storage=storage, progress=progress)
+        del keys, values
+        if storage is not None:  # calibrate where the index is: it needs only the centroids and queries
+            queries = [q.to(storage) for q in queries]
         rules = calibrate(indices, queries, scalings, config)
+        stats["index_seconds"] = _elapsed(start, device)
+        if device.type == "cuda":
+            stats["index_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         fixed = FixedContext(tuple(indices), tuple(rules), config, ids.cpu(), integration.model_fingerprint(model))
         integration.install_generation_guard(model)
-        return cls(fixed)
+        cache = cls(fixed)
+        cache.build_stats = stats
+        return cache
 
     def fork(self) -> "SqueezedCache":
         """A fresh cache for a new request, sharing (not copying) the fixed context."""
         return type(self)(self.fixed)
 
-    def save(self, path) -> Path:
-        """Write the fixed context to `path` (safetensors with a JSON header; never pickled)."""
+    def save(self, path, *, progress: bool = True) -> Path:
+        """Write the fixed context to `path` (safetensors with a JSON header; never pickled).
+
+        Progress bars show for files of a gigabyte or more."""
         from .artifact import save_fixed_context
 
-        return save_fixed_context(self.fixed, path)
+        return save_fixed_context(self.fixed, path, progress)
 
     @classmethod
-    def load(cls, path, model) -> "SqueezedCache":
-        """Load a saved cache for `model`; refuses a file built for another model or corrupted."""
+    def load(cls, path, model, *, progress: bool = True) -> "SqueezedCache":
+        """Load a saved cache for `model` (onto its device); refuses a file built for another model
+        or corrupted. Progress bars show for files of a gigabyte or more."""
         from .artifact import load_fixed_context
 
         integration.check_model(model)
-        fixed = load_fixed_context(path, model, FixedContext)
+        fixed = load_fixed_context(path, model, FixedContext, progress)
         integration.install_generation_guard(model)
         return cls(fixed)
 
-    def to(self, device) -> "SqueezedCache":
-        """A fresh (forked) cache whose fixed context lives on `device`."""
+    def to(self, device, non_blocking: bool = False) -> "SqueezedCache":
+        """A fresh (forked) cache whose fixed context lives on `device`.
+
+        Moved to the CPU from a GPU, the fixed context is pinned, so that `to("cuda",
+        non_blocking=True)` later copies it back without blocking the host.
+        """
         fixed = self.fixed
-        moved = FixedContext(tuple(ix.to(device) for ix in fixed.layers), fixed.rules, fixed.config,
+        moved = FixedContext(tuple(ix.to(device, non_blocking) for ix in fixed.layers), fixed.rules, fixed.config,
                              fixed.context_ids, fixed.fingerprint)
         return type(self)(moved)
 
@@ -355,6 +394,12 @@ class SqueezedCache(Cache):
         )
 
 
+def _elapsed(start: float, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _context_ids(context_ids, model, config: SqueezeConfig) -> torch.Tensor:
     ids = torch.as_tensor(context_ids)
     if ids.dim() == 2:
@@ -389,31 +434,64 @@ def _context_ids(context_ids, model, config: SqueezeConfig) -> torch.Tensor:
 
 
 class _ContextRecorder(DynamicLayer):
-    """Prefill-time layer: a plain dynamic layer that also keeps the last `window` queries."""
+    """Prefill-time layer: keeps the context's keys/values in buffers allocated once for the whole
+    context (growing them with torch.cat would copy O(N^2 / chunk) bytes), and the last `window`
+    queries."""
 
-    def __init__(self, window: int):
+    def __init__(self, total_tokens: int, window: int):
         super().__init__()
+        self.total_tokens = total_tokens
         self.window = window
+        self.filled = 0
         self.queries = None
         self.scaling = None
 
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, _, dim = key_states.shape
+        shape = (batch, heads, self.total_tokens, value_states.shape[-1])
+        self._key_buffer = key_states.new_empty(shape[:3] + (dim,))
+        self._value_buffer = value_states.new_empty(shape)
+
     def update(self, key_states, value_states, *args, **kwargs):
-        keys, values = super().update(key_states, value_states)
-        keys = keys.view_as(keys)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, stop = self.filled, self.filled + key_states.shape[-2]
+        if stop > self.total_tokens:
+            raise RuntimeError(f"the context prefill wrote {stop} tokens into a {self.total_tokens}-token buffer")
+        self._key_buffer[:, :, start:stop] = key_states
+        self._value_buffer[:, :, start:stop] = value_states
+        self.filled = stop
+        self.keys, self.values = self._key_buffer[:, :, :stop], self._value_buffer[:, :, :stop]
+        keys = self.keys.view_as(self.keys)
         setattr(keys, LAYER_ATTR, self)
-        return keys, values
+        return keys, self.values
 
     def attend(self, module, query, key, value, attention_mask, scaling):
         q = query[0, :, -self.window :].float()
         self.queries = q if self.queries is None else torch.cat([self.queries, q], 1)[:, -self.window :]
         self.scaling = scaling
-        return exact_attention(query, key, value, attention_mask, scaling)
+        # The context is one sequence without padding, so its mask is causal, aligned to the end of
+        # the keys. Saying so (instead of passing the [T, L] boolean mask) lets SDPA pick a fused
+        # kernel that never holds the T x L scores, which at 128K tokens would not fit.
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        out = F.scaled_dot_product_attention(
+            query, key, value,
+            attn_mask=None if q_len == kv_len else causal_lower_right(q_len, kv_len),
+            is_causal=q_len == kv_len,
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        return out.transpose(1, 2).contiguous()
 
 
 def _prefill_context(model, ids: torch.Tensor, config: SqueezeConfig, progress: bool):
-    """Dense chunked prefill of the context through the base model (no logits over the context)."""
+    """Dense chunked prefill of the context through the base model (no logits over the context).
+
+    Memory is the context's K/V (allocated once) plus one chunk's activations.
+    """
     num_layers = len(integration.attention_modules(model))
-    recorder = Cache(layers=[_ContextRecorder(config.window) for _ in range(num_layers)])
+    recorder = Cache(layers=[_ContextRecorder(ids.numel(), config.window) for _ in range(num_layers)])
     base = model.base_model
     chunks = ids.split(config.prefill_chunk)
     for chunk in tqdm(chunks, desc="prefill context", unit="chunk", disable=not progress or len(chunks) < 2):

