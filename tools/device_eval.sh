@@ -43,6 +43,10 @@ case ${1:?command} in
     for f in "$carry"/runs/*.tar.xz; do tar -xJf "$f" -C $RUNS; done
     ls $RUNS; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     ;;
+  fresh)  # start a staged file over, unless it is already complete (sha256 given)
+    if [ -n "${3:-}" ] && echo "$3  /tmp/stage/$2" | sha256sum -c - > /dev/null 2>&1; then echo "$2 already staged"; exit 0; fi
+    mkdir -p /tmp/stage && rm -f "/tmp/stage/$2" && echo "$2 reset"
+    ;;
   stage)
     cat "${3:?piece}" >> "/tmp/stage/${2:?name}" && ls -l "/tmp/stage/$2"
     progress

@@ -74,6 +74,10 @@ def done_keys(folder: Path) -> set[tuple[str, str]]:
 class ResultWriter:
     def __init__(self, path: Path):
         self.path = path
+        # A line cut short by a crash must not swallow the next one: start on a fresh line.
+        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "a") as handle:
+                handle.write("\n")
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as handle:
