@@ -162,6 +162,14 @@ class SqueezedLayer(CacheLayerMixin):
         raise NotImplementedError("SqueezedCache does not support offloading")
 
     # ---- attention ------------------------------------------------------------------------
+    def select_ranges(self, q, scaling, q_weight):
+        """The key ranges of the clustered context that queries `q` [B, H, G, T, D] read (a `Selection`).
+
+        The centroid lookup of the method; evaluation baselines (hf_squeeze.eval) override it to
+        select the same ranges by other rules over the same cache machinery.
+        """
+        return lookup(q, self.index, scaling, self.rule, q_weight)
+
     def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """Exact attention over the selected fixed keys + sinks + window + all dynamic tokens.
 
@@ -200,7 +208,7 @@ class SqueezedLayer(CacheLayerMixin):
         q = query.view(batch, heads, q_heads // heads, tokens, dim).float()
         dyn_mask, q_weight = _dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
 
-        selection = lookup(q, index, scaling, self.rule, q_weight)
+        selection = self.select_ranges(q, scaling, q_weight)
         rows, valid = expand_ranges(selection.starts, selection.lengths)
         head_ids = torch.arange(heads, device=query.device)[None, :, None]
         parts = [

@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     info = sub.add_parser("info", help="print the header of a saved cache file")
     info.add_argument("file")
     info.set_defaults(func=cmd_info)
+    from .eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

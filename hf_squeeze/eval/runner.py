@@ -1,0 +1,226 @@
+"""The evaluation loop: per fixed context, one prefill, then every method answers every question.
+
+A run lives in one folder:
+- `run.json`: what was asked (model, length, tasks, sizes, methods, generation caps);
+- `samples.jsonl`: the RULER samples, built once (so a resumed run, or a run on another machine,
+  answers exactly the same questions);
+- `results-*.jsonl`: one line per (sample, method) with every question's prediction and score,
+  flushed and fsynced as soon as it is known. A crash loses at most the (sample, method) being
+  answered; restarting with the same folder skips what is done. Several worker processes (one GPU,
+  many CPU cores: the torch path is launch-bound) each append to their own file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ruler
+from .contexts import ContextCaches, group_key
+from .methods import Method
+
+RUN_FILE = "run.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class RunSpec:
+    model: str
+    max_seq_length: int
+    tasks: list[str]
+    contexts_per_task: int
+    questions_per_context: int
+    methods: list[str]
+    max_new_tokens: dict[str, int]  # per task family; RULER's lengths unless capped
+    seed: int = 42
+
+
+def write_samples(folder: Path, spec: RunSpec, samples: list[ruler.Sample]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (SAMPLES_FILE + ".tmp")
+    tmp.write_text("".join(s.to_json() + "\n" for s in samples))
+    tmp.replace(folder / SAMPLES_FILE)
+    (folder / RUN_FILE).write_text(json.dumps(asdict(spec), indent=1))
+
+
+def read_samples(folder: Path) -> tuple[RunSpec, list[ruler.Sample]]:
+    spec = RunSpec(**json.loads((folder / RUN_FILE).read_text()))
+    lines = (folder / SAMPLES_FILE).read_text().splitlines()
+    return spec, [ruler.Sample.from_json(line) for line in lines if line.strip()]
+
+
+def read_results(folder: Path) -> list[dict]:
+    """Every complete result line of a run folder (a line cut short by a crash is ignored)."""
+    rows = []
+    for path in sorted(Path(folder).glob("results-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def done_keys(folder: Path) -> set[tuple[str, str]]:
+    return {(r["sample"], r["method"]) for r in read_results(folder)}
+
+
+class ResultWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        # A line cut short by a crash must not swallow the next one: start on a fresh line.
+        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "a") as handle:
+                handle.write("\n")
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return value
+    return 0
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, context_ids: list[int], questions: list[list[int]], cache, max_new_tokens: int):
+    """Greedy answers to a batch of questions over one fixed context (questions left-padded).
+
+    Padding sits between the context and each question, so the context stays aligned for the cache.
+    Returns the decoded answers and the number of new tokens of each.
+    """
+    width = max(len(q) for q in questions)
+    pad = _pad_id(tokenizer)
+    ids = torch.tensor([context_ids + [pad] * (width - len(q)) + q for q in questions], device=model.device)
+    mask = torch.ones_like(ids)
+    for row, q in enumerate(questions):
+        mask[row, len(context_ids) : len(context_ids) + width - len(q)] = 0
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad,
+    )
+    new = out[:, ids.shape[1] :]
+    eos = set(_eos_ids(model, tokenizer))
+    lengths = []
+    for row in new.tolist():
+        n = 0
+        for token in row:
+            n += 1
+            if token in eos:
+                break
+        lengths.append(n)
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return texts, lengths
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate_sample(model, tokenizer, sample: ruler.Sample, methods: list[Method], spec: RunSpec, writer: ResultWriter,
+                    done: set, deadline: float | None = None, bar=None) -> int:
+    """Answer every question of `sample` with every method not yet done; returns (sample, method)s written.
+
+    The context is prefilled once; methods sharing an index answer in one batch (rows: method-major,
+    then question), which is what makes the torch path affordable on a GPU.
+    """
+    todo = [m for m in methods if (sample.id, m.name) not in done]
+    if not todo:
+        return 0
+    context_ids, question_ids = ruler.prompt_ids(tokenizer, sample)
+    start = time.perf_counter()
+    caches = ContextCaches(model, context_ids)
+    build_seconds = time.perf_counter() - start
+    score = ruler.metric(sample.family)
+    max_new = spec.max_new_tokens.get(sample.family, sample.tokens_to_generate)
+    groups = {}
+    for m in todo:
+        groups.setdefault(group_key(m), []).append(m)
+    written = 0
+    n_q = len(question_ids)
+    for group in groups.values():
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        start = time.perf_counter()
+        request = caches.cache(group, rows=n_q).fork()
+        answers, lengths = answer_questions(model, tokenizer, context_ids, question_ids * len(group), request, max_new)
+        _sync(model.device)
+        seconds = time.perf_counter() - start
+        reads, scored = request.row_stats()
+        for k, method in enumerate(group):
+            rows = slice(k * n_q, (k + 1) * n_q)
+            preds = [ruler.postprocess(a) for a in answers[rows]]
+            scores = score(preds, [q.answers for q in sample.questions])
+            writer.write(dict(
+                sample=sample.id,
+                task=sample.task,
+                family=sample.family,
+                method=method.name,
+                label=method.label,
+                method_family=method.family,
+                keep=method.keep,
+                budget=method.budget,
+                context_tokens=len(context_ids),
+                clustered_tokens=caches.clustered_tokens,
+                read_fraction=sum(reads[rows]) / n_q,
+                centroids_scored=sum(scored[rows]) / n_q,
+                batch_rows=len(group) * n_q,
+                seconds=round(seconds, 3),
+                build_seconds=round(build_seconds, 3),
+                questions=[
+                    dict(pred=p, answers=q.answers, score=sc, question_tokens=len(ids), new_tokens=n)
+                    for p, q, sc, ids, n in zip(preds, sample.questions, scores, question_ids, lengths[rows])
+                ],
+            ))
+            done.add((sample.id, method.name))
+            written += 1
+        if bar is not None:
+            bar.update(len(group))
+            bar.set_postfix_str(f"{sample.id} {group[0].label}", refresh=False)
+    return written
+
+
+def run_samples(model, tokenizer, folder: Path, samples: list[ruler.Sample], methods: list[Method], spec: RunSpec,
+                *, claim=None, worker: str = "0", time_limit: float | None = None, progress: bool = True) -> int:
+    """Evaluate samples (all, or those `claim()` hands out) in this process; returns lines written."""
+    folder = Path(folder)
+    writer = ResultWriter(folder / f"results-{worker}.jsonl")
+    done = done_keys(folder)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    remaining = sum(1 for s in samples for m in methods if (s.id, m.name) not in done)
+    bar = tqdm(total=remaining, desc=f"eval[{worker}]", unit="answer", disable=not progress,
+               mininterval=1 if os.isatty(2) else 20)
+    written = 0
+    order = iter(range(len(samples))) if claim is None else iter(claim, None)
+    for i in order:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        written += evaluate_sample(model, tokenizer, samples[i], methods, spec, writer, done, deadline, bar)
+    bar.close()
+    return written

@@ -1,0 +1,116 @@
+"""The evaluation's baselines and batched rules against naive references, on random keys and a tiny model."""
+
+import pytest
+import torch
+
+from hf_squeeze.eval import baselines
+from hf_squeeze.eval.contexts import ContextCaches
+from hf_squeeze.eval.methods import Method, at_budget, default_methods, parse_methods
+from hf_squeeze.lookup import SelectionRule
+
+
+def random_kv(heads=2, n=300, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(heads, n, dim, generator=g), torch.randn(heads, n, dim, generator=g)
+
+
+class _Layer:  # what a policy reads from a layer
+    def __init__(self, index, rule, extra=None):
+        self.index, self.rule, self.extra = index, rule, extra
+
+
+def selected_tokens(selection, b, h):
+    out = []
+    for start, length in zip(selection.starts[b, h].tolist(), selection.lengths[b, h].tolist()):
+        out += list(range(start, start + length))
+    return sorted(out)
+
+
+def test_oracle_selects_the_exact_top_keys():
+    key, value = random_kv()
+    index = baselines.oracle_index(key, value, sinks=4, window=10)
+    q = torch.randn(1, 2, 1, 1, 8, generator=torch.Generator().manual_seed(3))  # one head per KV head, one token
+    budget = 37
+    selection = baselines.centroid_policy(_Layer(index, SelectionRule(budget=budget)), q, 0.35, None)
+    for h in range(2):
+        scores = index.keys[h] @ q[0, h, 0, 0]
+        expected = sorted(scores.topk(budget).indices.tolist())
+        assert selected_tokens(selection, 0, h) == expected
+
+
+def test_quest_bound_and_page_selection():
+    key, value = random_kv(n=333)
+    index, low, high = baselines.page_index(key, value, sinks=4, window=10, page=16)
+    assert index.offsets[0, -1] == index.keys.shape[1] == 333 - 14  # the last page is short
+    q = torch.randn(1, 2, 1, 1, 8, generator=torch.Generator().manual_seed(7))
+    bound = baselines.quest_scores(q, low, high, 1.0)[0, :, 0, 0]  # [H, P]
+    for h in range(2):
+        for p in range(index.counts.shape[1]):
+            a, b = index.offsets[h, p], index.offsets[h, p + 1]
+            page = index.keys[h, a:b]
+            naive = torch.maximum(q[0, h, 0, 0] * page.amin(0), q[0, h, 0, 0] * page.amax(0)).sum()
+            assert torch.allclose(bound[h, p], naive, atol=1e-5)
+            assert bound[h, p] >= (page @ q[0, h, 0, 0]).max() - 1e-5  # an upper bound of every key's score
+    budget = 64
+    selection = baselines.quest_policy(_Layer(index, SelectionRule(budget=budget), (low, high)), q, 1.0, None)
+    for h in range(2):
+        expected, taken = [], 0
+        for p in bound[h].argsort(descending=True).tolist():  # best pages until the budget is reached
+            if taken >= budget:
+                break
+            expected += range(index.offsets[h, p], index.offsets[h, p + 1])
+            taken += int(index.counts[h, p])
+        expected.sort()
+        assert selected_tokens(selection, 0, h) == expected
+
+
+def test_streaming_reads_the_tokens_before_the_window():
+    key, value = random_kv(n=200)
+    index, _, _ = baselines.page_index(key, value, sinks=4, window=10, page=16)
+    rule = SelectionRule(budget=torch.tensor([5, 50])[:, None, None])  # two rows, two budgets
+    selection = baselines.streaming_policy(_Layer(index, rule), torch.randn(2, 2, 1, 1, 8), 1.0, None)
+    n = index.keys.shape[1]
+    assert selected_tokens(selection, 0, 1) == list(range(n - 5, n))
+    assert selected_tokens(selection, 1, 0) == list(range(n - 50, n))
+
+
+def test_budget_accounting():
+    assert Method("squeezed", 0.3).budget == 0.325  # centroids (5%) count as keys only
+    assert Method("squeezed", 0.3, hierarchical=True).budget == 0.33
+    assert at_budget("quest", 0.125).keep == 0.0625  # min + max key per 16-token page
+    assert at_budget("oracle", 0.125).keep == 0.125
+    names = [m.name for m in parse_methods("full,flat-threshold-0.1,hier-topk@0.33,streaming@0.125")]
+    assert names == ["full", "flat-threshold-0.1", "hier-topk-0.3", "streaming-0.125"]
+    assert len(default_methods()) == 37
+    with pytest.raises(ValueError, match="cannot read method"):
+        parse_methods("squeezy-0.3")
+    with pytest.raises(ValueError, match="metadata alone"):
+        at_budget("quest", 0.05)
+
+
+@pytest.mark.parametrize("label", ["flat-topk", "flat-threshold", "hier-topk", "quest", "oracle", "streaming"])
+def test_rows_with_different_rules_answer_as_alone(tiny, context, label):
+    """One batch carrying several keeps (per-row rules) gives each row what its own cache gives."""
+    methods = parse_methods(",".join(f"{label}-{k}" for k in (0.5, 0.2)))
+    caches = ContextCaches(tiny, context, progress=False)
+    question = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    rows = question.shape[0]
+    with torch.no_grad():
+        batched = tiny(question.repeat(len(methods), 1), past_key_values=caches.cache(methods, rows=rows).fork()).logits
+        for k, method in enumerate(methods):
+            alone = tiny(question, past_key_values=caches.cache([method], rows=rows).fork()).logits
+            torch.testing.assert_close(batched[k * rows : (k + 1) * rows], alone, atol=1e-5, rtol=1e-5)
+        if label != "streaming":  # different keeps read different keys: the rows must differ
+            assert not torch.allclose(batched[:rows], batched[rows:], atol=1e-4)
+
+
+def test_full_reads_everything(tiny, context):
+    caches = ContextCaches(tiny, context, progress=False)
+    cache = caches.cache([Method("full")], rows=1).fork()
+    question = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        squeezed = tiny(question, past_key_values=cache).logits
+        reference = tiny(torch.cat([context[None], question], 1)).logits[:, -5:]
+    torch.testing.assert_close(squeezed, reference, atol=1e-4, rtol=1e-4)
+    read, _ = cache.row_stats()
+    assert read == [1.0]
