@@ -80,6 +80,14 @@ def test_select_threshold_and_budget():
     assert select(logp, counts, None, None).tolist() == [[[True, True, False, True, True]]]
 
 
+def test_budget_keeps_clusters_tied_with_the_crossing_one():
+    """Equal probabilities are kept or dropped together, whatever order a sort puts them in."""
+    logp = torch.tensor([[[-1.0, -2.0, -1.0, -1.0]]])
+    counts = torch.tensor([[[3, 3, 3, 3]]])
+    assert select(logp, counts, None, 2).tolist() == [[[True, False, True, True]]]
+    assert select(logp, counts, None, 10).tolist() == [[[True, True, True, True]]]
+
+
 def test_expand_ranges_matches_python():
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, 100, (2, 3, 7), generator=g)

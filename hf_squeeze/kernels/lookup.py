@@ -7,8 +7,8 @@ device and with no host synchronisation:
               log mean over the valid query tokens of exp(s_j - log sum_k N_k exp(s_k))
 
 then keep clusters by threshold (log p_j >= threshold) or by budget (clusters in decreasing p until
-`budget` keys; the cluster that crosses the budget is kept), and turn the kept clusters into a
-compact list of key ranges (see `layout.py`).
+`budget` keys; the cluster that crosses the budget is kept, with any cluster of equal log p), and
+turn the kept clusters into a compact list of key ranges (see `layout.py`).
 
 Decode (one query token) and prefill (many) score differently: a decode step has only G query rows,
 so the centroids are split over many programs and the normaliser is reduced in `_decode_logp_kernel`;
