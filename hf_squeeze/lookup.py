@@ -94,21 +94,19 @@ def select(logp: torch.Tensor, counts: torch.Tensor, threshold: float | None, bu
     """Which candidates to keep: [B, H, M] bool.
 
     With a threshold: log p >= threshold. With a budget: clusters in decreasing p until `budget`
-    keys are reached (the cluster that crosses the budget is kept, and so is any cluster exactly as
-    probable as it: the order among equal values is arbitrary, the selection must not be). With
-    neither: all non-empty.
+    keys are reached (the cluster that crosses the budget is kept); equal probabilities are taken
+    in cluster order, so the selection does not depend on the sort. With neither: all non-empty.
     """
     nonempty = counts > 0
     if threshold is not None:
         return (logp >= threshold) & nonempty
     if budget is None:
         return nonempty
-    order = logp.argsort(dim=-1, descending=True)
+    order = logp.sort(dim=-1, descending=True, stable=True).indices
     sorted_counts = counts.gather(-1, order)
     before = sorted_counts.cumsum(-1) - sorted_counts
     keep_sorted = (before < budget) & (sorted_counts > 0)
-    crossing = logp.gather(-1, order).masked_fill(~keep_sorted, float("inf")).amin(-1, keepdim=True)
-    return (logp >= crossing) & nonempty
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

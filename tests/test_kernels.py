@@ -105,6 +105,22 @@ def test_lookup_kernel_selects_what_the_reference_selects(kind, group, tokens):
             assert int(work.nkeys[b, h]) == before
 
 
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_equal_probabilities_are_taken_in_cluster_order(tokens):
+    """A query orthogonal to every centroid ties all clusters: the budget still holds, and the
+    kernel keeps the same clusters as the reference."""
+    index = make_index()
+    query = torch.zeros(2, 6, tokens, 64, device=DEVICE)
+    rule = SelectionRule(budget=40)
+    stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    logw = kernels.query_weights(None, 2, tokens, DEVICE)
+    work = kernels.lookup(query, kernels.kernel_index(index), 0.125, None, rule.budget, logw, stats)
+    expected = reference_keep(query, index, rule, 0.125)
+    assert torch.equal(work.keep.bool().cpu(), expected.cpu())
+    kept = (index.counts[None] * expected).sum(-1)
+    assert (kept >= 40).all() and (kept < 40 + max(SIZES)).all()
+
+
 @pytest.mark.parametrize("kind", ["budget", "threshold"])
 def test_selection_over_many_clusters(kind):
     """Several passes of the selection program (more clusters than one chunk) and many blocks

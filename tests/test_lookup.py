@@ -80,11 +80,13 @@ def test_select_threshold_and_budget():
     assert select(logp, counts, None, None).tolist() == [[[True, True, False, True, True]]]
 
 
-def test_budget_keeps_clusters_tied_with_the_crossing_one():
-    """Equal probabilities are kept or dropped together, whatever order a sort puts them in."""
+def test_budget_takes_equal_probabilities_in_cluster_order():
+    """Equal probabilities (e.g. a query orthogonal to every centroid) do not lift the budget, and
+    which of them are kept does not depend on how a sort orders them."""
     logp = torch.tensor([[[-1.0, -2.0, -1.0, -1.0]]])
     counts = torch.tensor([[[3, 3, 3, 3]]])
-    assert select(logp, counts, None, 2).tolist() == [[[True, False, True, True]]]
+    assert select(logp, counts, None, 2).tolist() == [[[True, False, False, False]]]
+    assert select(logp, counts, None, 4).tolist() == [[[True, False, True, False]]]
     assert select(logp, counts, None, 10).tolist() == [[[True, True, True, True]]]
 
 

@@ -7,7 +7,7 @@ device and with no host synchronisation:
               log mean over the valid query tokens of exp(s_j - log sum_k N_k exp(s_k))
 
 then keep clusters by threshold (log p_j >= threshold) or by budget (clusters in decreasing p until
-`budget` keys; the cluster that crosses the budget is kept, with any cluster of equal log p), and
+`budget` keys; the cluster that crosses the budget is kept; equal log p in cluster order), and
 turn the kept clusters into a compact list of key ranges (see `layout.py`).
 
 Decode (one query token) and prefill (many) score differently: a decode step has only G query rows,
@@ -193,6 +193,12 @@ def _select_kernel(
             hi = tl.where(up, hi, mid)
             inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
         keep = (key >= lo) & nonempty
+        tied = nonempty & (key == lo)
+        if tl.sum(tied.to(tl.int32)) > 1:  # equal log p at the crossing: take them in cluster order
+            above = tl.sum(tl.where(nonempty & (key > lo), counts, 0))
+            tied_counts = tl.where(tied, counts, 0)
+            before = tl.cumsum(tied_counts, 0) - tied_counts
+            keep = (nonempty & (key > lo)) | (tied & (above + before < budget))
     else:
         keep = (logp >= threshold) & nonempty
     tl.store(keep_ptr + bh * C + c, keep.to(tl.int8), mask=cmask)
