@@ -142,7 +142,7 @@ class EvalLayer(SqueezedLayer):
 
     def attend(self, module, query, key, value, attention_mask, scaling):
         # Always the torch reference path: it is the one whose selection is pluggable (the Triton
-        # kernels implement the centroid lookup only), and it computes the same attention.
+        # kernels implement only the squeezed centroid lookup), and it computes the same attention.
         return self.attend_reference(query, key, value, attention_mask, scaling)
 
     def select_ranges(self, q, scaling, q_weight):
