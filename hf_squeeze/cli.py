@@ -42,20 +42,12 @@ def _load_model(path: str | None, dtype: str, device: str):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if path is None:
         return load_default_model(dtype=dtype, device=device)
-    from pathlib import Path
+    from .models import load_model
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_path = Path(path)
-    if model_path.is_file() and model_path.suffix == ".gguf":
-        where, kwargs = model_path.parent, {"gguf_file": model_path.name}
-    elif model_path.is_dir():
-        where, kwargs = model_path, {}
-    else:
-        raise FileNotFoundError(f"--model {path}: expected a Hugging Face model folder or a .gguf file")
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, attn_implementation="squeezed", dtype=dtype, **kwargs)
-    return model.to(device).eval(), tokenizer
+    try:
+        return load_model(path, dtype=dtype, device=device)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--model {err}") from None
 
 
 def cmd_prepare(args) -> int:

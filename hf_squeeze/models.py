@@ -26,13 +26,22 @@ def default_model_dir() -> Path:
 
 def load_default_model(attn_implementation: str = "squeezed", dtype=torch.float32, device=None):
     """SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, 30 layers) and its tokenizer, offline."""
+    return load_model(default_model_dir() / DEFAULT_GGUF, attn_implementation, dtype, device)
+
+
+def load_model(path, attn_implementation: str = "squeezed", dtype=torch.float32, device=None):
+    """A causal LM and its tokenizer from a Hugging Face model folder or a `.gguf` file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=DEFAULT_GGUF, attn_implementation=attn_implementation, dtype=dtype
-    )
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        folder, kwargs = path.parent, {"gguf_file": path.name}
+    elif path.is_dir():
+        folder, kwargs = path, {}
+    else:
+        raise FileNotFoundError(f"{path}: expected a Hugging Face model folder or a .gguf file")
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, dtype=dtype, **kwargs)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

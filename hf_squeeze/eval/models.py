@@ -92,30 +92,17 @@ def load_model(name: str = SMOLLM2_NAME, *, model_file: str | None = None, dtype
     point at an already assembled GGUF; it is checked), a folder with a Hugging Face model, or a
     `.gguf` file.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import hf_squeeze  # noqa: F401  (registers the attention)
 
-    if name == SMOLLM2_NAME:
-        from ..models import load_default_model
+    from ..models import load_default_model
+    from ..models import load_model as load_path
 
+    if name == SMOLLM2_NAME:
         return load_default_model(dtype=dtype, device=device)
-    if name == QWEN_NAME:
-        gguf = qwen_gguf(model_file)
-        folder, kwargs = gguf.parent, dict(gguf_file=gguf.name)
-    else:
-        path = Path(name)
-        if path.is_file() and path.suffix == ".gguf":
-            folder, kwargs = path.parent, dict(gguf_file=path.name)
-        elif path.is_dir():
-            folder, kwargs = path, {}
-        else:
-            raise FileNotFoundError(f"model {name!r} is neither one of {MODEL_NAMES}, a model folder nor a .gguf file")
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="squeezed", dtype=dtype, **kwargs)
-    if device is not None:
-        model = model.to(device)
-    return model.eval(), tokenizer
+    path = qwen_gguf(model_file) if name == QWEN_NAME else Path(name)
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
+        raise FileNotFoundError(f"model {name!r} is neither one of {MODEL_NAMES}, a model folder nor a .gguf file")
+    return load_path(path, dtype=dtype, device=device)
 
 
 def load_tokenizer(name: str = SMOLLM2_NAME, *, model_file: str | None = None):
