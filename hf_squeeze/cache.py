@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,8 @@ class FixedContext:
     config: SqueezeConfig
     context_ids: torch.Tensor  # [N] int64, on the CPU
     fingerprint: dict
+    # Per layer, the kernels' device view of its index, by device: derived once for every fork.
+    kernel_views: dict = field(default_factory=dict, repr=False)
 
     def __deepcopy__(self, memo):
         return self
@@ -61,12 +63,14 @@ class SqueezedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, index: LayerIndex, rule: SelectionRule, fixed_tokens: int):
+    def __init__(self, index: LayerIndex, rule: SelectionRule, fixed_tokens: int, kernel_views: dict | None = None):
         super().__init__()
         self.index = index
         self.rule = rule
         self.fixed_tokens = fixed_tokens
-        self._kernel_index = None  # device view for the Triton kernels, built on first use
+        # Device views of the index for the Triton kernels, built on first use; a cache shares one
+        # dict per layer among its forks, so a request does not rebuild them.
+        self.kernel_views = {} if kernel_views is None else kernel_views
         self._reset_stats()
 
     def _reset_stats(self):
@@ -182,23 +186,21 @@ class SqueezedLayer(CacheLayerMixin):
         return self.attend_reference(query, key, value, attention_mask, scaling)
 
     def attend_kernels(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
-        if self._kernel_index is None or self._kernel_index.keys.device != query.device:
-            self._kernel_index = kernels.kernel_index(self.index)
+        view = self.kernel_views.get(query.device)
+        if view is None:
+            view = self.kernel_views[query.device] = kernels.kernel_index(self.index)
         key_valid = q_valid = None
         if attention_mask is not None:
             # The masks registered for "squeezed" are causal AND key padding: the last query row
-            # sees every valid key, and a query token is real iff it sees itself.
-            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-            tokens, dyn_len = query.shape[2], key.shape[2]
+            # sees every valid key.
+            mask, q_valid = _padding(attention_mask, query.shape[2], key.shape[2])
             key_valid = mask[:, 0, -1, :]
-            t = torch.arange(tokens, device=query.device)
-            q_valid = mask[:, 0, t, dyn_len - tokens + t]
         self.kernel_keys = self.kernel_keys.to(query.device)
         selections = query.shape[0] * self.index.keys.shape[0]
         self.selections += selections
         self.kernel_scored += selections * self.index.counts.shape[1]
         return kernels.attend(
-            query, key, value, self._kernel_index, self.rule, scaling, key_valid, q_valid, self.kernel_keys
+            query, key, value, view, self.rule, scaling, key_valid, q_valid, self.kernel_keys
         )
 
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -237,13 +239,17 @@ def _dynamic_mask(attention_mask, tokens: int, dyn_len: int, device):
         if tokens == 1:
             return None, None
         return causal_mask(tokens, dyn_len, device), None
+    mask, q_valid = _padding(attention_mask, tokens, dyn_len)
+    return mask[:, :, None], q_valid  # [B, 1, 1, T, Ld]
+
+
+def _padding(attention_mask, tokens: int, dyn_len: int):
+    """The boolean mask [B, 1, T, Ld] (True = attend) and the real query tokens [B, T]."""
     if attention_mask.dtype != torch.bool:  # additive float mask: 0 where attended
         attention_mask = attention_mask == 0
-    mask = attention_mask[:, :, None]  # [B, 1, 1, T, Ld]
     # A query token is real (not padding) iff it may attend to itself.
-    t = torch.arange(tokens, device=device)
-    q_valid = attention_mask[:, 0, t, dyn_len - tokens + t]
-    return mask, q_valid
+    t = torch.arange(tokens, device=attention_mask.device)
+    return attention_mask, attention_mask[:, 0, t, dyn_len - tokens + t]
 
 
 class SqueezedCache(Cache):
@@ -257,7 +263,11 @@ class SqueezedCache(Cache):
 
     def __init__(self, fixed: FixedContext):
         self.fixed = fixed
-        layers = [SqueezedLayer(index, rule, fixed.num_tokens) for index, rule in zip(fixed.layers, fixed.rules)]
+        views = [fixed.kernel_views.setdefault(i, {}) for i in range(len(fixed.layers))]
+        layers = [
+            SqueezedLayer(index, rule, fixed.num_tokens, view)
+            for index, rule, view in zip(fixed.layers, fixed.rules, views)
+        ]
         super().__init__(layers=layers)
 
     # ---- building and reusing --------------------------------------------------------------

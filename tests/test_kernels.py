@@ -226,3 +226,25 @@ def test_kernel_path_through_the_layer_counts_what_it_reads(monkeypatch):
     assert int(layer.kernel_keys.sum()) == int(expected)
     monkeypatch.setenv("HF_SQUEEZE_KERNELS", "0")
     assert kernels.supports(index, query) == "HF_SQUEEZE_KERNELS=0"
+
+
+def test_forks_share_the_kernel_view_and_match_the_reference(llama, context, monkeypatch):
+    """Through the model: the kernel path gives the reference's logits, and the device view of the
+    index is built once per cache, not once per request."""
+    from hf_squeeze import SqueezedCache, SqueezeConfig
+
+    model = llama.to(DEVICE)
+    question = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    cache = SqueezedCache.from_context(model, context.to(DEVICE), SqueezeConfig(keep=0.3), progress=False)
+    outputs = {}
+    for mode in ("0", "1" if DEVICE == "cpu" else "auto"):
+        monkeypatch.setenv("HF_SQUEEZE_KERNELS", mode)
+        with torch.no_grad():
+            outputs[mode] = model(question[None], past_key_values=cache.fork()).logits
+    views = cache.layers[0].kernel_views
+    assert len(views) == 1
+    view = next(iter(views.values()))
+    with torch.no_grad():
+        model(question[None], past_key_values=cache.fork())
+    assert len(views) == 1 and next(iter(cache.fork().layers[0].kernel_views.values())) is view
+    torch.testing.assert_close(outputs["0"], outputs["1" if DEVICE == "cpu" else "auto"], atol=1e-4, rtol=1e-4)
