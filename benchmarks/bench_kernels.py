@@ -70,7 +70,7 @@ def bench(fn, graph: bool) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
-def dense_time(q, k, v, causal_tail: int) -> dict[str, float]:
+def dense_time(q, k, v) -> dict[str, float]:
     """SDPA over all keys with each backend; the queries are the last tokens (no mask needed for
     decode; for prefill the anchor attends to every key, a slight over-count of causal work)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -126,7 +126,7 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
         v_all = torch.cat([index.dense_values, index.values], 1)[None]
         k_all = torch.cat([k_all, dyn_k], 2)
         v_all = torch.cat([v_all, dyn_v], 2)
-        dense_cache[key] = dense_time(query, k_all, v_all, query_tokens)
+        dense_cache[key] = dense_time(query, k_all, v_all)
         del k_all, v_all
     dense = dense_cache[key]
     best = min(dense.values())

