@@ -71,6 +71,7 @@ class SqueezedLayer(CacheLayerMixin):
         # Device views of the index for the Triton kernels, built on first use; a cache shares one
         # dict per layer among its forks, so a request does not rebuild them.
         self.kernel_views = {} if kernel_views is None else kernel_views
+        self.length, self.device_length = 0, None  # dynamic tokens; see `reserve`
         self._reset_stats()
 
     def _reset_stats(self):
@@ -79,6 +80,7 @@ class SqueezedLayer(CacheLayerMixin):
         self.scored_sum = torch.zeros((), dtype=torch.float64)
         self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
         self.kernel_scored = 0  # centroids scored by the kernel path (flat: all of them)
+        self.last_selections = 0
         self.selections = 0
 
     # ---- the CacheLayerMixin contract -------------------------------------------------------
@@ -100,9 +102,34 @@ class SqueezedLayer(CacheLayerMixin):
                 f"{key_states.shape[1]} of dim {key_states.shape[3]}: this cache was built for another model"
             )
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
+        self._store(key_states[:, :, :0], value_states[:, :, :0])
         self.is_initialized = True
+
+    # The dynamic part lives in buffers with room to grow (doubling), so a decode step writes one
+    # token in place instead of copying the whole dynamic part (torch.cat) and allocating anew.
+    # `reserve` fixes the capacity and keeps the length on the device: the step then has fixed
+    # shapes and no host work that depends on the length, which is what a CUDA graph needs.
+    _MIN_CAPACITY = 256
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None):
+        """Replace the dynamic part by `keys`/`values` [B, H, L, D], with room for `capacity` tokens."""
+        batch, heads, length, _ = keys.shape
+        capacity = max(capacity or 0, length)
+        self._key_buffer = keys.new_empty(batch, heads, capacity, keys.shape[-1])
+        self._value_buffer = values.new_empty(batch, heads, capacity, values.shape[-1])
+        self._key_buffer[:, :, :length] = keys
+        self._value_buffer[:, :, :length] = values
+        self._set_length(length)
+
+    def _set_length(self, length: int):
+        self.length = length
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+
+    def _tagged(self, keys: torch.Tensor) -> torch.Tensor:
+        keys = keys.view_as(keys)  # a fresh view carries the link to this layer
+        setattr(keys, LAYER_ATTR, self)
+        return keys
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -112,19 +139,71 @@ class SqueezedLayer(CacheLayerMixin):
                 f"this SqueezedCache holds {self.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}: "
                 "use cache.fork() to start a new request"
             )
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        keys = self.keys.view_as(self.keys)  # a fresh view carries the link to this layer
-        setattr(keys, LAYER_ATTR, self)
-        return keys, self.values
+        new = key_states.shape[-2]
+        if self.device_length is not None:
+            return self._update_reserved(key_states, value_states)
+        start, stop = self.length, self.length + new
+        if stop > self._key_buffer.shape[2]:
+            self._store(self.keys, self.values, capacity=max(stop, 2 * self._key_buffer.shape[2], self._MIN_CAPACITY))
+        self._key_buffer[:, :, start:stop] = key_states
+        self._value_buffer[:, :, start:stop] = value_states
+        self._set_length(stop)
+        return self._tagged(self.keys), self.values
+
+    def reserve(self, capacity: int):
+        """Fix the dynamic part's capacity at `capacity` tokens and count its length on the device.
+
+        Afterwards `update` takes one token at a time, writes it in place and returns the whole
+        buffers; attention masks the unwritten slots from the device length. Every step then has
+        the same shapes and launches, so it can be captured in a CUDA graph and replayed. Call
+        `release()` to read the length back and return to ordinary updates.
+        """
+        if not self.is_initialized:
+            raise RuntimeError("reserve() needs a started request: run the prompt through the model first")
+        if capacity < self.length:
+            raise ValueError(f"capacity {capacity} is below the {self.length} dynamic tokens already cached")
+        if capacity > self._key_buffer.shape[2]:
+            self._store(self.keys, self.values, capacity=capacity)
+        self.capacity = capacity
+        self.device_length = torch.full((1,), self.length, dtype=torch.int64, device=self.device)
+        self._slots = torch.arange(capacity, device=self.device)
+
+    def release(self):
+        """Leave reserved mode; the tokens written meanwhile become the dynamic part (one host sync)."""
+        if self.device_length is not None:
+            length = int(self.device_length)
+            self.device_length = None
+            self._set_length(length)
+
+    def _update_reserved(self, key_states, value_states):
+        if key_states.shape[-2] != 1:
+            raise ValueError(
+                f"a reserved SqueezedCache layer takes one token per step, got {key_states.shape[-2]}: "
+                "run the prompt before cache.reserve(), or cache.release() first"
+            )
+        # The write position comes from the device; a step past the capacity would be silently lost,
+        # so index_copy_ (which raises on out-of-range indices) is used rather than clamping.
+        self._key_buffer.index_copy_(2, self.device_length, key_states)
+        self._value_buffer.index_copy_(2, self.device_length, value_states)
+        self.device_length.add_(1)
+        buffers = self._key_buffer[:, :, : self.capacity], self._value_buffer[:, :, : self.capacity]
+        return self._tagged(buffers[0]), buffers[1]
+
+    def reserved_valid(self) -> torch.Tensor | None:
+        """In reserved mode, the written slots of the dynamic buffers [1, capacity] (else None)."""
+        if self.device_length is None:
+            return None
+        return (self._slots < self.device_length)[None]
 
     def dynamic_length(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized else 0
+        return self.length if self.is_initialized else 0
 
     def get_seq_length(self) -> int:
         return self.fixed_tokens + self.dynamic_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.device_length is not None:
+            return self.capacity, self.fixed_tokens
         return self.dynamic_length() + query_length, self.fixed_tokens
 
     def get_max_length(self) -> int:
@@ -132,6 +211,7 @@ class SqueezedLayer(CacheLayerMixin):
 
     def reset(self):
         self.keys = self.values = None
+        self.length, self.device_length = 0, None
         self.is_initialized = False
         self._reset_stats()
 
@@ -145,22 +225,20 @@ class SqueezedLayer(CacheLayerMixin):
                 f"cannot crop {remove} tokens: only {self.dynamic_length()} were added after the "
                 f"{self.fixed_tokens}-token fixed context, which cannot be cropped"
             )
-        self.keys = self.keys[..., :-remove, :]
-        self.values = self.values[..., :-remove, :]
+        self._set_length(self.length - remove)
 
     def batch_repeat_interleave(self, repeats: int):
         if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+            self._store(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
         if self.is_initialized:
-            self.keys, self.values = self.keys[indices], self.values[indices]
+            self._store(self.keys[indices], self.values[indices])
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         if self.is_initialized:
-            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
-            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+            beam_idx = beam_idx.to(self.keys.device)
+            self._store(self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx))
 
     def offload(self):
         raise NotImplementedError("SqueezedCache does not support offloading")
@@ -190,25 +268,38 @@ class SqueezedLayer(CacheLayerMixin):
         if view is None:
             view = self.kernel_views[query.device] = kernels.kernel_index(self.index)
         key_valid = q_valid = None
-        if attention_mask is not None:
+        reserved = self.reserved_valid()
+        if reserved is not None:  # one query token: it sees every written slot
+            key_valid = reserved.expand(query.shape[0], -1)
+        elif attention_mask is not None:
             # The masks registered for "squeezed" are causal AND key padding: the last query row
             # sees every valid key.
             mask, q_valid = _padding(attention_mask, query.shape[2], key.shape[2])
             key_valid = mask[:, 0, -1, :]
         self.kernel_keys = self.kernel_keys.to(query.device)
-        selections = query.shape[0] * self.index.keys.shape[0]
-        self.selections += selections
-        self.kernel_scored += selections * self.index.counts.shape[1]
+        self.count_selections(query.shape[0] * self.index.keys.shape[0])
         return kernels.attend(
             query, key, value, view, self.rule, scaling, key_valid, q_valid, self.kernel_keys
         )
+
+    def count_selections(self, selections: int, times: int = 1):
+        """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
+        so the replay loop adds the other steps with `times`)."""
+        self.selections += selections * times
+        self.kernel_scored += selections * self.index.counts.shape[1] * times
+        self.last_selections = selections
 
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         index = self.index
         batch, q_heads, tokens, dim = query.shape
         heads = index.keys.shape[0]
         q = query.view(batch, heads, q_heads // heads, tokens, dim).float()
-        dyn_mask, q_weight = _dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
+        reserved = self.reserved_valid()
+        if reserved is not None:
+            dyn_mask, q_weight = reserved[:, None, None, None, :], None
+            value = value.masked_fill(~reserved[:, None, :, None], 0)  # unwritten slots hold garbage
+        else:
+            dyn_mask, q_weight = _dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
 
         selection = self.select_ranges(q, scaling, q_weight)
         rows, valid = expand_ranges(selection.starts, selection.lengths)
@@ -317,6 +408,18 @@ class SqueezedCache(Cache):
     def fork(self) -> "SqueezedCache":
         """A fresh cache for a new request, sharing (not copying) the fixed context."""
         return type(self)(self.fixed)
+
+    def reserve(self, capacity: int) -> None:
+        """Fix every layer's dynamic capacity (see `SqueezedLayer.reserve`): afterwards a one-token
+        step has fixed shapes and no host synchronisation, so it can be captured in a CUDA graph
+        (`hf_squeeze.generate_greedy` does)."""
+        for layer in self.layers:
+            layer.reserve(capacity)
+
+    def release(self) -> None:
+        """Back to ordinary updates after `reserve`, keeping the tokens written meanwhile."""
+        for layer in self.layers:
+            layer.release()
 
     def save(self, path, *, progress: bool = True) -> Path:
         """Write the fixed context to `path` (safetensors with a JSON header; never pickled).

@@ -1,0 +1,160 @@
+"""Greedy generation whose decode step is one CUDA graph replay.
+
+`model.generate(full_ids, past_key_values=cache.fork())` works with every transformers feature, but
+each decode step runs the model eagerly: per layer, Python and a few dozen kernel launches. On a
+GPU that host work can take longer than the step's GPU work, and then a faster attention kernel
+changes nothing the user feels. `generate_greedy` runs the prompt eagerly, fixes the cache's
+capacity (`cache.reserve`), captures one decode step (forward, argmax, write the token, advance the
+position) in a CUDA graph, and replays it: the host does nothing per token but one launch.
+
+It serves a `SqueezedCache` and, for dense baselines, a transformers `StaticCache` (whose layers
+already write in place at a position counted on the device).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import StaticCache
+
+
+@dataclass
+class GenerationTimes:
+    """Wall-clock seconds of one `generate_greedy` call (the device synchronised at each mark)."""
+
+    prefill: float = 0.0  # the prompt's forward and the first token: time to first token
+    capture: float = 0.0  # the eager warm-up step and the graph capture (once per request)
+    decode: float = 0.0  # every later token
+    decode_tokens: int = 0  # tokens produced by `decode`
+
+    @property
+    def per_token(self) -> float:
+        """Time per output token after the first (TPOT), counting the warm-up step as a token."""
+        tokens = self.decode_tokens + (1 if self.capture else 0)
+        return (self.decode + self.capture) / tokens if tokens else float("nan")
+
+
+def _mark(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def generate_greedy(
+    model,
+    input_ids: torch.Tensor,
+    past_key_values,
+    max_new_tokens: int,
+    *,
+    cuda_graph: bool | None = None,
+    times: GenerationTimes | None = None,
+) -> torch.Tensor:
+    """Greedy decoding of `max_new_tokens` tokens after `input_ids` [1, L] (the full prompt).
+
+    `past_key_values`: a fresh `SqueezedCache.fork()` (the prompt must start with its context), or
+    a `StaticCache` holding a prefix of the prompt (or nothing) with room for the whole output.
+    `cuda_graph` (default: on CUDA devices) captures the decode step; False runs the same step
+    eagerly (same results; for CPUs and checks). Generation does not stop at an end-of-sequence
+    token (stopping would need the host to look at every token): cut the output after it.
+    Returns [1, L + max_new_tokens]; `times`, if given, receives the timings.
+    """
+    cache = past_key_values
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(
+            f"generate_greedy takes one prompt of shape [1, L], got {tuple(input_ids.shape)}; for batches of "
+            "questions use model.generate (eager)"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = input_ids.device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; the prompt is on {device}: pass cuda_graph=False")
+    reserve = getattr(cache, "reserve", None)
+    if reserve is None and not isinstance(cache, StaticCache):
+        raise TypeError(
+            f"generate_greedy needs a SqueezedCache or a transformers StaticCache, got {type(cache).__name__}"
+        )
+    past = int(cache.get_seq_length())
+    prompt = input_ids.shape[1]
+    if hasattr(cache, "check_request"):
+        cache.check_request(input_ids, None)
+    if prompt <= past:
+        raise ValueError(f"the prompt has {prompt} tokens and the cache already holds {past}: nothing to prefill")
+    room = cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None
+    if room is not None and room < prompt + max_new_tokens - 1:
+        raise ValueError(
+            f"the StaticCache holds {room} tokens, fewer than the {prompt + max_new_tokens - 1} this generation "
+            "writes: build it with a larger max_cache_len"
+        )
+    times = times if times is not None else GenerationTimes()
+
+    start = _mark(device)
+    logits = model(input_ids=input_ids[:, past:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    out = torch.empty(1, max_new_tokens, dtype=torch.long, device=device)
+    out[:, :1] = logits[:, -1].argmax(-1, keepdim=True)
+    times.prefill = _mark(device) - start
+    if max_new_tokens > 1:
+        if reserve is not None:
+            reserve(int(cache.get_seq_length()) - past + max_new_tokens - 1)
+        try:
+            _decode(model, cache, out, prompt, cuda_graph, times)
+        finally:
+            if reserve is not None:
+                cache.release()
+    return torch.cat([input_ids, out], dim=1)
+
+
+def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, times: GenerationTimes) -> None:
+    """Fill out[:, 1:] one token at a time. Every tensor the step reads or writes is allocated here,
+    before the capture, so that replays see fresh values at the same addresses."""
+    device = out.device
+    token = out[:, :1].clone()
+    position = torch.full((1, 1), prompt, dtype=torch.long, device=device)
+    slot = torch.ones(1, dtype=torch.long, device=device)
+
+    def step():
+        logits = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.index_copy_(1, slot, nxt)
+        token.copy_(nxt)
+        position.add_(1)
+        slot.add_(1)
+
+    steps = out.shape[1] - 1
+    if not cuda_graph:
+        start = _mark(device)
+        for _ in range(steps):
+            step()
+        times.decode, times.decode_tokens = _mark(device) - start, steps
+        return
+
+    # The warm-up step is a real step (token 1): it compiles the kernels and builds the device
+    # views of the index outside the capture. Capturing runs the Python of a step without running
+    # its kernels, so it produces no token; the replays produce tokens 2 ... steps.
+    start = _mark(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times.capture = _mark(device) - start
+    start = _mark(device)
+    for _ in range(steps - 1):
+        graph.replay()
+    times.decode, times.decode_tokens = _mark(device) - start, steps - 1
+    _count_replays(cache, steps - 2)
+
+
+def _count_replays(cache, replays: int) -> None:
+    """Host-side statistics of the squeezed layers see only the eager and captured steps."""
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "last_selections", 0) and replays > 0:
+            layer.count_selections(layer.last_selections, times=replays)

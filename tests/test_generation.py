@@ -1,0 +1,106 @@
+"""`generate_greedy` and the reserved (fixed-capacity) mode of the cache behind it.
+
+CUDA graphs need a GPU; here the same step runs eagerly (cuda_graph=False), which exercises
+everything the graph replays: in-place writes at a device position, attention masked by the device
+length, the position and token advanced on the device.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+from hf_squeeze import SqueezedCache, SqueezeConfig, generate_greedy
+from hf_squeeze.generation import GenerationTimes
+
+QUESTION = torch.randint(3, 256, (9,), generator=torch.Generator().manual_seed(5))
+
+
+def reference(model, ids, cache, new):
+    return model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.2])
+def test_greedy_matches_generate(tiny, context, keep):
+    cache = SqueezedCache.from_context(tiny, context, SqueezeConfig(keep=keep), progress=False)
+    ids = torch.cat([context, QUESTION])[None]
+    times = GenerationTimes()
+    fork = cache.fork()
+    got = generate_greedy(tiny, ids, fork, 12, cuda_graph=False, times=times)
+    assert torch.equal(got, reference(tiny, ids, cache.fork(), 12))
+    assert times.decode_tokens == 11 and times.prefill > 0
+    # After the reserved steps the cache is an ordinary one again, holding every token but the last.
+    assert fork.get_seq_length() == got.shape[1] - 1
+    assert fork.layers[0].device_length is None
+    if keep == 1.0:
+        assert torch.equal(got, reference(tiny, ids, DynamicCache(), 12))
+
+
+def test_kernel_path_in_reserved_mode(llama, context, monkeypatch):
+    """The Triton path (interpreter) reads the dynamic part from the full reserved buffers, masked
+    by the device length: it must give the tokens of the eager generate."""
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1")
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
+    ids = torch.cat([context, QUESTION])[None]
+    got = generate_greedy(llama, ids, cache.fork(), 4, cuda_graph=False)
+    assert torch.equal(got, reference(llama, ids, cache.fork(), 4))
+
+
+def test_reserved_layer_masks_unwritten_slots(llama, context):
+    """Poison the unwritten slots of the reserved buffers: the logits must not change."""
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
+    eager, reserved = cache.fork(), cache.fork()
+    with torch.no_grad():
+        llama(QUESTION[None], past_key_values=eager)
+        llama(QUESTION[None], past_key_values=reserved)
+        reserved.reserve(QUESTION.numel() + 8)
+        for layer in reserved.layers:
+            layer._key_buffer[:, :, QUESTION.numel():] = 1e4
+            layer._value_buffer[:, :, QUESTION.numel():] = float("nan")
+        position = torch.tensor([[context.numel() + QUESTION.numel()]])
+        token = torch.tensor([[7]])
+        want = llama(token, position_ids=position, past_key_values=eager).logits
+        got = llama(token, position_ids=position, past_key_values=reserved).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert int(reserved.layers[0].device_length) == QUESTION.numel() + 1
+    reserved.release()
+    assert reserved.get_seq_length() == eager.get_seq_length()
+
+
+def test_dynamic_part_grows_in_place(llama, context):
+    """Decode steps write into the same buffer until it is full (no copy per step)."""
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
+    ids = torch.cat([context, QUESTION])[None]
+    fork = cache.fork()
+    reference(llama, ids, fork, 3)
+    layer = fork.layers[0]
+    buffer = layer._key_buffer.data_ptr()
+    assert layer._key_buffer.shape[2] >= 256 > layer.length
+    reference(llama, torch.cat([ids, torch.tensor([[5, 6, 7]])], 1), fork, 3)
+    assert layer._key_buffer.data_ptr() == buffer
+
+
+def test_static_cache_dense_baseline(llama, context):
+    """The dense baseline of the benchmarks: a transformers StaticCache through the same loop."""
+    ids = torch.cat([context, QUESTION])[None]
+    static = StaticCache(config=llama.config, max_cache_len=ids.shape[1] + 8)
+    got = generate_greedy(llama, ids, static, 6, cuda_graph=False)
+    assert torch.equal(got, reference(llama, ids, DynamicCache(), 6))
+
+
+def test_bad_requests(llama, context):
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
+    ids = torch.cat([context, QUESTION])[None]
+    with pytest.raises(ValueError, match=r"one prompt of shape \[1, L\]"):
+        generate_greedy(llama, ids.expand(2, -1), cache.fork(), 4, cuda_graph=False)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        generate_greedy(llama, ids, cache.fork(), 4, cuda_graph=True)
+    with pytest.raises(TypeError, match="SqueezedCache or a transformers StaticCache"):
+        generate_greedy(llama, ids, DynamicCache(), 4, cuda_graph=False)
+    with pytest.raises(ValueError, match="does not start with the context"):
+        generate_greedy(llama, torch.cat([context + 1, QUESTION])[None] % 256, cache.fork(), 4, cuda_graph=False)
+    small = StaticCache(config=llama.config, max_cache_len=ids.shape[1])
+    with pytest.raises(ValueError, match="StaticCache holds"):
+        generate_greedy(llama, ids, small, 4, cuda_graph=False)
+    fork = cache.fork()
+    with pytest.raises(RuntimeError, match="needs a started request"):
+        fork.reserve(10)
