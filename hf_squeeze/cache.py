@@ -13,6 +13,7 @@ context beyond the selected keys.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -405,9 +406,25 @@ class SqueezedCache(Cache):
         cache.build_stats = stats
         return cache
 
-    def fork(self) -> "SqueezedCache":
-        """A fresh cache for a new request, sharing (not copying) the fixed context."""
-        return type(self)(self.fixed)
+    def fork(self, keep: float | None = None) -> "SqueezedCache":
+        """A fresh cache for a new request, sharing (not copying) the fixed context.
+
+        `keep` sets another top-k budget for this request (the same index read at another
+        sparsity); thresholds are calibrated when the cache is built, so a threshold cache cannot
+        change its keep here.
+        """
+        if keep is None or keep == self.fixed.config.keep:
+            return type(self)(self.fixed)
+        config = self.fixed.config
+        if config.selection != "topk":
+            raise ValueError(
+                f"fork(keep={keep}) needs selection='topk'; this cache's thresholds were calibrated for "
+                f"keep={config.keep}: build one with SqueezeConfig(keep={keep}, selection='threshold') instead"
+            )
+        config = dataclasses.replace(config, keep=keep)  # validates keep
+        rules = calibrate(list(self.fixed.layers), None, None, config)
+        fixed = dataclasses.replace(self.fixed, rules=tuple(rules), config=config)
+        return type(self)(fixed)
 
     def reserve(self, capacity: int) -> None:
         """Fix every layer's dynamic capacity (see `SqueezedLayer.reserve`): afterwards a one-token

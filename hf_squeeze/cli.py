@@ -106,6 +106,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-squeeze", description="Squeezed Attention for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +138,11 @@ def main(argv=None) -> int:
     info = sub.add_parser("info", help="print the header of a saved cache file")
     info.add_argument("file")
     info.set_defaults(func=cmd_info)
+    bench = sub.add_parser("bench", help="time to first token and per output token, dense vs squeezed (GPU)")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     from .eval.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)

@@ -230,3 +230,21 @@ def test_two_caches_in_two_threads(llama, context):
                 for _ in range(3) for k, (ctx, c) in caches.items()]
         for k, job in jobs:
             assert torch.equal(job.result(), alone[k])
+
+
+def test_fork_with_another_keep(llama, context):
+    """One top-k index read at several budgets; the shared fixed part is not copied."""
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
+    read = {}
+    for keep in (0.1, 0.3, 0.6):
+        fork = cache.fork(keep=keep)
+        assert fork.fixed.layers is cache.fixed.layers and fork.fixed.kernel_views is cache.fixed.kernel_views
+        with torch.no_grad():
+            llama(QUESTION[None], past_key_values=fork)
+        read[keep] = fork.stats()["attended_fraction"]
+        assert abs(read[keep] - keep) < 0.05, (keep, read[keep])
+    with pytest.raises(ValueError, match="keep"):
+        cache.fork(keep=1.5)
+    threshold = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3, selection="threshold"), progress=False)
+    with pytest.raises(ValueError, match="needs selection='topk'"):
+        threshold.fork(keep=0.1)

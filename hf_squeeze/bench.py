@@ -1,0 +1,285 @@
+"""End-to-end generation benchmark: time to first token and time per output token, dense vs squeezed.
+
+One request = a fixed context (already processed: dense K/V for the baselines, a squeezed index for
+ours) followed by a user input of `input_tokens` tokens, then `new_tokens` greedy tokens. For each
+context length, in the same run:
+- dense, eager: `model.generate` with a `DynamicCache` holding the context (transformers' default);
+- dense, graphed: `generate_greedy` with a `StaticCache` (written in place, decode step replayed as
+  a CUDA graph): the strongest dense baseline transformers offers without a compiler;
+- squeezed, eager: `model.generate` with `cache.fork(keep=...)`;
+- squeezed, graphed: `generate_greedy` with `cache.fork(keep=...)`.
+Dense runs use transformers' "sdpa" attention, squeezed runs "squeezed"; all share one model and
+one context, and the dense caches hold the same keys and values as the squeezed index. The model
+has random weights (speed does not depend on them) and the Llama-3.1-8B shape by default; the
+context is random token ids. TTFT includes the prompt's forward and the first token; TPOT is the
+mean time of the later tokens. Peak memory is measured over each request.
+
+    hf-squeeze bench --contexts 32768 131072 --inputs 64 1024 --keeps 0.1 0.3 --out results/
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor, LogitsProcessorList, StaticCache
+
+from .cache import SqueezedCache
+from .config import SqueezeConfig
+from .generation import GenerationTimes, generate_greedy
+
+SHAPES = {
+    # Llama-3.1-8B: 32 layers, hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256.
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # A small model of the same family, for trying the script on a CPU.
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, rope_theta=500000.0),
+}
+
+
+def random_model(shape: str, max_tokens: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """A Llama-architecture model with random weights (the init of transformers) on `device`."""
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_tokens, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="squeezed")
+    return model.eval()
+
+
+@dataclass
+class Result:
+    context: int
+    input: int
+    method: str  # "dense" or "squeezed"
+    keep: float  # 1.0 for dense
+    mode: str  # "eager" (model.generate) or "graph" (generate_greedy)
+    ttft_ms: float
+    tpot_ms: float
+    peak_gib: float  # peak GPU memory during the request (everything resident)
+    request_gib: float  # of which allocated for the request (peak minus what was resident before)
+    step_growth_kib: float  # memory still allocated after the last step minus after the second, per step
+    tokens: list
+
+
+class _StepClock(LogitsProcessor):
+    """Marks the wall-clock time (device synchronised) and allocated memory at each generated token."""
+
+    def __init__(self, device):
+        self.device, self.marks, self.memory = device, [], []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.memory.append(torch.cuda.memory_allocated(self.device))
+        self.marks.append(time.perf_counter())
+        return scores
+
+
+def _memory_start(device) -> int:
+    gc.collect()
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak(device, before: int) -> tuple[float, float]:
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2**30, (peak - before) / 2**30
+
+
+def run_eager(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+    """model.generate; returns TTFT, TPOT (seconds), memory growth per step after the second (bytes)."""
+    clock = _StepClock(ids.device)
+    start = time.perf_counter()
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    marks = clock.marks
+    ttft, tpot = marks[0] - start, (marks[-1] - marks[0]) / max(1, len(marks) - 1)
+    growth = (clock.memory[-1] - clock.memory[1]) / max(1, len(clock.memory) - 2) if len(clock.memory) > 2 else 0.0
+    return ttft, tpot, growth, out
+
+
+def run_graph(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+    times = GenerationTimes()
+    out = generate_greedy(model, ids, cache, new_tokens, times=times)
+    return times.prefill, times.per_token, 0.0, out  # replays allocate nothing (one graph pool)
+
+
+def _dense_caches(squeezed: SqueezedCache, model, room: int):
+    """The context's K/V (the same as the squeezed index holds) as a DynamicCache and a StaticCache."""
+    def layer_kv(index):
+        keys = torch.cat([index.dense_keys, index.keys], dim=1)[None]
+        values = torch.cat([index.dense_values, index.values], dim=1)[None]
+        return keys, values  # attention does not depend on the order of the keys
+
+    def dynamic():
+        cache = DynamicCache()
+        for i, index in enumerate(squeezed.fixed.layers):
+            cache.update(*layer_kv(index), i)
+        return cache
+
+    def static():
+        cache = StaticCache(config=model.config, max_cache_len=room)
+        for i, index in enumerate(squeezed.fixed.layers):
+            cache.update(*layer_kv(index), i)
+        return cache
+
+    return dynamic, static
+
+
+def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new_tokens: int, modes: list[str],
+                  config: SqueezeConfig, progress: bool = True) -> tuple[list[Result], dict]:
+    device = model.device
+    g = torch.Generator().manual_seed(tokens)
+    vocab = model.config.vocab_size
+    context = torch.randint(vocab, (tokens,), generator=g).to(device)
+    model.set_attn_implementation("squeezed")
+    squeezed = SqueezedCache.from_context(model, context, config, progress=progress)
+    build = dict(squeezed.build_stats)
+    dynamic, static = _dense_caches(squeezed, model, tokens + max(inputs) + new_tokens)
+    runners = {"eager": run_eager, "graph": run_graph}
+    results = []
+    jobs = [(n, "dense", 1.0, m) for n in inputs for m in modes]
+    jobs += [(n, "squeezed", k, m) for n in inputs for k in keeps for m in modes]
+    for n, method, keep, mode in tqdm(jobs, desc=f"{tokens} tokens", disable=not progress):
+        question = torch.randint(vocab, (n,), generator=g).to(device)
+        ids = torch.cat([context, question])[None]
+        model.set_attn_implementation("sdpa" if method == "dense" else "squeezed")
+
+        def fresh():
+            if method == "squeezed":
+                return squeezed.fork(keep=keep)
+            return dynamic() if mode == "eager" else static()
+
+        runners[mode](model, ids, fresh(), min(4, new_tokens))  # warm-up: kernels compiled, allocator warm
+        cache = fresh()
+        before = _memory_start(device)
+        ttft, tpot, growth, out = runners[mode](model, ids, cache, new_tokens)
+        peak, request = _peak(device, before)
+        del cache
+        results.append(Result(tokens, n, method, keep, mode, ttft * 1e3, tpot * 1e3, peak, request, growth / 1024,
+                              out[0, ids.shape[1]:].tolist()))
+    model.set_attn_implementation("squeezed")
+    del squeezed
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results, build
+
+
+def ratios(results: list[Result]) -> list[dict]:
+    """Each squeezed row against the dense row of the same context, input and mode, and against the
+    faster dense mode."""
+    dense = {(r.context, r.input, r.mode): r for r in results if r.method == "dense"}
+    rows = []
+    for r in results:
+        d = dense.get((r.context, r.input, r.mode))
+        best_ttft = min((x.ttft_ms for k, x in dense.items() if k[:2] == (r.context, r.input)), default=float("nan"))
+        best_tpot = min((x.tpot_ms for k, x in dense.items() if k[:2] == (r.context, r.input)), default=float("nan"))
+        row = {k: getattr(r, k) for k in ("context", "input", "method", "keep", "mode", "ttft_ms", "tpot_ms",
+                                            "peak_gib", "request_gib", "step_growth_kib")}
+        eager = next((x for x in results if (x.context, x.input, x.method, x.keep, x.mode) ==
+                      (r.context, r.input, r.method, r.keep, "eager")), r)
+        row["same_tokens_as_eager"] = _common_prefix(r.tokens, eager.tokens)
+        row["ttft_x"] = d.ttft_ms / r.ttft_ms if d else float("nan")
+        row["tpot_x"] = d.tpot_ms / r.tpot_ms if d else float("nan")
+        row["ttft_x_best_dense"] = best_ttft / r.ttft_ms
+        row["tpot_x_best_dense"] = best_tpot / r.tpot_ms
+        rows.append(row)
+    return rows
+
+
+def _common_prefix(a: list, b: list) -> int:
+    same = 0
+    while same < min(len(a), len(b)) and a[same] == b[same]:
+        same += 1
+    return same
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| context | input | method | keep | mode | TTFT ms | TPOT ms | TTFT x | TPOT x | TTFT x best dense | "
+            "TPOT x best dense | peak GiB | request GiB | growth KiB/step | tokens = eager |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['context']} | {r['input']} | {r['method']} | {r['keep']:g} | {r['mode']} | {r['ttft_ms']:.1f} | "
+            f"{r['tpot_ms']:.2f} | {r['ttft_x']:.2f} | {r['tpot_x']:.2f} | {r['ttft_x_best_dense']:.2f} | "
+            f"{r['tpot_x_best_dense']:.2f} | {r['peak_gib']:.1f} | {r['request_gib']:.2f} | {r['step_growth_kib']:.0f} | "
+            f"{r['same_tokens_as_eager']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    squeezed = [r for r in rows if r["method"] == "squeezed"]
+    labels = [f"{r['context'] // 1024}K+{r['input']}\nkeep {r['keep']:g} {r['mode']}" for r in squeezed]
+    for ax, key, title in ((axes[0], "ttft_x_best_dense", "time to first token"),
+                           (axes[1], "tpot_x_best_dense", "time per output token")):
+        ax.bar(range(len(squeezed)), [r[key] for r in squeezed], color=["C0" if r["mode"] == "graph" else "C1" for r in squeezed])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(squeezed)), labels, rotation=90, fontsize=7)
+        ax.set_ylabel("speedup vs the faster dense baseline")
+        ax.set_title(title)
+    fig.suptitle("squeezed vs dense generate (blue: CUDA graph decode, orange: model.generate)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args) -> int:
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    modes = args.modes
+    if device != "cuda" and "graph" in modes:
+        modes = [m for m in modes if m != "graph"]
+        print("no CUDA device: CUDA-graph runs skipped")
+    if not modes:
+        raise ValueError("nothing to run: --modes graph needs a CUDA device")
+    longest = max(args.contexts) + max(args.inputs) + args.new_tokens
+    model = random_model(args.shape, longest, dtype, device)
+    config = SqueezeConfig(keep=min(args.keeps), selection="topk")
+    results, builds = [], {}
+    for tokens in args.contexts:
+        found, builds[tokens] = bench_context(model, tokens, args.inputs, args.keeps, args.new_tokens, modes, config)
+        results += found
+    rows = ratios(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "generate.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / "generate_speedup.png")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\n{args.shape} (random weights), {args.dtype}, {name}, {args.new_tokens} new tokens")
+    for tokens, build in builds.items():
+        print(f"context {tokens}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in build.items()))
+    print(table(rows))
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--inputs", type=int, nargs="+", default=[64, 1024], help="user input tokens")
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager", "graph"])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--device")
+    parser.add_argument("--out", default="benchmarks/results")
