@@ -14,6 +14,12 @@ has random weights (speed does not depend on them) and the Llama-3.1-8B shape by
 context is random token ids. TTFT includes the prompt's forward and the first token; TPOT is the
 mean time of the later tokens. Peak memory is measured over each request.
 
+transformers' dense paths do not reach the hardware limit (with a mask, its sdpa path repeats the
+KV heads and cannot use the fused GQA kernels), so the run also times, per layer, the best dense
+SDPA (cuDNN or flash, no mask, GQA) and the squeezed kernels on the same keys; "x ideal dense"
+is the squeezed request's time with its attention swapped for that dense attention, over its own
+time: the speedup against a dense implementation whose attention runs at the limit.
+
     hf-squeeze bench --contexts 32768 131072 --inputs 64 1024 --keeps 0.1 0.3 --out results/
 """
 
@@ -170,14 +176,86 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
         results.append(Result(tokens, n, method, keep, mode, ttft * 1e3, tpot * 1e3, peak, request, growth / 1024,
                               out[0, ids.shape[1]:].tolist()))
     model.set_attn_implementation("squeezed")
+    attention = {}
+    if device.type == "cuda":
+        found = attention_times(squeezed, model, inputs, keeps)
+        attention = {(tokens,) + key: us for key, us in found.items()}
     del squeezed
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return results, build
+    return results, build, attention
 
 
-def ratios(results: list[Result]) -> list[dict]:
+def gpu_time(fn, graph: bool = True) -> float:
+    """Median microseconds of `fn` on the GPU, replayed from a CUDA graph when `graph`."""
+    import triton
+
+    if graph:
+        fn()  # compile outside the capture
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def dense_attention_time(q, k, v) -> float:
+    """The faster of SDPA's cuDNN and flash backends over all keys (GQA, no mask: the queries are
+    the last tokens; for a prefill this counts the few masked-out pairs too), microseconds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        try:
+            times.append(gpu_time(run))
+        except RuntimeError:  # a backend may refuse a shape
+            pass
+    return min(times)
+
+
+def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: list[float]) -> dict:
+    """Per-layer attention time (us) in this run, on layer 0's index: the best dense SDPA over the
+    context + input, and the squeezed kernels (lookup + attention) at each keep; decode (one query
+    after the input) and the input's prefill. Used to place the end-to-end numbers against a dense
+    attention at the bandwidth/compute limit, which transformers' sdpa path does not reach."""
+    from . import kernels
+
+    index = squeezed.fixed.layers[0]
+    kindex = kernels.kernel_index(index)
+    heads, _, dim = index.keys.shape
+    q_heads = model.config.num_attention_heads
+    dtype, device = index.keys.dtype, index.keys.device
+    g = torch.Generator(device=device).manual_seed(0)
+    stats = torch.zeros(1, dtype=torch.int64, device=device)
+    context_k = torch.cat([index.dense_keys, index.keys], 1)[None]
+    context_v = torch.cat([index.dense_values, index.values], 1)[None]
+    times = {}
+    for n in inputs:
+        dyn_k, dyn_v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+        all_k, all_v = torch.cat([context_k, dyn_k], 2), torch.cat([context_v, dyn_v], 2)
+        for phase, tokens in (("decode", 1), ("prefill", n)):
+            q = torch.randn(1, q_heads, tokens, dim, device=device, dtype=dtype, generator=g)
+            times[(n, phase, 1.0)] = dense_attention_time(q, all_k, all_v)
+            for keep in keeps:
+                rule = squeezed.fork(keep=keep).layers[0].rule
+                times[(n, phase, keep)] = gpu_time(
+                    lambda: kernels.attend(q, dyn_k, dyn_v, kindex, rule, dim**-0.5, None, None, stats))
+        del all_k, all_v
+    return times
+
+
+def ratios(results: list[Result], attention: dict | None = None, layers: int = 0) -> list[dict]:
     """Each squeezed row against the dense row of the same context, input and mode, and against the
     faster dense mode."""
     dense = {(r.context, r.input, r.mode): r for r in results if r.method == "dense"}
@@ -195,6 +273,13 @@ def ratios(results: list[Result]) -> list[dict]:
         row["tpot_x"] = d.tpot_ms / r.tpot_ms if d else float("nan")
         row["ttft_x_best_dense"] = best_ttft / r.ttft_ms
         row["tpot_x_best_dense"] = best_tpot / r.tpot_ms
+        # Against a dense attention at the hardware limit: this request's time with each layer's
+        # squeezed attention swapped for the best dense SDPA, both timed in this run.
+        row["ttft_x_ideal_dense"] = row["tpot_x_ideal_dense"] = float("nan")
+        if attention and r.method == "squeezed":
+            for phase, ms, key in (("prefill", r.ttft_ms, "ttft_x_ideal_dense"), ("decode", r.tpot_ms, "tpot_x_ideal_dense")):
+                dense_us, ours_us = attention[(r.context, r.input, phase, 1.0)], attention[(r.context, r.input, phase, r.keep)]
+                row[key] = (ms + layers * (dense_us - ours_us) / 1e3) / ms
         rows.append(row)
     return rows
 
@@ -208,13 +293,14 @@ def _common_prefix(a: list, b: list) -> int:
 
 def table(rows: list[dict]) -> str:
     head = ("| context | input | method | keep | mode | TTFT ms | TPOT ms | TTFT x | TPOT x | TTFT x best dense | "
-            "TPOT x best dense | peak GiB | request GiB | growth KiB/step | tokens = eager |")
+            "TPOT x best dense | TTFT x ideal dense | TPOT x ideal dense | peak GiB | request GiB | growth KiB/step | "
+            "tokens = eager |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['context']} | {r['input']} | {r['method']} | {r['keep']:g} | {r['mode']} | {r['ttft_ms']:.1f} | "
             f"{r['tpot_ms']:.2f} | {r['ttft_x']:.2f} | {r['tpot_x']:.2f} | {r['ttft_x_best_dense']:.2f} | "
-            f"{r['tpot_x_best_dense']:.2f} | {r['peak_gib']:.1f} | {r['request_gib']:.2f} | {r['step_growth_kib']:.0f} | "
+            f"{r['tpot_x_best_dense']:.2f} | {r['ttft_x_ideal_dense']:.2f} | {r['tpot_x_ideal_dense']:.2f} | {r['peak_gib']:.1f} | {r['request_gib']:.2f} | {r['step_growth_kib']:.0f} | "
             f"{r['same_tokens_as_eager']} |"
         )
     return "\n".join(lines)
@@ -253,11 +339,12 @@ def main(args) -> int:
     longest = max(args.contexts) + max(args.inputs) + args.new_tokens
     model = random_model(args.shape, longest, dtype, device)
     config = SqueezeConfig(keep=min(args.keeps), selection="topk")
-    results, builds = [], {}
+    results, builds, attention = [], {}, {}
     for tokens in args.contexts:
-        found, builds[tokens] = bench_context(model, tokens, args.inputs, args.keeps, args.new_tokens, modes, config)
+        found, builds[tokens], times = bench_context(model, tokens, args.inputs, args.keeps, args.new_tokens, modes, config)
         results += found
-    rows = ratios(results)
+        attention.update(times)
+    rows = ratios(results, attention, model.config.num_hidden_layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "generate.csv", "w", newline="") as handle:
@@ -269,6 +356,11 @@ def main(args) -> int:
     print(f"\n{args.shape} (random weights), {args.dtype}, {name}, {args.new_tokens} new tokens")
     for tokens, build in builds.items():
         print(f"context {tokens}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in build.items()))
+    if attention:
+        print("\nper-layer attention, us (layer 0's index; dense = best of cuDNN/flash SDPA):")
+        print("| context | input | phase | keep | us |\n| --- | --- | --- | --- | --- |")
+        for (tokens, n, phase, keep), us in sorted(attention.items()):
+            print(f"| {tokens} | {n} | {phase} | {'dense' if keep == 1.0 else keep} | {us:.1f} |")
     print(table(rows))
     return 0
 
