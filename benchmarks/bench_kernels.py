@@ -146,7 +146,10 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     query = query.reshape(1, q_heads, query_tokens, dim).to(dtype)
     dyn_k = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
     dyn_v = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
-    l1_budget = max(1, round(min(1.0, L1_MARGIN * keep) * rows)) if kindex.hierarchical else None
+    l1_budget = None
+    if kindex.hierarchical:  # the view's level-2 room is bounded for the level-1 budget
+        l1_budget = max(1, round(min(1.0, L1_MARGIN * keep) * rows))
+        kindex = kernels.kernel_index(index, l1_budget=l1_budget)
     rule = SelectionRule(budget=max(1, round(keep * rows)), l1_budget=l1_budget)
     stats = torch.zeros(1, dtype=torch.int64, device=dev)
     scored = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -192,6 +195,7 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
         keep=keep,
         kept_fraction=kept / (heads * rows),
         fine_scored_fraction=fine_scored / clusters,
+        fine_room=(kindex.candidates(l1_budget) if kindex.hierarchical else clusters) / clusters,
         dense_cudnn_us=dense.get("cudnn", math.nan),
         dense_flash_us=dense.get("flash", math.nan),
         ours_graph_us=t_graph,

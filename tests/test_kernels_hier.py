@@ -76,7 +76,8 @@ def run_lookup(index, rule, query, scaling, q_valid=None):
     else:
         args = (rule.threshold, rule.budget, rule.l1_threshold, rule.l1_budget)
     logw = kernels.query_weights(q_valid, query.shape[0], tokens, DEVICE) if tokens > 1 else None
-    work = kernels.lookup(query, kernels.kernel_index(index), scaling, args[0], args[1], logw, stats, args[2], args[3], scored)
+    kindex = kernels.kernel_index(index, l1_budget=args[3])  # level-2 room bounded for a level-1 budget
+    work = kernels.lookup(query, kindex, scaling, args[0], args[1], logw, stats, args[2], args[3], scored)
     return work, stats, scored
 
 
@@ -237,3 +238,27 @@ def test_kernel_path_serves_a_hierarchical_cache(llama, context, monkeypatch):
         assert (fine_by_kernels > 0) == (mode == kernel_mode)  # the kernels served the kernel mode
     torch.testing.assert_close(outputs["0"], outputs[kernel_mode], atol=1e-4, rtol=1e-4)
     assert scored["0"] == pytest.approx(scored[kernel_mode])
+
+
+def test_candidate_bound_holds_for_every_budget_selection():
+    """The level-2 room of a budget-selected view: never fewer fine clusters than some selection
+    lists (random scores), and less than all of them for a small budget."""
+    from hf_squeeze.kernels.layout import candidate_bound
+    from hf_squeeze.lookup import select
+
+    g = torch.Generator().manual_seed(7)
+    counts = torch.randint(0, 40, (3, 12), generator=g)
+    counts[:, 0] = 0  # an empty coarse cluster (with fine clusters) is never kept
+    sizes = torch.randint(0, 7, (3, 12), generator=g)
+    everything = int((sizes * (counts > 0)).sum(-1).max())
+    for budget in (1, 50, 150, 10**6):
+        bound = candidate_bound(counts, sizes, budget)
+        assert bound <= everything
+        for _ in range(200):
+            keep = select(torch.randn(1, 3, 12, generator=g), counts[None], None, budget)
+            assert int((sizes * keep).sum(-1).max()) <= bound
+    assert candidate_bound(counts, sizes, 50) < everything
+    index = make_hier_index()
+    kindex = kernels.kernel_index(index, l1_budget=RULES["budget"].l1_budget)
+    assert kindex.candidates(RULES["budget"].l1_budget) < kindex.clusters  # the lookup tests run in less room
+    assert kindex.candidates(None) == kindex.candidates(7) == kindex.clusters

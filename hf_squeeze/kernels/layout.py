@@ -40,6 +40,10 @@ class KernelIndex:
     l1_first: torch.Tensor | None = None  # [H, C1] int32 its first fine cluster
     l1_sizes: torch.Tensor | None = None  # [H, C1] int32 its fine clusters
     l1_largest: int = 0  # most fine clusters under one coarse cluster
+    # Most fine clusters a level-1 selection with budget `l1_bound_budget` can list (sizes the
+    # level-2 buffers and the selection's registers; without it they are sized for all C).
+    l1_bound_budget: int | None = None
+    l1_bound: int = 0
 
     @property
     def heads(self) -> int:
@@ -61,9 +65,34 @@ class KernelIndex:
     def l1_clusters(self) -> int:
         return 0 if self.l1_counts is None else self.l1_counts.shape[1]
 
+    def candidates(self, l1_budget: int | None) -> int:
+        """Room for the fine clusters a level-1 selection lists: a bound for the budget this view
+        was built for, else all of them (a threshold may keep every coarse cluster)."""
+        if l1_budget is not None and l1_budget == self.l1_bound_budget:
+            return max(1, self.l1_bound)
+        return self.clusters
 
-def kernel_index(index, dtype: torch.dtype | None = None) -> KernelIndex:
-    """Build the kernel view of a `LayerIndex` (flat or two-level) on its own device."""
+
+def candidate_bound(l1_counts: torch.Tensor, l1_sizes: torch.Tensor, l1_budget: int) -> int:
+    """Most fine clusters under the coarse clusters a budget selection can keep, over all queries.
+
+    A budget selection keeps coarse clusters holding fewer than `l1_budget` keys, plus the one that
+    crosses it. The most fine clusters such a set can hold is at most the greedy answer of the
+    fractional knapsack (coarse clusters by fine clusters per key, until `l1_budget` keys, the
+    crossing one included), plus the crossing cluster's: at most the largest. One host sync."""
+    counts, sizes = l1_counts.long(), l1_sizes.long() * (l1_counts > 0)
+    ratio = torch.where(counts > 0, sizes / counts.clamp_min(1), -1.0)
+    order = ratio.argsort(-1, descending=True)
+    n, m = counts.gather(-1, order), sizes.gather(-1, order)
+    taken = (n.cumsum(-1) - n) < l1_budget
+    bound = (m * taken).sum(-1).max() + sizes.max()
+    return int(torch.minimum(bound, sizes.sum(-1).max()))
+
+
+def kernel_index(index, dtype: torch.dtype | None = None, l1_budget: int | None = None) -> KernelIndex:
+    """Build the kernel view of a `LayerIndex` (flat or two-level) on its own device. For a
+    two-level index selected with `l1_budget` coarse keys, the level-2 buffers are sized by
+    `candidate_bound` for that budget (other budgets and thresholds use room for all)."""
     dtype = dtype or index.keys.dtype
     counts = index.counts
     coarse = {}
@@ -77,6 +106,8 @@ def kernel_index(index, dtype: torch.dtype | None = None) -> KernelIndex:
             l1_sizes=sizes.to(torch.int32).contiguous(),
             l1_largest=int(sizes.max()) if sizes.numel() else 0,
         )
+        if l1_budget is not None:
+            coarse.update(l1_bound_budget=l1_budget, l1_bound=candidate_bound(index.l1_counts, sizes, l1_budget))
     return KernelIndex(
         keys=index.keys.to(dtype).contiguous(),
         values=index.values.to(dtype).contiguous(),

@@ -74,7 +74,7 @@ def _score_decode_kernel(
 @triton.jit
 def _score_fine_decode_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, s1_ptr, logn1_ptr, keep1_ptr, keep_ptr, s_ptr, pm_ptr, pl_ptr,
-    scaling, H, C, C1, G, NCB, sq_b, sq_h,
+    scaling, H, C, C1, CAP, G, NCB, sq_b, sq_h,
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One decode token, level 2 of a two-level index: scores of a block of the candidate fine
@@ -83,7 +83,7 @@ def _score_fine_decode_kernel(
     The block's pieces of the mixed normaliser [B, H, NCB, G] hold its fine terms and the coarse
     terms N_k exp(s1_k) of the rejected coarse clusters of the same block index, so no fine
     centroid under a rejected coarse cluster is read. Blocks past the candidates load nothing.
-    The program also clears its block of the fine-order keep flags (the selection sets them)."""
+    The programs also clear the C fine-order keep flags (the selection sets them)."""
     bh = tl.program_id(0)
     cb = tl.program_id(1)
     b = bh // H
@@ -92,13 +92,13 @@ def _score_fine_decode_kernel(
     d = tl.arange(0, D)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     scored = c < tl.load(ncand_ptr + bh)
-    ids = tl.load(ids_ptr + bh * C + c, mask=scored, other=0)
+    ids = tl.load(ids_ptr + bh * CAP + c, mask=scored, other=0)
     q = tl.load(q_ptr + b * sq_b + (h * G + g)[:, None] * sq_h + d[None, :], mask=g[:, None] < G, other=0.0)
     cent = tl.load(cent_ptr + (h * C + ids)[:, None] * D + d[None, :], mask=scored[:, None], other=0.0)
     s = tl.dot(q, tl.trans(cent), input_precision=PRECISION) * scaling
     logn = tl.load(logn_ptr + h * C + ids, mask=scored, other=float("-inf"))
     s = tl.where(logn[None, :] > float("-inf"), s, float("-inf"))
-    tl.store(s_ptr + (bh * G + g[:, None]) * C + c[None, :], s, mask=(g[:, None] < G) & scored[None, :])
+    tl.store(s_ptr + (bh * G + g[:, None]) * CAP + c[None, :], s, mask=(g[:, None] < G) & scored[None, :])
     w = s + logn[None, :]
     rejected = (c < C1) & (tl.load(keep1_ptr + bh * C1 + c, mask=c < C1, other=1) == 0)
     logn1 = tl.load(logn1_ptr + h * C1 + c, mask=rejected, other=float("-inf"))
@@ -111,7 +111,15 @@ def _score_fine_decode_kernel(
     l = tl.sum(tl.exp(w - m_safe[:, None]), 1) + tl.sum(tl.exp(w1 - m_safe[:, None]), 1)
     tl.store(pm_ptr + (bh * NCB + cb) * G + g, m, mask=g < G)
     tl.store(pl_ptr + (bh * NCB + cb) * G + g, l, mask=g < G)
-    tl.store(keep_ptr + bh * C + c, tl.zeros([BLOCK_C], tl.int8), mask=c < C)
+    _clear_flags(keep_ptr + bh * C, cb, NCB, C, BLOCK_C)
+
+
+@triton.jit
+def _clear_flags(ptr, cb, NCB, C, BLOCK_C: tl.constexpr):
+    """Program cb of NCB zeroes its share of the C int8 flags at ptr."""
+    for c0 in range(cb * BLOCK_C, C, NCB * BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        tl.store(ptr + c, tl.zeros([BLOCK_C], tl.int8), mask=c < C)
 
 
 @triton.jit
@@ -162,7 +170,7 @@ def _row_norm_kernel(
 @triton.jit
 def _mixed_norm_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, cent1_ptr, logn1_ptr, keep1_ptr, norm_ptr,
-    scaling, H, C, C1, G, T, sq_b, sq_h, sq_t,
+    scaling, H, C, C1, CAP, G, T, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Prefill, level 2 of a two-level index: the mixed normaliser of a block of tokens of one query
@@ -180,7 +188,7 @@ def _mixed_norm_kernel(
     n = tl.load(ncand_ptr + bh)
     for c0 in range(0, n, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        ids = tl.load(ids_ptr + bh * C + c, mask=c < n, other=0)
+        ids = tl.load(ids_ptr + bh * CAP + c, mask=c < n, other=0)
         cent = tl.load(cent_ptr + (h * C + ids)[:, None] * D + d[None, :], mask=c[:, None] < n, other=0.0)
         logn = tl.load(logn_ptr + h * C + ids, mask=c < n, other=float("-inf"))
         m, l = _mass_step(q, cent, logn, m, l, scaling, PRECISION)
@@ -196,7 +204,7 @@ def _mixed_norm_kernel(
 @triton.jit
 def _aggregate_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, keep_ptr, norm_ptr, logw_ptr, logp_ptr,
-    scaling, H, C, G, T, sq_b, sq_h, sq_t,
+    scaling, H, C, CAP, NCB, G, T, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
     HAS_IDS: tl.constexpr,
 ):
@@ -204,9 +212,9 @@ def _aggregate_kernel(
 
     Centroids are the rows of the score tile and tokens its columns, so the running log-sum-exp
     over tokens is a row reduction, as in flash attention. With HAS_IDS the centroids are the
-    first ncand[bh] of the candidate list `ids` (level 2 of a two-level index): blocks past them
-    skip the work, and the program clears its block of the fine-order keep flags (set later by
-    the selection)."""
+    first ncand[bh] of the candidate list `ids` [B, H, CAP] (level 2 of a two-level index):
+    blocks past them skip the work, and the programs clear the C fine-order keep flags (set later
+    by the selection)."""
     bh = tl.program_id(0)
     cb = tl.program_id(1)
     b = bh // H
@@ -215,9 +223,9 @@ def _aggregate_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     if HAS_IDS:
         n = tl.load(ncand_ptr + bh)
-        ids = tl.load(ids_ptr + bh * C + c, mask=c < n, other=0)
+        ids = tl.load(ids_ptr + bh * CAP + c, mask=c < n, other=0)
         groups = tl.where(cb * BLOCK_C < n, G, 0)
-        tl.store(keep_ptr + bh * C + c, tl.zeros([BLOCK_C], tl.int8), mask=c < C)
+        _clear_flags(keep_ptr + bh * C, cb, NCB, C, BLOCK_C)
     else:
         n = C
         ids = c
@@ -239,7 +247,7 @@ def _aggregate_kernel(
             m = m_new
         best = tl.maximum(best, m + tl.log(l))
     best = tl.where(logn > float("-inf"), best, float("-inf"))
-    tl.store(logp_ptr + bh * C + c, best, mask=c < n)
+    tl.store(logp_ptr + bh * CAP + c, best, mask=c < n)
 
 
 @triton.jit
@@ -444,47 +452,50 @@ def _score_every(query, centroids, log_counts, scaling, logw):
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
-        scaling, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
+        scaling, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=False,
     )
     return logp, None
 
 
 def _score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
-    """Level 2 of a two-level index: log p [B, H, C] (first ncand[b, h] valid) of the candidate
-    fine centroids `ids`, normalised by the mixed sum (fine terms of the candidates, coarse terms
-    of the rejected coarse clusters). Clears the fine-order `keep` flags on the way."""
+    """Level 2 of a two-level index: log p [B, H, CAP] (first ncand[b, h] valid) of the candidate
+    fine centroids `ids` [B, H, CAP], normalised by the mixed sum (fine terms of the candidates,
+    coarse terms of the rejected coarse clusters). Clears the fine-order `keep` flags on the way."""
     batch, q_heads, tokens, dim = query.shape
     heads, clusters, coarse = kindex.heads, kindex.clusters, kindex.l1_clusters
+    cap = ids.shape[-1]
     group = q_heads // heads
     dev = query.device
     precision = _precision(query.dtype)
-    ncb = triton.cdiv(clusters, SCORE_BLOCK_C)  # fixed grid: blocks past the candidates do nothing
+    # A fixed grid over the capacity (and the coarse clusters, for their normaliser terms):
+    # blocks past a head's candidates load nothing.
+    ncb = triton.cdiv(max(cap, coarse), SCORE_BLOCK_C)
     sq_b, sq_h, sq_t = query.stride(0), query.stride(1), query.stride(2)
-    logp = _buffer(dev, torch.float32, batch, heads, clusters)
+    logp = _buffer(dev, torch.float32, batch, heads, cap)
     if tokens == 1:
-        s = _buffer(dev, torch.float32, batch, heads, group, clusters)
+        s = _buffer(dev, torch.float32, batch, heads, group, cap)
         pm = _buffer(dev, torch.float32, batch, heads, ncb, group)
         pl = torch.empty_like(pm)
         _score_fine_decode_kernel[(batch * heads, ncb)](
             query, kindex.centroids, kindex.log_counts, ids, ncand, s1, kindex.l1_log_counts, keep1, keep, s, pm, pl,
-            scaling, heads, clusters, coarse, group, ncb, sq_b, sq_h,
+            scaling, heads, clusters, coarse, cap, group, ncb, sq_b, sq_h,
             D=dim, BLOCK_G=_pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
         )
         _decode_logp_kernel[(batch * heads, ncb)](
-            s, pm, pl, ncand, logp, clusters, group, ncb,
+            s, pm, pl, ncand, logp, cap, group, ncb,
             BLOCK_C=SCORE_BLOCK_C, BLOCK_G=_pow2(group), BLOCK_CB=_pow2(ncb), HAS_IDS=True,
         )
         return logp
     norm = _buffer(dev, torch.float32, batch, heads, group, tokens)
     _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, kindex.centroids, kindex.log_counts, ids, ncand, kindex.l1_centroids, kindex.l1_log_counts, keep1, norm,
-        scaling, heads, clusters, coarse, group, tokens, sq_b, sq_h, sq_t,
+        scaling, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, kindex.centroids, kindex.log_counts, ids, ncand, keep, norm, logw, logp,
-        scaling, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
+        scaling, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=True,
     )
     return logp
@@ -563,7 +574,7 @@ def lookup(
         keep1, blocks1, _, ncand = _select(
             logp1, kindex.l1_counts, kindex.l1_sizes, l1_threshold, l1_budget, 1, scored
         )
-        ids = _buffer(dev, torch.int32, batch, heads, clusters)
+        ids = _buffer(dev, torch.int32, batch, heads, kindex.candidates(l1_budget))
         _compact(keep1, blocks1, kindex.l1_sizes, kindex.l1_first, 1, kindex.l1_largest, ids)
         # Level 2: score those fine centroids only, keep fine clusters among them.
         keep = _buffer(dev, torch.int8, batch, heads, clusters)  # cluster order; cleared while scoring
