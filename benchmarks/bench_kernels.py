@@ -7,19 +7,32 @@ flash backends (the faster one is the anchor); ours is `hf_squeeze.kernels.atten
 `triton.testing.do_bench`), ours also eagerly. Decode = 1 query token after a 64-token user input;
 prefill = a user input of `--prefill-tokens` tokens (causal among themselves).
 
+Modes "hier-decode" / "hier-prefill" run the same on a two-level index (coarse clusters at
+`--l1-ratio` of the keys, the SqueezeConfig default 1%; fine ones at `--centroid-ratio`, 5%) with
+top-k at both levels, the coarse level keeping `l1_margin * keep` (SqueezeConfig default 2x): the
+fine level scores only the fine centroids under the kept coarse clusters. When a hier mode is
+asked for, the flat modes of the same run use the fine level of the same index (same keys).
+"lookup share" is the lookup's part of ours; "lookup/attention" the lookup against the rest.
+
 The keys have cluster structure (Gaussian clusters around random centres, as K-means would find on
 real keys) and the index is built from the generating labels: the kernels' speed depends on the
 number and sizes of clusters, not on how they were found. Bytes "needed" = kept keys and values +
 centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py --out $OUT
+    PYTHONPATH=. python benchmarks/bench_kernels.py --modes decode,hier-decode,prefill,hier-prefill --out $OUT
+
+`--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
+times of one call, meaningless as speed): it only checks that the script runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 
@@ -31,12 +44,24 @@ from hf_squeeze import kernels
 from hf_squeeze.index import LayerIndex
 from hf_squeeze.lookup import SelectionRule
 
+L1_MARGIN = 2.0  # SqueezeConfig.l1_margin: the coarse level keeps this times `keep` of the keys
+SMOKE = False  # --smoke: CPU interpreter, wall-clock times
 
-def synthetic_index(tokens, heads, dim, ratio, sinks, window, dtype, device, seed=0) -> LayerIndex:
+
+def synthetic_index(tokens, heads, dim, ratio, sinks, window, dtype, device, seed=0, l1_ratio=None) -> LayerIndex:
+    """Keys in Gaussian clusters around random centres; with `l1_ratio`, the centres themselves
+    in Gaussian groups (the coarse clusters), fine clusters numbered by their group."""
     g = torch.Generator(device=device).manual_seed(seed)
     rows = tokens - sinks - window
     clusters = max(1, round(ratio * rows))
-    centers = torch.randn(heads, clusters, dim, device=device, generator=g) * 3
+    if l1_ratio is None:
+        centers = torch.randn(heads, clusters, dim, device=device, generator=g) * 3
+    else:
+        coarse = min(clusters, max(1, round(l1_ratio * rows)))
+        parent = torch.randint(coarse, (heads, clusters), device=device, generator=g).sort(-1).values
+        coarse_centers = torch.randn(heads, coarse, dim, device=device, generator=g) * 3
+        centers = coarse_centers.gather(1, parent[..., None].expand(-1, -1, dim))
+        centers += torch.randn(heads, clusters, dim, device=device, generator=g) * 1.5
     labels = torch.randint(clusters, (heads, rows), device=device, generator=g).sort(-1).values
     keys = torch.empty(heads, rows, dim, device=device, dtype=dtype)
     centroids = torch.zeros(heads, clusters, dim, device=device)
@@ -50,11 +75,31 @@ def synthetic_index(tokens, heads, dim, ratio, sinks, window, dtype, device, see
     offsets = torch.cat([counts.new_zeros(heads, 1), counts.cumsum(-1)], 1)
     values = torch.randn(heads, rows, dim, device=device, generator=g).to(dtype)
     dense = torch.randn(2, heads, sinks + window, dim, device=device, generator=g).to(dtype)
-    return LayerIndex(keys, values, centroids, counts, offsets, dense[0], dense[1])
+    tree = {}
+    if l1_ratio is not None:  # a coarse centroid is the mean of the keys under it
+        l1_counts = torch.zeros(heads, coarse, dtype=torch.long, device=device).scatter_add_(1, parent, counts)
+        sums = torch.zeros(heads, coarse, dim, device=device)
+        sums.scatter_add_(1, parent[..., None].expand(-1, -1, dim), centroids * counts[..., None])
+        children = torch.zeros_like(l1_counts).scatter_add_(1, parent, torch.ones_like(parent))
+        tree = dict(
+            l1_centroids=sums / l1_counts.clamp_min(1)[..., None],
+            l1_counts=l1_counts,
+            l1_offsets=torch.cat([children.new_zeros(heads, 1), children.cumsum(-1)], 1),
+        )
+    return LayerIndex(keys, values, centroids, counts, offsets, dense[0], dense[1], **tree)
+
+
+def flat_view(index: LayerIndex) -> LayerIndex:
+    """The fine level of a two-level index alone."""
+    return dataclasses.replace(index, l1_centroids=None, l1_counts=None, l1_offsets=None)
 
 
 def bench(fn, graph: bool) -> float:
     """Median microseconds of fn, replayed from a CUDA graph when `graph`."""
+    if SMOKE:  # CPU interpreter: one call's wall-clock time
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
     if graph:
         fn()  # compile / autotune outside capture
         torch.cuda.synchronize()
@@ -75,6 +120,8 @@ def dense_time(q, k, v) -> dict[str, float]:
     decode; for prefill the anchor attends to every key, a slight over-count of causal work)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if SMOKE:
+        return {"flash": bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph=False)}
     times = {}
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         def run(backend=backend):
@@ -88,7 +135,7 @@ def dense_time(q, k, v) -> dict[str, float]:
     return times
 
 
-def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense_cache):
+def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense_cache, mode):
     heads, rows, dim = index.keys.shape
     q_heads = heads * args.group
     dtype = index.keys.dtype
@@ -99,23 +146,32 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     query = query.reshape(1, q_heads, query_tokens, dim).to(dtype)
     dyn_k = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
     dyn_v = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
-    rule = SelectionRule(budget=max(1, round(keep * rows)))
+    l1_budget = None
+    if kindex.hierarchical:  # the view's level-2 room is bounded for the level-1 budget
+        l1_budget = max(1, round(min(1.0, L1_MARGIN * keep) * rows))
+        kindex = kernels.kernel_index(index, l1_budget=l1_budget)
+    rule = SelectionRule(budget=max(1, round(keep * rows)), l1_budget=l1_budget)
     stats = torch.zeros(1, dtype=torch.int64, device=dev)
+    scored = torch.zeros(1, dtype=torch.int64, device=dev)
 
     def ours():
-        return kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats)
+        return kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, scored=scored)
 
     logw = kernels.query_weights(None, 1, query_tokens, dev) if query_tokens > 1 else None
 
     def lookup_only():
-        return kernels.lookup(query, kindex, scaling, None, rule.budget, logw, stats)
+        return kernels.lookup(query, kindex, scaling, None, rule.budget, logw, stats, None, l1_budget, scored)
 
     ours()
     stats.zero_()
+    scored.zero_()
     ours()
     kept = int(stats)  # keys read from the clustered part, over all KV heads
-    if args.profile and tokens_ctx == args.profile_context and keep == args.profile_keep:
-        profile(ours, f"{tokens_ctx} tokens, {query_tokens} query tokens, keep {keep}")
+    # centroids scored per KV head: all (flat), or all coarse ones + the fine ones under the kept
+    clusters = index.counts.shape[1]
+    fine_scored = int(scored) / heads if kindex.hierarchical else clusters
+    if args.profile and not SMOKE and tokens_ctx == args.profile_context and keep == args.profile_keep:
+        profile(ours, f"{mode}, {tokens_ctx} tokens, {query_tokens} query tokens, keep {keep}")
     t_graph = bench(ours, graph=True)
     t_eager = bench(ours, graph=False)
     t_lookup = bench(lookup_only, graph=True)
@@ -132,18 +188,21 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     best = min(dense.values())
     elem = index.keys.element_size()
     needed = (kept + heads * (index.dense_keys.shape[1] + dyn_len)) * dim * 2 * elem
-    needed += kindex.centroids.numel() * elem
+    needed += (fine_scored + kindex.l1_clusters) * heads * dim * elem
     return dict(
         context=tokens_ctx,
-        mode="decode" if query_tokens == 1 else f"prefill{query_tokens}",
+        mode=("hier-" if kindex.hierarchical else "") + ("decode" if query_tokens == 1 else f"prefill{query_tokens}"),
         keep=keep,
         kept_fraction=kept / (heads * rows),
+        fine_scored_fraction=fine_scored / clusters,
+        fine_room=(kindex.candidates(l1_budget) if kindex.hierarchical else clusters) / clusters,
         dense_cudnn_us=dense.get("cudnn", math.nan),
         dense_flash_us=dense.get("flash", math.nan),
         ours_graph_us=t_graph,
         ours_eager_us=t_eager,
         lookup_us=t_lookup,
         lookup_share=t_lookup / t_graph,
+        lookup_vs_attention=t_lookup / max(t_graph - t_lookup, 1e-9),
         speedup=best / t_graph,
         speedup_eager=best / t_eager,
         needed_MB=needed / 1e6,
@@ -199,40 +258,62 @@ def main():
     p.add_argument("--centroid-ratio", type=float, default=0.05)
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--decode-input", type=int, default=64, help="user-input tokens before the decode step")
-    p.add_argument("--modes", default="decode,prefill")
+    p.add_argument("--modes", default="decode,prefill", help="any of decode, prefill, hier-decode, hier-prefill")
+    p.add_argument("--l1-ratio", type=float, default=0.01, help="coarse clusters per key in the hier modes")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of one case")
     p.add_argument("--profile-context", type=int, default=131072)
     p.add_argument("--profile-keep", type=float, default=0.1)
+    p.add_argument("--smoke", action="store_true", help="tiny run on the CPU under TRITON_INTERPRET=1 (checks it runs)")
     args = p.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    modes = args.modes.split(",")
+    unknown = set(modes) - {"decode", "prefill", "hier-decode", "hier-prefill"}
+    if unknown:
+        p.error(f"unknown modes {sorted(unknown)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    dev = torch.device("cuda")
-    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    if SMOKE:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--smoke needs TRITON_INTERPRET=1 and HF_SQUEEZE_KERNELS=1 in the environment")
+        dev, dtype = torch.device("cpu"), torch.float32
+        print(f"smoke run on the CPU (Triton interpreter), torch {torch.__version__}, triton {triton.__version__}")
+    else:
+        dev, dtype = torch.device("cuda"), torch.bfloat16
+        print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    hier = any(m.startswith("hier-") for m in modes)
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
         start = time.time()
-        index = synthetic_index(ctx, args.heads, args.dim, args.centroid_ratio, 4, 100, torch.bfloat16, dev)
-        kindex = kernels.kernel_index(index)
-        reason = kernels.supports(index, torch.empty(1, 1, 1, args.dim, device=dev, dtype=torch.bfloat16))
-        print(f"context {ctx}: index built in {time.time() - start:.1f} s, {index.counts.shape[1]} clusters/head")
+        l1_ratio = args.l1_ratio if hier else None
+        index = synthetic_index(ctx, args.heads, args.dim, args.centroid_ratio, 4, 100, dtype, dev, l1_ratio=l1_ratio)
+        views = {}  # kernel views by index kind, built when first needed
+        reason = kernels.supports(index, torch.empty(1, 1, 1, args.dim, device=dev, dtype=dtype))
+        l1_info = f", {index.l1_counts.shape[1]} coarse" if hier else ""
+        print(f"context {ctx}: index built in {time.time() - start:.1f} s, {index.counts.shape[1]} clusters/head{l1_info}")
         if reason:
             print(f"  skipped: {reason}")
             continue
         dense_cache = {}
-        for mode in args.modes.split(","):
-            q_tokens, dyn = (1, args.decode_input + 1) if mode == "decode" else (args.prefill_tokens, args.prefill_tokens)
+        for mode in modes:
+            kind = "hier" if mode.startswith("hier-") else "flat"
+            if kind not in views:
+                views[kind] = kernels.kernel_index(index if kind == "hier" else flat_view(index))
+            tokens = mode.removeprefix("hier-")
+            q_tokens, dyn = (1, args.decode_input + 1) if tokens == "decode" else (args.prefill_tokens, args.prefill_tokens)
             for keep in [float(k) for k in args.keeps.split(",")]:
                 try:
-                    r = run_case(index, kindex, ctx, keep, q_tokens, dyn, args, dense_cache)
+                    r = run_case(index, views[kind], ctx, keep, q_tokens, dyn, args, dense_cache, mode)
                 except Exception as err:  # report and go on: one failing shape should not hide the rest
                     print(f"  {mode} keep={keep}: FAILED {type(err).__name__}: {err}")
                     continue
                 rows.append(r)
                 print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
-        del index, kindex
-        torch.cuda.empty_cache()
+        del index, views
+        if not SMOKE:
+            torch.cuda.empty_cache()
     if not rows:
         return
     with open(out / "kernels.csv", "w", newline="") as f:
@@ -241,12 +322,14 @@ def main():
         w.writerows(rows)
     plot(rows, out / "kernels_speedup.png")
     print()
-    print("| context | mode | keep | read | dense cuDNN us | dense flash us | ours us (graph) | ours us (eager) | lookup share | speedup | TB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| context | mode | keep | read | fine centroids scored | dense cuDNN us | dense flash us | ours us (graph) "
+          "| ours us (eager) | lookup us | lookup share | lookup/attention | speedup | TB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['context'] // 1024}K | {r['mode']} | {r['keep']} | {r['kept_fraction']:.3f} | {r['dense_cudnn_us']:.1f} | "
-            f"{r['dense_flash_us']:.1f} | {r['ours_graph_us']:.1f} | {r['ours_eager_us']:.1f} | {r['lookup_share']:.0%} | "
+            f"| {r['context'] // 1024}K | {r['mode']} | {r['keep']} | {r['kept_fraction']:.3f} | {r['fine_scored_fraction']:.2f} | "
+            f"{r['dense_cudnn_us']:.1f} | {r['dense_flash_us']:.1f} | {r['ours_graph_us']:.1f} | {r['ours_eager_us']:.1f} | "
+            f"{r['lookup_us']:.1f} | {r['lookup_share']:.0%} | {r['lookup_vs_attention']:.0%} | "
             f"**{r['speedup']:.2f}x** | {r['achieved_TBps']:.2f} |"
         )
 

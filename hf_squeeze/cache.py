@@ -80,7 +80,8 @@ class SqueezedLayer(CacheLayerMixin):
         self.read_fraction_sum = torch.zeros((), dtype=torch.float64)
         self.scored_sum = torch.zeros((), dtype=torch.float64)
         self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
-        self.kernel_scored = 0  # centroids scored by the kernel path (flat: all of them)
+        self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
+        self.kernel_fine_scored = torch.zeros(1, dtype=torch.int64)  # two-level: fine centroids scored
         self.last_selections = 0
         self.selections = 0
 
@@ -265,9 +266,11 @@ class SqueezedLayer(CacheLayerMixin):
         return self.attend_reference(query, key, value, attention_mask, scaling)
 
     def attend_kernels(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
-        view = self.kernel_views.get(query.device)
+        # A two-level view sizes its level-2 room for one coarse budget (forks may read another).
+        l1_budget = None if self.rule.keep_all or self.index.l1_counts is None else self.rule.l1_budget
+        view = self.kernel_views.get((query.device, l1_budget))
         if view is None:
-            view = self.kernel_views[query.device] = kernels.kernel_index(self.index)
+            view = self.kernel_views[query.device, l1_budget] = kernels.kernel_index(self.index, l1_budget=l1_budget)
         key_valid = q_valid = None
         reserved = self.reserved_valid()
         if reserved is not None:  # one query token: it sees every written slot
@@ -278,16 +281,21 @@ class SqueezedLayer(CacheLayerMixin):
             mask, q_valid = _padding(attention_mask, query.shape[2], key.shape[2])
             key_valid = mask[:, 0, -1, :]
         self.kernel_keys = self.kernel_keys.to(query.device)
+        self.kernel_fine_scored = self.kernel_fine_scored.to(query.device)
         self.count_selections(query.shape[0] * self.index.keys.shape[0])
         return kernels.attend(
-            query, key, value, view, self.rule, scaling, key_valid, q_valid, self.kernel_keys
+            query, key, value, view, self.rule, scaling, key_valid, q_valid, self.kernel_keys,
+            scored=self.kernel_fine_scored,
         )
 
     def count_selections(self, selections: int, times: int = 1):
         """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
         so the replay loop adds the other steps with `times`)."""
         self.selections += selections * times
-        self.kernel_scored += selections * self.index.counts.shape[1] * times
+        # all centroids of a flat index; of a two-level one all coarse ones (the fine ones scored
+        # are counted on the device, in kernel_fine_scored)
+        first = self.index.counts if self.index.l1_counts is None else self.index.l1_counts
+        self.kernel_scored += selections * first.shape[1] * times
         self.last_selections = selections
 
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -507,7 +515,9 @@ class SqueezedCache(Cache):
             float(layer.read_fraction_sum) + float(layer.kernel_keys.sum()) / layer.index.clustered_tokens
             for layer in self.layers
         )
-        scored = sum(float(layer.scored_sum) + layer.kernel_scored for layer in self.layers)
+        scored = sum(
+            float(layer.scored_sum) + layer.kernel_scored + float(layer.kernel_fine_scored.sum()) for layer in self.layers
+        )
         return {
             "fixed_tokens": self.fixed.num_tokens,
             "clustered_tokens": first.clustered_tokens,

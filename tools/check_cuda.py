@@ -5,8 +5,8 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - bfloat16, keep=1.0: logits within bf16 tolerance of dense bf16 attention;
 - keep=0.2 flat / hierarchical / threshold: generation runs, attended fraction near keep;
 - a padded batch of questions; save -> load onto the GPU -> identical tokens;
-- Triton kernels (the default on CUDA) vs the torch reference path: keep=1 logits within 1e-4,
-  same tokens at keep=1 and keep=0.2;
+- Triton kernels (the default on CUDA) vs the torch reference path, flat and hierarchical index:
+  keep=1 logits within 1e-4, same tokens at keep=1 and keep=0.2;
 - `generate_greedy` (decode step replayed as a CUDA graph): same tokens as `model.generate`, squeezed
   and with a dense StaticCache.
 """
@@ -84,11 +84,13 @@ def main():
     # rounding. At keep=0.2 on this random model attention is nearly uniform (log p of most
     # clusters within 1e-3 of -log N), so the two implementations may break near-ties at the budget
     # differently and read one cluster more or less: the tokens must agree, the logit gap is shown.
-    for keep in (1.0, 0.2):
-        request = SqueezedCache.from_context(model, context, SqueezeConfig(keep=keep), progress=False)
+    for keep, hierarchical in ((1.0, False), (0.2, False), (1.0, True), (0.2, True)):
+        config = SqueezeConfig(keep=keep, hierarchical=hierarchical)
+        request = SqueezedCache.from_context(model, context, config, progress=False)
+        name = f"keep={keep}{' hierarchical' if hierarchical else ''}"
         if keep == 1.0:
             probe = torch.empty(1, 6, 1, 16, device=device)
-            check("kernels serve the CUDA path", kernels.supports(request.layers[0].index, probe) is None)
+            check(f"kernels serve the CUDA path ({name})", kernels.supports(request.layers[0].index, probe) is None)
         outputs = {}
         for mode in ("auto", "0"):  # Triton kernels, then the torch reference
             os.environ["HF_SQUEEZE_KERNELS"] = mode
@@ -98,10 +100,10 @@ def main():
         os.environ["HF_SQUEEZE_KERNELS"] = "auto"
         diff = (outputs["auto"][0] - outputs["0"][0]).abs().max().item()
         if keep == 1.0:
-            check("kernels vs reference keep=1 logits", diff < 1e-4, f"max diff {diff:.2e}")
+            check(f"kernels vs reference {name} logits", diff < 1e-4, f"max diff {diff:.2e}")
         else:
-            print(f"info  kernels vs reference keep=0.2 logits  max diff {diff:.2e}")
-        check(f"kernels vs reference keep={keep} tokens", torch.equal(outputs["auto"][1], outputs["0"][1]))
+            print(f"info  kernels vs reference {name} logits  max diff {diff:.2e}")
+        check(f"kernels vs reference {name} tokens", torch.equal(outputs["auto"][1], outputs["0"][1]))
 
     short = torch.randint(3, 256, (5,), generator=g).to(device)
     ids = torch.stack([torch.cat([context, torch.zeros(11, dtype=torch.long, device=device), short]), full[0]])

@@ -31,8 +31,6 @@ def supports(index, query: torch.Tensor) -> str | None:
         return f"{_ENV}=0"
     if query.device.type != "cuda" and not (mode == "1" and os.environ.get("TRITON_INTERPRET") == "1"):
         return "not a CUDA device (on the CPU the kernels run only with TRITON_INTERPRET=1 and HF_SQUEEZE_KERNELS=1)"
-    if index.l1_centroids is not None:
-        return "hierarchical index"
     dim = query.shape[-1]
     if dim < 16 or dim & (dim - 1):
         return f"head dim {dim} is not a power of two >= 16"
@@ -65,15 +63,20 @@ def attend(
     stats: torch.Tensor,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squeezed attention of `query` [B, Hq, T, D] -> [B, T, Hq, D], lookup and attention on the
-    device with no host synchronisation. `stats` [1] int64 accumulates the keys read."""
+    device with no host synchronisation. `stats` [1] int64 accumulates the keys read; `scored`
+    [1] int64 (two-level index) the fine centroids scored."""
     if query.stride(-1) != 1:
         query = query.contiguous()
     dyn_keys, dyn_values = dyn_keys.contiguous(), dyn_values.contiguous()
-    threshold, budget = (float("-inf"), None) if rule.keep_all else (rule.threshold, rule.budget)
+    if rule.keep_all:
+        threshold, budget, l1_threshold, l1_budget = float("-inf"), None, float("-inf"), None
+    else:
+        threshold, budget, l1_threshold, l1_budget = rule.threshold, rule.budget, rule.l1_threshold, rule.l1_budget
     batch, _, tokens, _ = query.shape
     logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 else None
-    work = lookup(query, kindex, scaling, threshold, budget, logw, stats)
+    work = lookup(query, kindex, scaling, threshold, budget, logw, stats, l1_threshold, l1_budget, scored)
     capacity = gather_capacity(kindex, budget)
     return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity)
