@@ -322,16 +322,12 @@ def _select_kernel(
         inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
         while (inside > 1) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):  # (equal keys end at width 1)
             mid = (lo.to(tl.int64) + (hi.to(tl.int64) - lo.to(tl.int64)) // 2).to(tl.int32)
-            # One reduction per step (the search is bound by their latency): the keys of clusters
-            # at or above mid in the low 40 bits, and how many of those lie in [mid, hi) above
-            # them, which gives the clusters left inside whichever half is kept.
-            upper_inside = (nonempty & (key < hi)).to(tl.int64) << 40
-            packed = tl.sum(tl.where(key >= mid, counts.to(tl.int64) + upper_inside, 0))
-            up = (packed & 0xFFFFFFFFFF) >= budget
-            in_upper = (packed >> 40).to(tl.int32)
+            # Two int32 reductions per step: on the H100 this measured faster than one packed
+            # int64 reduction (select 24 us vs 35 us at 6,548 clusters per head).
+            up = tl.sum(tl.where(key >= mid, counts, 0)) >= budget
             lo = tl.where(up, mid, lo)
             hi = tl.where(up, hi, mid)
-            inside = tl.where(up, in_upper, inside - in_upper)
+            inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
         keep = (key >= lo) & nonempty
         tied = nonempty & (key == lo)
         if tl.sum(tied.to(tl.int32)) > 1:  # equal log p at the crossing: take them in cluster order
