@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import triton
 
 from hf_squeeze import kernels
+from hf_squeeze.bench import gpu_time
 from hf_squeeze.index import LayerIndex
 from hf_squeeze.lookup import SelectionRule
 
@@ -100,19 +101,7 @@ def bench(fn, graph: bool) -> float:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e6
-    if graph:
-        fn()  # compile / autotune outside capture
-        torch.cuda.synchronize()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+    return gpu_time(fn, graph)
 
 
 def dense_time(q, k, v) -> dict[str, float]:
