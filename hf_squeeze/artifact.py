@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .config import SqueezeConfig
 from .index import LayerIndex
-from .integrations.transformers import check_fingerprint
+from .integrations.transformers import check_fingerprint, layer_devices
 from .lookup import SelectionRule
 
 _PROGRESS_BYTES = 1 << 30
@@ -130,12 +130,13 @@ def load_fixed_context(path, model, fixed_cls, progress: bool = True):
     if context_sha256(ids) != header["context_sha256"] or ids.numel() != header["context_tokens"]:
         raise _bad_file(path, "its context ids do not match their recorded hash")
 
-    device = model.device
+    devices = layer_devices(model)  # the fingerprint check guarantees one per saved layer
     field_names = {f.name for f in dataclasses.fields(LayerIndex)}
     layers = []
-    for i in tqdm(range(header["num_layers"]), desc=f"to {device}", unit="layer", disable=not progress):
+    where = ", ".join(sorted({str(d) for d in devices}))
+    for i in tqdm(range(header["num_layers"]), desc=f"to {where}", unit="layer", disable=not progress):
         prefix = f"layers.{i}."
-        parts = {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+        parts = {k[len(prefix):]: v.to(devices[i]) for k, v in tensors.items() if k.startswith(prefix)}
         if not {"keys", "values", "centroids", "counts", "offsets", "dense_keys", "dense_values"} <= set(parts) \
                 or not set(parts) <= field_names:
             raise _bad_file(path, f"layer {i} is incomplete")

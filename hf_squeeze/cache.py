@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .attention import LAYER_ATTR, causal_mask, merge_partials, partial_attention
 from .config import SqueezeConfig
+from .devices import on_device
 from .index import LayerIndex, build_indices, calibrate
 from .integrations import transformers as integration
 from .lookup import SelectionRule, expand_ranges, lookup
@@ -95,8 +96,9 @@ class SqueezedLayer(CacheLayerMixin):
             )
         if key_states.device != fixed.device:
             raise RuntimeError(
-                f"the SqueezedCache is on {fixed.device} but the model runs on {key_states.device}: "
-                "call cache.to(device) (or build/load the cache after moving the model)"
+                f"this layer of the SqueezedCache is on {fixed.device} but the model runs it on {key_states.device}: "
+                "call cache.to(device), or cache.to(hf_squeeze.layer_devices(model)) for a model spread over "
+                "several devices (or build/load the cache after moving the model)"
             )
         if key_states.shape[1] != fixed.shape[0] or key_states.shape[3] != fixed.shape[2]:
             raise ValueError(
@@ -262,7 +264,8 @@ class SqueezedLayer(CacheLayerMixin):
         Returns [B, T, Hq, D]. Triton kernels on CUDA, the torch reference elsewhere.
         """
         if kernels is not None and kernels.supports(self.index, query) is None:
-            return self.attend_kernels(query, key, value, attention_mask, scaling)
+            with on_device(query.device):  # a layer of a model spread over GPUs may not be on the current one
+                return self.attend_kernels(query, key, value, attention_mask, scaling)
         return self.attend_reference(query, key, value, attention_mask, scaling)
 
     def attend_kernels(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -378,36 +381,38 @@ class SqueezedCache(Cache):
         """Prefill `context_ids` (1-D, or [1, N]) once and build its squeezed index.
 
         The prefill runs in chunks of `config.prefill_chunk` tokens into K/V buffers allocated once;
-        K-means runs on the model's device, a group of layers at a time. `storage="cpu"` keeps the
+        K-means runs where each layer computes, a group of layers at a time, and each layer's index
+        stays on its layer's device (a model dispatched with `device_map="auto"` over several GPUs
+        gets its index spread the same way). `storage="cpu"` keeps the
         finished index in pinned CPU memory (for contexts whose index should not stay on the GPU
         between requests): bring it back with `cache.to(model.device, non_blocking=True)`.
-        `cache.build_stats` reports the time of each step and, on a GPU, the peak memory (this
-        resets the device's peak-memory statistics).
+        `cache.build_stats` reports the time of each step and, on GPUs, the peak memory (summed over
+        the GPUs the model uses; this resets their peak-memory statistics).
         """
         config = config or SqueezeConfig()
         if not isinstance(config, SqueezeConfig):
             raise TypeError(f"config must be a SqueezeConfig, got {type(config).__name__}")
         integration.check_model(model)
         ids = _context_ids(context_ids, model, config)
-        device = ids.device
+        devices = integration.layer_devices(model)  # one per layer: a model may span several GPUs
+        gpus = sorted({d for d in devices if d.type == "cuda"}, key=str)
         stats = {"context_tokens": ids.numel()}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_peaks(gpus)
         start = time.perf_counter()
         keys, values, queries, scalings = _prefill_context(model, ids, config, progress)
-        stats["prefill_seconds"] = _elapsed(start, device)
-        if device.type == "cuda":
-            stats["prefill_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        stats["prefill_seconds"] = _elapsed(start, gpus)
+        if gpus:
+            stats["prefill_peak_gpu_bytes"] = _reset_peaks(gpus)
         start = time.perf_counter()
-        indices = build_indices(keys, values, config, device=device, storage=storage, progress=progress)
+        # Each layer's index is built and kept where the layer computes (its keys are there already).
+        indices = build_indices(keys, values, config, device=devices, storage=storage, progress=progress)
         del keys, values
         if storage is not None:  # calibrate where the index is: it needs only the centroids and queries
             queries = [q.to(storage) for q in queries]
         rules = calibrate(indices, queries, scalings, config)
-        stats["index_seconds"] = _elapsed(start, device)
-        if device.type == "cuda":
-            stats["index_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+        stats["index_seconds"] = _elapsed(start, gpus)
+        if gpus:
+            stats["index_peak_gpu_bytes"] = _reset_peaks(gpus)
         fixed = FixedContext(tuple(indices), tuple(rules), config, ids.cpu(), integration.model_fingerprint(model))
         integration.install_generation_guard(model)
         cache = cls(fixed)
@@ -456,7 +461,7 @@ class SqueezedCache(Cache):
 
     @classmethod
     def load(cls, path, model, *, progress: bool = True) -> "SqueezedCache":
-        """Load a saved cache for `model` (onto its device); refuses a file built for another model
+        """Load a saved cache for `model` (each layer onto its layer's device); refuses a file built for another model
         or corrupted. Progress bars show for files of a gigabyte or more."""
         from .artifact import load_fixed_context
 
@@ -466,14 +471,18 @@ class SqueezedCache(Cache):
         return cls(fixed)
 
     def to(self, device, non_blocking: bool = False) -> "SqueezedCache":
-        """A fresh (forked) cache whose fixed context lives on `device`.
+        """A fresh (forked) cache whose fixed context lives on `device`, or on one device per layer
+        (a list, e.g. `hf_squeeze.layer_devices(model)` for a model spread over several GPUs).
 
         Moved to the CPU from a GPU, the fixed context is pinned, so that `to("cuda",
         non_blocking=True)` later copies it back without blocking the host.
         """
         fixed = self.fixed
-        moved = FixedContext(tuple(ix.to(device, non_blocking) for ix in fixed.layers), fixed.rules, fixed.config,
-                             fixed.context_ids, fixed.fingerprint)
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(fixed.layers)
+        if len(devices) != len(fixed.layers):
+            raise ValueError(f"got {len(devices)} devices for a cache of {len(fixed.layers)} layers: give one per layer")
+        moved = FixedContext(tuple(ix.to(d, non_blocking) for ix, d in zip(fixed.layers, devices)), fixed.rules,
+                             fixed.config, fixed.context_ids, fixed.fingerprint)
         return type(self)(moved)
 
     # ---- requests ----------------------------------------------------------------------------
@@ -542,10 +551,19 @@ class SqueezedCache(Cache):
         )
 
 
-def _elapsed(start: float, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _elapsed(start: float, gpus) -> float:
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
     return time.perf_counter() - start
+
+
+def _reset_peaks(gpus) -> int:
+    """Sum over `gpus` of the peak memory allocated since the last reset; resets the peaks."""
+    peak = 0
+    for gpu in gpus:
+        peak += torch.cuda.max_memory_allocated(gpu)
+        torch.cuda.reset_peak_memory_stats(gpu)
+    return peak
 
 
 def _context_ids(context_ids, model, config: SqueezeConfig) -> torch.Tensor:

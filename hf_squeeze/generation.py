@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import StaticCache
 
+from .integrations.transformers import layer_devices
+
 
 @dataclass
 class GenerationTimes:
@@ -36,10 +38,16 @@ class GenerationTimes:
         return (self.decode + self.capture) / tokens if tokens else float("nan")
 
 
-def _mark(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _mark(gpus) -> float:
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
     return time.perf_counter()
+
+
+def _gpus(model, device) -> list[torch.device]:
+    """The CUDA devices a forward pass of `model` runs on (several for a `device_map` over GPUs)."""
+    devices = {device, *layer_devices(model)}
+    return sorted((d for d in devices if d.type == "cuda"), key=str)
 
 
 @torch.no_grad()
@@ -56,8 +64,9 @@ def generate_greedy(
 
     `past_key_values`: a fresh `SqueezedCache.fork()` (the prompt must start with its context), or
     a `StaticCache` holding a prefix of the prompt (or nothing) with room for the whole output.
-    `cuda_graph` (default: on CUDA devices) captures the decode step; False runs the same step
-    eagerly (same results; for CPUs and checks). Generation does not stop at an end-of-sequence
+    `cuda_graph` (default: on one CUDA device) captures the decode step; False runs the same step
+    eagerly (same results; for CPUs, checks, and models spread over several GPUs, whose steps one
+    graph cannot capture). Generation does not stop at an end-of-sequence
     token (stopping would need the host to look at every token): cut the output after it.
     Returns [1, L + max_new_tokens]; `times`, if given, receives the timings.
     """
@@ -70,10 +79,16 @@ def generate_greedy(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = input_ids.device
+    gpus = _gpus(model, device)
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
+        cuda_graph = device.type == "cuda" and len(gpus) == 1
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device; the prompt is on {device}: pass cuda_graph=False")
+    if cuda_graph and len(gpus) > 1:
+        raise ValueError(
+            f"the model runs on {len(gpus)} GPUs ({', '.join(map(str, gpus))}); a CUDA graph captures one device's "
+            "work: pass cuda_graph=False (or leave it unset) for models spread with device_map"
+        )
     reserve = getattr(cache, "reserve", None)
     if reserve is None and not isinstance(cache, StaticCache):
         raise TypeError(
@@ -93,23 +108,23 @@ def generate_greedy(
         )
     times = times if times is not None else GenerationTimes()
 
-    start = _mark(device)
+    start = _mark(gpus)
     logits = model(input_ids=input_ids[:, past:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     out = torch.empty(1, max_new_tokens, dtype=torch.long, device=device)
     out[:, :1] = logits[:, -1].argmax(-1, keepdim=True)
-    times.prefill = _mark(device) - start
+    times.prefill = _mark(gpus) - start
     if max_new_tokens > 1:
         if reserve is not None:
             reserve(int(cache.get_seq_length()) - past + max_new_tokens - 1)
         try:
-            _decode(model, cache, out, prompt, cuda_graph, times)
+            _decode(model, cache, out, prompt, cuda_graph, times, gpus)
         finally:
             if reserve is not None:
                 cache.release()
     return torch.cat([input_ids, out], dim=1)
 
 
-def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, times: GenerationTimes) -> None:
+def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, times: GenerationTimes, gpus) -> None:
     """Fill out[:, 1:] one token at a time. Every tensor the step reads or writes is allocated here,
     before the capture, so that replays see fresh values at the same addresses."""
     device = out.device
@@ -127,16 +142,16 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
 
     steps = out.shape[1] - 1
     if not cuda_graph:
-        start = _mark(device)
+        start = _mark(gpus)
         for _ in range(steps):
             step()
-        times.decode, times.decode_tokens = _mark(device) - start, steps
+        times.decode, times.decode_tokens = _mark(gpus) - start, steps
         return
 
     # The warm-up step is a real step (token 1): it compiles the kernels and builds the device
     # views of the index outside the capture. Capturing runs the Python of a step without running
     # its kernels, so it produces no token; the replays produce tokens 2 ... steps.
-    start = _mark(device)
+    start = _mark(gpus)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -145,11 +160,11 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    times.capture = _mark(device) - start
-    start = _mark(device)
+    times.capture = _mark(gpus) - start
+    start = _mark(gpus)
     for _ in range(steps - 1):
         graph.replay()
-    times.decode, times.decode_tokens = _mark(device) - start, steps - 1
+    times.decode, times.decode_tokens = _mark(gpus) - start, steps - 1
     _count_replays(cache, steps - 2)
 
 

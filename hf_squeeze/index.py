@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .clustering import cluster_means, cluster_sums, kmeans
 from .config import SqueezeConfig
+from .devices import on_device
 from .lookup import SelectionRule, score_flat, score_level1, score_level2, select
 
 # Heads of several layers are clustered together, in groups of at most this many elements of keys
@@ -67,9 +68,15 @@ class LayerIndex:
         return LayerIndex(**moved)
 
 
-def _groups(num_layers: int, heads: int, n: int, dim: int) -> list[range]:
+def _groups(devices: list[torch.device], heads: int, n: int, dim: int) -> list[range]:
+    """Consecutive layers clustered together: at most _KMEANS_GROUP_ELEMENTS, all on one device."""
     per_group = max(1, _KMEANS_GROUP_ELEMENTS // max(1, heads * n * dim))
-    return [range(i, min(i + per_group, num_layers)) for i in range(0, num_layers, per_group)]
+    groups, start = [], 0
+    for i in range(1, len(devices) + 1):
+        if i == len(devices) or i - start == per_group or devices[i] != devices[start]:
+            groups.append(range(start, i))
+            start = i
+    return groups
 
 
 def _sort_by_cluster(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +99,21 @@ def build_indices(
 ) -> list[LayerIndex]:
     """Build the index of every layer from its context keys/values [H, N, D] (post-RoPE keys).
 
-    The work runs on `device` (default: where the keys are), a group of layers at a time, so keys
-    may wait in CPU memory while the GPU clusters them. Each finished `LayerIndex` is moved to
-    `storage` (default: `device`); with storage="cpu" only one group of layers is on the GPU at any
-    time, which is how a context larger than GPU memory is indexed.
+    The work runs on `device` (default: where each layer's keys are; or one device per layer, as
+    for a model spread over several GPUs), a group of layers at a time, so keys may wait in CPU
+    memory while the GPU clusters them. Each finished `LayerIndex` is moved to `storage` (default:
+    where it was built); with storage="cpu" only one group of layers is on the GPU at any time,
+    which is how a context larger than GPU memory is indexed.
     """
-    device = torch.device(device) if device is not None else keys[0].device
-    storage = torch.device(storage) if storage is not None else device
+    if device is None:
+        devices = [key.device for key in keys]
+    elif isinstance(device, (list, tuple)):
+        if len(device) != len(keys):
+            raise ValueError(f"device lists {len(device)} devices for {len(keys)} layers: give one per layer")
+        devices = [torch.device(d) for d in device]
+    else:
+        devices = [torch.device(device)] * len(keys)
+    storage = torch.device(storage) if storage is not None else None
     heads, n, dim = keys[0].shape
     clustered = slice(config.sinks, n - config.window)
     num_clustered = clustered.stop - clustered.start
@@ -106,20 +121,22 @@ def build_indices(
     k1 = config.num_l1_clusters(num_clustered) if config.hierarchical else None
     indices = []
     bar = tqdm(total=len(keys), desc="cluster keys", unit="layer", disable=not progress)
-    for group in _groups(len(keys), heads, num_clustered, dim):
-        group_keys = [keys[i].to(device, non_blocking=True) for i in group]
-        labels = kmeans(torch.cat([key[:, clustered] for key in group_keys]), k, config.kmeans_iters, config.seed)
-        labels = labels.split(heads)
-        means = [cluster_means(key[:, clustered], label, k) for key, label in zip(group_keys, labels)]
-        if k1 is not None:  # the tree: cluster the level-2 centroids of the group, again batched
-            parents = kmeans(torch.cat([c for c, _ in means]), k1, config.kmeans_iters, config.seed + 1).split(heads)
-        else:
-            parents = [None] * len(group)
-        for i, key, label, (centroids, counts), parent in zip(group, group_keys, labels, means, parents):
-            value = values[i].to(device, non_blocking=True)
-            index = _layer_index(key, value, label, centroids, counts, parent, config)
-            indices.append(index.to(storage) if storage != device else index)
-            bar.update(1)
+    for group in _groups(devices, heads, num_clustered, dim):
+        work = devices[group.start]
+        with on_device(work):  # Triton launches on the current CUDA device
+            group_keys = [keys[i].to(work, non_blocking=True) for i in group]
+            labels = kmeans(torch.cat([key[:, clustered] for key in group_keys]), k, config.kmeans_iters, config.seed)
+            labels = labels.split(heads)
+            means = [cluster_means(key[:, clustered], label, k) for key, label in zip(group_keys, labels)]
+            if k1 is not None:  # the tree: cluster the level-2 centroids of the group, again batched
+                parents = kmeans(torch.cat([c for c, _ in means]), k1, config.kmeans_iters, config.seed + 1).split(heads)
+            else:
+                parents = [None] * len(group)
+            for i, key, label, (centroids, counts), parent in zip(group, group_keys, labels, means, parents):
+                value = values[i].to(work, non_blocking=True)
+                index = _layer_index(key, value, label, centroids, counts, parent, config)
+                indices.append(index.to(storage) if storage is not None and storage != work else index)
+                bar.update(1)
     bar.close()
     return indices
 
@@ -215,8 +232,9 @@ def calibrate(
 
 def _thresholds(cands, totals: list[int], keep: float, config: SqueezeConfig) -> list[float]:
     if config.threshold_scope == "global":
-        logp = torch.cat([c.logp.flatten() for c in cands])
-        counts = torch.cat([c.counts.flatten() for c in cands])
+        where = cands[0].logp.device  # layers may live on several devices
+        logp = torch.cat([c.logp.flatten().to(where) for c in cands])
+        counts = torch.cat([c.counts.flatten().to(where) for c in cands])
         return [_weighted_quantile(logp, counts, sum(totals), keep, config.seed)] * len(cands)
     return [
         _weighted_quantile(c.logp.flatten(), c.counts.flatten(), total, keep, config.seed)

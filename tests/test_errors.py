@@ -136,5 +136,25 @@ def test_device_mismatch(llama, saved):
     cache, _ = saved
     elsewhere = cache.to("meta")  # stands in for a GPU: any device other than the model's
     assert elsewhere.layers[0].index.keys.device.type == "meta"
-    with torch.no_grad(), pytest.raises(RuntimeError, match="SqueezedCache is on meta but the model runs on cpu.*cache.to"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="SqueezedCache is on meta but the model runs it on cpu.*cache.to"):
         llama(torch.tensor([[5, 6, 7]]), past_key_values=elsewhere)
+    # One device per layer (a model spread over GPUs): only the misplaced layer is refused, by its device.
+    n = len(cache.fixed.layers)
+    split = cache.to(["cpu"] * (n - 1) + ["meta"])
+    assert [ix.keys.device.type for ix in split.fixed.layers] == ["cpu"] * (n - 1) + ["meta"]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="on meta but the model runs it on cpu.*layer_devices"):
+        llama(torch.tensor([[5, 6, 7]]), past_key_values=split)
+    with pytest.raises(ValueError, match="one per layer"):
+        cache.to(["cpu"] * (n + 1))
+
+
+def test_offloaded_layers_are_refused(llama):
+    import copy
+
+    from hf_squeeze import layer_devices
+
+    assert layer_devices(llama) == [torch.device("cpu")] * llama.config.num_hidden_layers
+    offloaded = copy.deepcopy(llama)
+    offloaded.model.layers[1].self_attn.to("meta")  # how accelerate leaves a layer offloaded to CPU or disk
+    with pytest.raises(NotImplementedError, match="layer 1 has its weights offloaded.*device_map"):
+        SqueezedCache.from_context(offloaded, torch.arange(400) % 250, progress=False)

@@ -165,3 +165,26 @@ def test_hierarchical_lookup_skips_fine_centroids():
     assert (sel.scored < fine).all()
     assert (sel.lengths.sum(-1) >= budget).all()
     assert (sel.lengths.sum(-1) <= 2 * budget + int(index.counts.max())).all()
+
+
+def test_index_groups_never_span_two_devices(monkeypatch):
+    import hf_squeeze.index as index_module
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    monkeypatch.setattr(index_module, "_KMEANS_GROUP_ELEMENTS", 3 * 2 * 10 * 4)  # three layers of [2, 10, 4]
+    groups = index_module._groups([cpu] * 4 + [meta] * 3 + [cpu], 2, 10, 4)
+    assert [list(g) for g in groups] == [[0, 1, 2], [3], [4, 5, 6], [7]]
+
+
+def test_per_layer_devices_build_the_same_index():
+    g = torch.Generator().manual_seed(1)
+    keys = [torch.randn(2, 300, 8, generator=g) for _ in range(3)]
+    values = [torch.randn(2, 300, 8, generator=g) for _ in range(3)]
+    config = SqueezeConfig(window=20, sinks=2, centroid_ratio=0.1)
+    together = build_indices(keys, values, config)
+    per_layer = build_indices(keys, values, config, device=["cpu"] * 3)
+    for a, b in zip(together, per_layer):
+        for name, tensor in a.tensors().items():
+            assert torch.equal(tensor, b.tensors()[name]), name
+    with pytest.raises(ValueError, match="one per layer"):
+        build_indices(keys, values, config, device=["cpu"] * 2)

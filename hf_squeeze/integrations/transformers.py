@@ -30,6 +30,27 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return [found[i] for i in sorted(found)]
 
 
+def layer_devices(model) -> list[torch.device]:
+    """The device each attention layer computes on (its weights' device).
+
+    A model dispatched over several GPUs (`device_map="auto"`) runs each layer where its weights are,
+    so that is where the layer's part of a SqueezedCache must live. Weights offloaded to CPU or disk
+    (accelerate keeps them on the "meta" device and copies them in per call) are refused.
+    """
+    devices = []
+    for module in attention_modules(model):
+        weight = next(module.parameters(), None)
+        device = weight.device if weight is not None else model.device
+        if device.type == "meta":
+            raise NotImplementedError(
+                f"attention layer {module.layer_idx} has its weights offloaded (on the meta device); a SqueezedCache "
+                "needs every layer resident on a device: load the model with a device_map without 'disk' (and "
+                "without CPU offload), e.g. device_map='auto' with enough GPU memory, or max_memory set to fit"
+            )
+        devices.append(device)
+    return devices
+
+
 def check_model(model) -> None:
     """Raise a clear error if `model` cannot use a SqueezedCache."""
     config = getattr(model, "config", None)
