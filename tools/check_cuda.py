@@ -8,7 +8,8 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - Triton kernels (the default on CUDA) vs the torch reference path, flat and hierarchical index:
   keep=1 logits within 1e-4, same tokens at keep=1 and keep=0.2;
 - `generate_greedy` (decode step replayed as a CUDA graph): same tokens as `model.generate`, squeezed
-  and with a dense StaticCache.
+  and with a dense StaticCache;
+- the GPU K-means builds the same index whatever layers share its batch (as on several GPUs).
 """
 
 import os
@@ -148,6 +149,25 @@ def main():
     want = model.generate(full, max_new_tokens=24, do_sample=False)
     model.set_attn_implementation("squeezed")
     check("dense StaticCache CUDA graph tokens == generate", torch.equal(got, want))
+
+    # K-means on the GPU: a layer's index must not depend on which layers share its K-means batch
+    # (on several GPUs the batches split at device boundaries) - Triton kernels, bf16 keys.
+    import hf_squeeze.index as index_module
+
+    kg = torch.Generator(device=device).manual_seed(3)
+    keys = [torch.randn(4, 6000, 64, device=device, generator=kg, dtype=torch.bfloat16) for _ in range(5)]
+    values = [torch.randn_like(k) for k in keys]
+    for hierarchical in (False, True):
+        config = SqueezeConfig(hierarchical=hierarchical)
+        together = index_module.build_indices(keys, values, config)
+        saved = index_module._KMEANS_GROUP_ELEMENTS
+        index_module._KMEANS_GROUP_ELEMENTS = 2 * 4 * 6000 * 64  # two layers per batch
+        try:
+            apart = index_module.build_indices(keys, values, config)
+        finally:
+            index_module._KMEANS_GROUP_ELEMENTS = saved
+        same = all(torch.equal(t, b.tensors()[n]) for a, b in zip(together, apart) for n, t in a.tensors().items())
+        check(f"GPU K-means index independent of layer grouping (hierarchical={hierarchical})", same)
 
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name()}")
