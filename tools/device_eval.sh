@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The RULER runs of EVAL.md on the GPU machine, which has no network, no `gguf`, and takes files of
-# at most 64 MiB per command. The Qwen GGUF travels in 56 MiB pieces (one command each, appended
-# under /tmp/stage, which survives while the machine stays warm); the run folders (samples built
+# at most 64 MiB per command, the tree included (about 8 MB). The GGUFs travel in 50 MiB pieces
+# (`split -b 50M -d -a 2 FILE .device-carry/NAME/part.`; one command each, appended under
+# /tmp/stage, which survives while the machine stays warm); the run folders (samples built
 # here with `hf-squeeze eval --prepare-only`) travel xz-compressed with the gguf wheel and the RULER
 # code (its haystack data is not needed once the samples exist). `run` evaluates the listed runs
 # side by side (several worker processes each: the torch path is bound by kernel launches, not by
