@@ -68,6 +68,23 @@ def reference_keep(query, index, rule, scaling, q_valid=None):
     return lookup(q, index, scaling, rule, q_valid).lengths > 0
 
 
+def check_work(work, expected, index):
+    """The work list: the kept clusters in order, cut into pieces of at most PIECE_ROWS keys, with
+    the kept keys before each piece."""
+    piece = kernels.PIECE_ROWS
+    for b in range(expected.shape[0]):
+        for h in range(expected.shape[1]):
+            pieces, before = [], 0
+            for c in expected[b, h].nonzero().flatten().tolist():
+                start, count = int(index.offsets[h, c]), int(index.counts[h, c])
+                pieces += [(start + j, min(piece, count - j), before + j) for j in range(0, count, piece)]
+                before += count
+            n = int(work.nsel[b, h])
+            got = list(zip(work.starts[b, h, :n].tolist(), work.lengths[b, h, :n].tolist(), work.positions[b, h, :n].tolist()))
+            assert got == pieces
+            assert int(work.nkeys[b, h]) == before
+
+
 @pytest.mark.parametrize("kind", ["budget", "threshold", "none", "all"])
 @pytest.mark.parametrize("group,tokens", [(1, 1), (3, 1), (4, 6), (7, 1)])
 def test_lookup_kernel_selects_what_the_reference_selects(kind, group, tokens):
@@ -89,20 +106,7 @@ def test_lookup_kernel_selects_what_the_reference_selects(kind, group, tokens):
         per_head = (index.counts[None] * expected).sum(-1)
         assert (per_head >= rule.budget).all() and (per_head < rule.budget + max(SIZES)).all()
 
-    # The work list: the kept clusters in order, cut into pieces of at most PIECE_ROWS keys, with
-    # the kept keys before each piece.
-    piece = kernels.PIECE_ROWS
-    for b in range(query.shape[0]):
-        for h in range(index.keys.shape[0]):
-            pieces, before = [], 0
-            for c in expected[b, h].nonzero().flatten().tolist():
-                start, count = int(index.offsets[h, c]), int(index.counts[h, c])
-                pieces += [(start + j, min(piece, count - j), before + j) for j in range(0, count, piece)]
-                before += count
-            n = int(work.nsel[b, h])
-            got = list(zip(work.starts[b, h, :n].tolist(), work.lengths[b, h, :n].tolist(), work.positions[b, h, :n].tolist()))
-            assert got == pieces
-            assert int(work.nkeys[b, h]) == before
+    check_work(work, expected, index)
 
 
 @pytest.mark.parametrize("tokens", [1, 4])

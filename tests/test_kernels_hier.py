@@ -16,7 +16,7 @@ from hf_squeeze.cache import SqueezedLayer
 from hf_squeeze.index import LayerIndex
 from hf_squeeze.lookup import SelectionRule, lookup
 
-from .test_kernels import DEVICE, assert_close, make_inputs, poisoned
+from .test_kernels import DEVICE, assert_close, check_work, make_inputs, poisoned
 
 # Fine clusters per coarse cluster (0: a coarse cluster with no child), and keys per fine cluster.
 CHILDREN = [3, 0, 5, 1, 4, 2, 6, 3, 2, 4]
@@ -95,22 +95,6 @@ def reference(index, rule, query, scaling, q_valid=None):
             ids = torch.searchsorted(index.offsets[h].cpu(), starts, right=True) - 1
             keep[b, h, ids] = True
     return keep, sel.scored
-
-
-def check_work(work, expected, index):
-    """The work list: the kept clusters in order, cut into pieces, with the kept keys before each."""
-    piece = kernels.PIECE_ROWS
-    for b in range(expected.shape[0]):
-        for h in range(expected.shape[1]):
-            pieces, before = [], 0
-            for c in expected[b, h].nonzero().flatten().tolist():
-                start, count = int(index.offsets[h, c]), int(index.counts[h, c])
-                pieces += [(start + j, min(piece, count - j), before + j) for j in range(0, count, piece)]
-                before += count
-            n = int(work.nsel[b, h])
-            got = list(zip(work.starts[b, h, :n].tolist(), work.lengths[b, h, :n].tolist(), work.positions[b, h, :n].tolist()))
-            assert got == pieces
-            assert int(work.nkeys[b, h]) == before
 
 
 @pytest.mark.parametrize(
