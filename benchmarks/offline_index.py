@@ -271,7 +271,7 @@ def save_load(n, config, device, tmp) -> dict:
     from hf_squeeze import SqueezedCache
     from hf_squeeze.cache import FixedContext
     from hf_squeeze.index import calibrate
-    from hf_squeeze.integrations.transformers import model_fingerprint
+    from hf_squeeze.integrations.fingerprint import model_fingerprint
 
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=256, hidden_size=256, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=32,

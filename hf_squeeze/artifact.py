@@ -1,8 +1,11 @@
 """Saving and loading a fixed context: one safetensors file, its JSON header in the metadata.
 
 Nothing is ever unpickled. The header records the format version, the `SqueezeConfig`, the resolved
-selection rule, the model fingerprint, the sha256 of the context's token ids and a CRC32 of every
-tensor, so that a file for another model, another context, or a corrupted/truncated file is refused.
+selection rules, the model fingerprint, the sha256 of the context's token ids and, for every tensor,
+its dtype, shape and CRC32. The header itself is covered by a sha256 stored beside it, so every
+part of the file is checked: the header by its sha256, the tensors' layout against the header, and
+their bytes by their CRC32s. A file for another model or context, edited, corrupted or truncated is
+refused. (Checksums catch accidents, not forgery: whoever can edit the file can recompute them.)
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from safetensors.torch import save_file
 
 from .config import SqueezeConfig
 from .index import LayerIndex
-from .integrations.transformers import check_fingerprint, layer_devices
+from .integrations.fingerprint import check_fingerprint
+from .integrations.transformers import layer_devices
 from .lookup import SelectionRule
 
 _PROGRESS_BYTES = 1 << 30
 
 FORMAT = "hf_squeeze.fixed_context"
-VERSION = 1
+VERSION = 2  # 2: header sha256, tensor dtypes and shapes, fingerprint over every weight
+_HEADER_KEY, _HEADER_SHA_KEY = "hf_squeeze", "hf_squeeze_sha256"
 
 
 def _crc(tensor: torch.Tensor) -> int:
@@ -75,20 +80,61 @@ def save_fixed_context(fixed, path, progress: bool = True) -> Path:
         "fingerprint": fixed.fingerprint,
         "context_tokens": fixed.num_tokens,
         "context_sha256": context_sha256(fixed.context_ids),
+        "tensors": _layout(tensors),
         "crc32": _crcs(tensors, progress, "checksum"),
     }
+    text = json.dumps(header)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if progress:
         print(f"writing {path} ...", flush=True)
-    save_file(tensors, tmp, metadata={"hf_squeeze": json.dumps(header)})
+    save_file(tensors, tmp, metadata={_HEADER_KEY: text, _HEADER_SHA_KEY: _sha256(text)})
     tmp.replace(path)  # a crash mid-write never leaves a half-written file under the final name
     return path
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Per tensor, [dtype, shape]: what the bytes mean, which their CRC32 alone does not cover."""
+    return {name: [str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()}
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _bad_file(path, why) -> ValueError:
     return ValueError(f"{path} is not a usable hf_squeeze cache file: {why}. Rebuild it with SqueezedCache.from_context "
                       "and save it again.")
+
+
+def _read_header(path, metadata: dict) -> dict:
+    raw = metadata.get(_HEADER_KEY)
+    if raw is None:
+        raise _bad_file(path, "it has no hf_squeeze header (is it a cache file?)")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise _bad_file(path, f"its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _bad_file(path, f"unknown format {header.get('format') if isinstance(header, dict) else header!r}")
+    if header.get("version") != VERSION:
+        raise _bad_file(path, f"it has format version {header.get('version')}, and this hf_squeeze reads version "
+                              f"{VERSION} only (version 1 files left their header unchecked)")
+    if metadata.get(_HEADER_SHA_KEY) != _sha256(raw):
+        raise _bad_file(path, "its header was edited or corrupted (its sha256 does not match)")
+    return header
+
+
+def read_header(path) -> dict:
+    """The checked JSON header of a saved cache (what `hf-squeeze info` prints)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no hf_squeeze cache file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return _read_header(path, handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise _bad_file(path, f"it is truncated or not a safetensors file ({error})") from None
 
 
 def load_fixed_context(path, model, fixed_cls, progress: bool = True):
@@ -100,20 +146,10 @@ def load_fixed_context(path, model, fixed_cls, progress: bool = True):
     except (SafetensorError, OSError, ValueError) as error:
         raise _bad_file(path, f"it is truncated or not a safetensors file ({error})") from None
     with handle:
-        raw = (handle.metadata() or {}).get("hf_squeeze")
-        if raw is None:
-            raise _bad_file(path, "it has no hf_squeeze header (is it a cache file?)")
-        try:
-            header = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise _bad_file(path, f"its header is not valid JSON ({error})") from None
-        if header.get("format") != FORMAT:
-            raise _bad_file(path, f"unknown format {header.get('format')!r}")
-        if header.get("version") != VERSION:
-            raise _bad_file(path, f"format version {header.get('version')} (this hf_squeeze reads {VERSION})")
+        header = _read_header(path, handle.metadata() or {})
         check_fingerprint(header["fingerprint"], model)
         names = set(handle.keys())
-        if set(header["crc32"]) != names:
+        if set(header["crc32"]) != names or set(header["tensors"]) != names:
             raise _bad_file(path, "its tensors do not match its header")
         progress = progress and path.stat().st_size >= _PROGRESS_BYTES
         try:
@@ -122,6 +158,10 @@ def load_fixed_context(path, model, fixed_cls, progress: bool = True):
                        for name in tqdm(sorted(names), desc="read", unit="tensor", disable=not progress)}
         except (SafetensorError, OSError, RuntimeError) as error:
             raise _bad_file(path, f"a tensor could not be read ({error})") from None
+    layout = _layout(tensors)
+    for name in sorted(tensors):
+        if layout[name] != header["tensors"][name]:
+            raise _bad_file(path, f"tensor {name} is {layout[name]} but its header says {header['tensors'][name]}")
     crcs = _crcs(tensors, progress, "checksum")
     for name in sorted(tensors):
         if crcs[name] != header["crc32"][name]:

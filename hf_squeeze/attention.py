@@ -37,7 +37,7 @@ def squeezed_attention_forward(
         scaling = query.shape[-1] ** -0.5
     layer = getattr(key, LAYER_ATTR, None)
     if layer is not None:
-        return layer.attend(module, query, key, value, attention_mask, scaling), None
+        return layer.attention(module, query, key, value, attention_mask, scaling), None
     return exact_attention(query, key, value, attention_mask, scaling, dropout if module.training else 0.0), None
 
 

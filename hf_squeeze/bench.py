@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Logits
 from .cache import SqueezedCache
 from .config import SqueezeConfig
 from .generation import GenerationTimes, generate_greedy
+from .integrations.generate import cache_kwargs
 
 SHAPES = {
     # Llama-3.1-8B: 32 layers, hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256.
@@ -107,7 +108,7 @@ def run_eager(model, ids, cache, new_tokens: int) -> tuple[float, float, float, 
     """model.generate; returns TTFT, TPOT (seconds), memory growth per step after the second (bytes)."""
     clock = _StepClock(ids.device)
     start = time.perf_counter()
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, logits_processor=LogitsProcessorList([clock]))
     marks = clock.marks
     ttft, tpot = marks[0] - start, (marks[-1] - marks[0]) / max(1, len(marks) - 1)

@@ -5,7 +5,7 @@ fingerprint) is immutable and shared by every `fork()` and `copy.deepcopy` of a 
 adds (the user input and generated tokens, the "dynamic" part) lives in each `SqueezedLayer`, which
 behaves like transformers' `DynamicLayer` for it.
 
-Logical length = fixed tokens + dynamic tokens, so `generate(full_ids, past_key_values=cache)` feeds
+Logical length = fixed tokens + dynamic tokens, so `generate(full_ids, cache=cache)` feeds
 only the new tokens and numbers positions from the full length. Masks are built for the dynamic
 part only (`get_mask_sizes` returns the fixed length as offset): nothing per step scales with the
 context beyond the selected keys.
@@ -13,8 +13,10 @@ context beyond the selected keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ from .config import SqueezeConfig
 from .devices import on_device
 from .index import LayerIndex, build_indices, calibrate
 from .integrations import transformers as integration
+from .integrations.fingerprint import check_fingerprint, model_fingerprint
+from .integrations.generate import cache_kwargs, check_guarded, install_guard
 from .lookup import SelectionRule, expand_ranges, lookup
 
 try:  # the kernels need Triton; without it every device uses the torch reference path
@@ -64,6 +68,9 @@ class SqueezedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = True
+    # Set by `update`, cleared when the registered attention reads this layer: still set at the next
+    # layer's update means the model's attention bypassed the squeezed context (SqueezedCache.update).
+    awaiting_attention = False
 
     def __init__(self, index: LayerIndex, rule: SelectionRule, fixed_tokens: int, kernel_views: dict | None = None):
         super().__init__()
@@ -106,7 +113,12 @@ class SqueezedLayer(CacheLayerMixin):
                 f"{key_states.shape[1]} of dim {key_states.shape[3]}: this cache was built for another model"
             )
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._store(key_states[:, :, :0], value_states[:, :, :0])
+        old = getattr(self, "_key_buffer", None)
+        if old is not None and old.shape[:2] == key_states.shape[:2] and old.dtype == key_states.dtype \
+                and old.device == key_states.device and self._value_buffer.shape[-1] == value_states.shape[-1]:
+            self._set_length(0)  # a reset layer keeps its buffers for the next request of the same shape
+        else:
+            self._store(key_states[:, :, :0], value_states[:, :, :0])
         self.is_initialized = True
 
     # The dynamic part lives in buffers with room to grow (doubling), so a decode step writes one
@@ -143,6 +155,7 @@ class SqueezedLayer(CacheLayerMixin):
                 f"this SqueezedCache holds {self.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}: "
                 "use cache.fork() to start a new request"
             )
+        self.awaiting_attention = True
         new = key_states.shape[-2]
         if self.device_length is not None:
             return self._update_reserved(key_states, value_states)
@@ -217,12 +230,18 @@ class SqueezedLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.length, self.device_length = 0, None
         self.is_initialized = False
+        self.awaiting_attention = False
         self._reset_stats()
 
     def crop(self, tokens_to_remove: int):
-        # transformers >= 5.18 passes a negative count; earlier versions an absolute length.
-        remove = -tokens_to_remove if tokens_to_remove < 0 else self.get_seq_length() - tokens_to_remove
-        if remove <= 0:
+        """Remove tokens from the end of the dynamic part: `-n` removes n tokens, 0 removes nothing (assisted
+        generation calls it when every candidate was accepted); a positive value is an absolute length to
+        keep, as transformers < 5.18 passed it (a length at or above the current one removes nothing)."""
+        if tokens_to_remove <= 0:
+            remove = -tokens_to_remove
+        else:
+            remove = max(self.get_seq_length() - tokens_to_remove, 0)
+        if remove == 0:
             return
         if remove > self.dynamic_length():
             raise ValueError(
@@ -248,6 +267,12 @@ class SqueezedLayer(CacheLayerMixin):
         raise NotImplementedError("SqueezedCache does not support offloading")
 
     # ---- attention ------------------------------------------------------------------------
+    def attention(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        """What the registered attention function calls: the checks every request passes, then `attend`."""
+        check_guarded(module)
+        self.awaiting_attention = False
+        return self.attend(module, query, key, value, attention_mask, scaling)
+
     def select_ranges(self, q, scaling, q_weight):
         """The key ranges of the clustered context that queries `q` [B, H, G, T, D] read (a `Selection`).
 
@@ -359,10 +384,16 @@ class SqueezedCache(Cache):
     """A KV cache over a fixed context squeezed by clustering its keys (Squeezed Attention).
 
     Build it once per context with `from_context` (or `load` a saved one), then pass `cache.fork()`
-    as `past_key_values` to each `generate` call whose prompt starts with that context.
+    as `cache=` (or `past_key_values=`) to each `generate` call whose prompt starts with that context.
+
+    One fork serves one request at a time in one thread: a second thread is refused, and a `generate`
+    call on a fork that already served a request starts it over from the fixed context (exactly as a
+    fresh fork would).
     """
 
     build_stats: dict | None = None  # set by from_context: time and peak GPU memory of each step
+    _owner: int | None = None  # the thread whose forward passes this cache serves (set at first use)
+    _busy: bool = False  # inside a generate() call
 
     def __init__(self, fixed: FixedContext):
         self.fixed = fixed
@@ -413,8 +444,8 @@ class SqueezedCache(Cache):
         stats["index_seconds"] = _elapsed(start, gpus)
         if gpus:
             stats["index_peak_gpu_bytes"] = _reset_peaks(gpus)
-        fixed = FixedContext(tuple(indices), tuple(rules), config, ids.cpu(), integration.model_fingerprint(model))
-        integration.install_generation_guard(model)
+        fixed = FixedContext(tuple(indices), tuple(rules), config, ids.cpu(), model_fingerprint(model))
+        install_guard(model)
         cache = cls(fixed)
         cache.build_stats = stats
         return cache
@@ -467,8 +498,17 @@ class SqueezedCache(Cache):
 
         integration.check_model(model)
         fixed = load_fixed_context(path, model, FixedContext, progress)
-        integration.install_generation_guard(model)
+        install_guard(model)
         return cls(fixed)
+
+    def bind(self, model) -> "SqueezedCache":
+        """This cache for another model object holding the same model (say, loaded again, or a copy on
+        other devices): checks the model (architecture, configuration, every weight), guards its
+        `generate`, and returns a fresh cache placed on its layers' devices."""
+        integration.check_model(model)
+        check_fingerprint(self.fixed.fingerprint, model)
+        install_guard(model)
+        return self.to(integration.layer_devices(model))
 
     def to(self, device, non_blocking: bool = False) -> "SqueezedCache":
         """A fresh (forked) cache whose fixed context lives on `device`, or on one device per layer
@@ -486,35 +526,55 @@ class SqueezedCache(Cache):
         return type(self)(moved)
 
     # ---- requests ----------------------------------------------------------------------------
-    def check_request(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
-        """Refuse a first `generate` step whose prompt does not start with the cached context."""
-        if self.layers[0].dynamic_length():
-            return  # continuing a request: the prefix was checked when it started
-        n = self.fixed.num_tokens
-        if attention_mask is not None and attention_mask.shape[-1] >= n and not bool(attention_mask[:, :n].all()):
-            raise ValueError(
-                "attention_mask masks tokens of the fixed context; the context cannot be padded. "
-                "Put padding between the context and the question (left-pad the questions) instead."
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:
+            self._claim_thread()
+        # Layers run in order, so the previous layer (for layer 0: the last one, in the previous
+        # forward pass) must have been read by the squeezed attention since its update.
+        previous = self.layers[layer_idx - 1]
+        if previous.awaiting_attention:
+            raise RuntimeError(
+                f"layer {(layer_idx - 1) % len(self.layers)} stored its keys in this SqueezedCache but its attention "
+                "never read them: the model's attention is not the squeezed one, so it would ignore the fixed "
+                "context. Load the model with attn_implementation='squeezed' (after `import hf_squeeze`) or call "
+                "model.set_attn_implementation('squeezed'); then use a fresh cache.fork()."
             )
-        if input_ids is None:
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def _claim_thread(self):
+        me = threading.get_ident()
+        if self._owner == me:
             return
-        only_new = attention_mask is not None and attention_mask.shape[-1] == n + input_ids.shape[-1]
-        if only_new:
-            return  # the caller passed only the new tokens, with a mask over the full sequence
-        if input_ids.shape[-1] <= n:
-            raise ValueError(
-                f"the prompt has {input_ids.shape[-1]} tokens but the cache already holds a {n}-token fixed context: "
-                "pass the full prompt, the context ids followed by at least one new token"
+        with _CLAIM:
+            if self._owner is None:
+                self._owner = me
+        if self._owner != me:
+            raise RuntimeError(
+                "this SqueezedCache is already serving a request in another thread; one cache serves one request at "
+                "a time: give each request (and each thread) its own cache.fork() (forks share the fixed context)"
             )
-        expected = self.fixed.context_ids.to(input_ids.device)
-        differs = input_ids[:, :n] != expected
-        if bool(differs.any()):
-            row, pos = (int(i) for i in differs.nonzero()[0])
-            raise ValueError(
-                f"the prompt does not start with the context this SqueezedCache was built for: row {row} differs "
-                f"at token {pos} (cached id {int(expected[pos])}, got {int(input_ids[row, pos])}). Build or load "
-                "the cache for this context, or pass torch.cat([context_ids, question_ids], -1) as the prompt."
-            )
+
+    @contextlib.contextmanager
+    def serving(self, input_ids=None, attention_mask=None):
+        """Bracket one request (a `generate` call): refuse a second one meanwhile, and start a cache that
+        already served a request over from its fixed context."""
+        with _CLAIM:
+            if self._busy:
+                raise RuntimeError(
+                    "this SqueezedCache is serving another generate() call (from another thread?): give each request "
+                    "its own cache.fork() (forks share the fixed context, so they cost nothing)"
+                )
+            self._busy = True
+        try:
+            self.reset()
+            yield self
+        finally:
+            self._busy = False
+
+    def reset(self):
+        """Drop what requests added: back to the fixed context alone, as a fresh fork."""
+        super().reset()
+        self._owner = None
 
     def stats(self) -> dict:
         """Size of the index, and what attention read since this cache was forked."""
@@ -549,6 +609,9 @@ class SqueezedCache(Cache):
             f"SqueezedCache(fixed_tokens={s['fixed_tokens']}, layers={s['layers']}, clusters={s['clusters']}, "
             f"keep={s['keep']}, selection={s['selection']!r}, dynamic_tokens={s['dynamic_tokens']})"
         )
+
+
+_CLAIM = threading.Lock()  # guards the hand-over of a cache between threads and requests
 
 
 def _elapsed(start: float, gpus) -> float:
@@ -633,7 +696,7 @@ class _ContextRecorder(DynamicLayer):
         setattr(keys, LAYER_ATTR, self)
         return keys, self.values
 
-    def attend(self, module, query, key, value, attention_mask, scaling):
+    def attention(self, module, query, key, value, attention_mask, scaling):
         q = query[0, :, -self.window :].float()
         self.queries = q if self.queries is None else torch.cat([self.queries, q], 1)[:, -self.window :]
         self.scaling = scaling
@@ -661,7 +724,7 @@ def _prefill_context(model, ids: torch.Tensor, config: SqueezeConfig, progress: 
     base = model.base_model
     chunks = ids.split(config.prefill_chunk)
     for chunk in tqdm(chunks, desc="prefill context", unit="chunk", disable=not progress or len(chunks) < 2):
-        base(input_ids=chunk[None], past_key_values=recorder, use_cache=True)
+        base(input_ids=chunk[None], use_cache=True, **cache_kwargs(base, recorder))
     keys = [layer.keys[0] for layer in recorder.layers]
     values = [layer.values[0] for layer in recorder.layers]
     queries = [layer.queries for layer in recorder.layers]

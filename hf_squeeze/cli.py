@@ -94,14 +94,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from safetensors import safe_open
+    from .artifact import read_header
 
-    with safe_open(args.file, framework="pt") as handle:
-        header = json.loads((handle.metadata() or {}).get("hf_squeeze", "null"))
-    if header is None:
-        print(f"{args.file}: not an hf_squeeze cache file", file=sys.stderr)
+    try:
+        header = read_header(args.file)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
-    header.pop("crc32", None)
+    for name in ("crc32", "tensors"):
+        header.pop(name, None)
     print(json.dumps(header, indent=2))
     return 0
 

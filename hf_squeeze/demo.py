@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from .cache import SqueezedCache
 from .config import SqueezeConfig
+from .integrations.generate import cache_kwargs
 from .models import package_dir
 
 
@@ -74,7 +75,7 @@ def answer(model, tokenizer, prompt: torch.Tensor, cache, max_new_tokens: int = 
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
     )

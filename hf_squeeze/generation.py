@@ -1,6 +1,6 @@
 """Greedy generation whose decode step is one CUDA graph replay.
 
-`model.generate(full_ids, past_key_values=cache.fork())` works with every transformers feature, but
+`model.generate(full_ids, cache=cache.fork())` works with every transformers feature, but
 each decode step runs the model eagerly: per layer, Python and a few dozen kernel launches. On a
 GPU that host work can take longer than the step's GPU work, and then a faster attention kernel
 changes nothing the user feels. `generate_greedy` runs the prompt eagerly, fixes the cache's
@@ -13,12 +13,14 @@ already write in place at a position counted on the device).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import StaticCache
 
+from .integrations.generate import cache_kwargs, check_request
 from .integrations.transformers import layer_devices
 
 
@@ -54,23 +56,29 @@ def _gpus(model, device) -> list[torch.device]:
 def generate_greedy(
     model,
     input_ids: torch.Tensor,
-    past_key_values,
-    max_new_tokens: int,
+    cache=None,
+    max_new_tokens: int | None = None,
     *,
+    past_key_values=None,
     cuda_graph: bool | None = None,
     times: GenerationTimes | None = None,
 ) -> torch.Tensor:
     """Greedy decoding of `max_new_tokens` tokens after `input_ids` [1, L] (the full prompt).
 
-    `past_key_values`: a fresh `SqueezedCache.fork()` (the prompt must start with its context), or
-    a `StaticCache` holding a prefix of the prompt (or nothing) with room for the whole output.
+    `cache` (or `past_key_values`, its name before transformers 5.24): a `SqueezedCache.fork()` (the
+    prompt must start with its context; a fork that served a request starts over), or a
+    `StaticCache` holding a prefix of the prompt (or nothing) with room for the whole output.
     `cuda_graph` (default: on one CUDA device) captures the decode step; False runs the same step
     eagerly (same results; for CPUs, checks, and models spread over several GPUs, whose steps one
     graph cannot capture). Generation does not stop at an end-of-sequence
     token (stopping would need the host to look at every token): cut the output after it.
     Returns [1, L + max_new_tokens]; `times`, if given, receives the timings.
     """
-    cache = past_key_values
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("generate_greedy got two caches, `cache` and `past_key_values`: pass one of them")
+    cache = cache if cache is not None else past_key_values
+    if max_new_tokens is None:
+        raise TypeError("generate_greedy needs max_new_tokens")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
             f"generate_greedy takes one prompt of shape [1, L], got {tuple(input_ids.shape)}; for batches of "
@@ -94,10 +102,18 @@ def generate_greedy(
         raise TypeError(
             f"generate_greedy needs a SqueezedCache or a transformers StaticCache, got {type(cache).__name__}"
         )
+    squeezed = hasattr(cache, "serving")
+    if squeezed:
+        check_request(model, cache, input_ids, {})
+    with cache.serving() if squeezed else contextlib.nullcontext():
+        return _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus)
+
+
+def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus) -> torch.Tensor:
+    device = input_ids.device
+    reserve = getattr(cache, "reserve", None)
     past = int(cache.get_seq_length())
     prompt = input_ids.shape[1]
-    if hasattr(cache, "check_request"):
-        cache.check_request(input_ids, None)
     if prompt <= past:
         raise ValueError(f"the prompt has {prompt} tokens and the cache already holds {past}: nothing to prefill")
     room = cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None
@@ -109,7 +125,7 @@ def generate_greedy(
     times = times if times is not None else GenerationTimes()
 
     start = _mark(gpus)
-    logits = model(input_ids=input_ids[:, past:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=input_ids[:, past:], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
     out = torch.empty(1, max_new_tokens, dtype=torch.long, device=device)
     out[:, :1] = logits[:, -1].argmax(-1, keepdim=True)
     times.prefill = _mark(gpus) - start
@@ -133,7 +149,7 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
     slot = torch.ones(1, dtype=torch.long, device=device)
 
     def step():
-        logits = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, position_ids=position, use_cache=True, **cache_kwargs(model, cache)).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         out.index_copy_(1, slot, nxt)
         token.copy_(nxt)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from hf_squeeze import cache_kwargs
 from hf_squeeze.attention import causal_mask, exact_attention, merge_partials, partial_attention
 
 from .conftest import tiny_model
@@ -67,8 +68,8 @@ def test_squeezed_without_squeezed_cache_equals_sdpa(kind):
             valid = model_kwargs.get("attention_mask", torch.ones_like(ids)).bool()
             assert torch.allclose(a[valid], b[valid], atol=1e-5)
     # incremental decoding with an ordinary DynamicCache
-    a = squeezed.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), max_new_tokens=6, do_sample=False)
-    b = sdpa.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), max_new_tokens=6, do_sample=False)
+    a = squeezed.generate(ids, attention_mask=mask, **cache_kwargs(squeezed, DynamicCache()), max_new_tokens=6, do_sample=False)
+    b = sdpa.generate(ids, attention_mask=mask, **cache_kwargs(sdpa, DynamicCache()), max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
 
 

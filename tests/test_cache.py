@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_squeeze.cache as cache_module
-from hf_squeeze import SqueezedCache, SqueezeConfig
+from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
 from hf_squeeze.attention import partial_attention
 
 QUESTION = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(2))
@@ -14,7 +14,7 @@ QUESTION = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(
 def generate(model, ids, cache, **kwargs):
     kwargs.setdefault("max_new_tokens", 10)
     kwargs.setdefault("do_sample", False)
-    return model.generate(ids, past_key_values=cache, **kwargs)
+    return model.generate(ids, **cache_kwargs(model, cache), **kwargs)
 
 
 def full_prompt(context, question=QUESTION):
@@ -36,7 +36,7 @@ def test_keep_all_is_exact(tiny, context, config):
     ids = full_prompt(context)
     assert torch.equal(generate(tiny, ids, cache.fork()), generate(tiny, ids, DynamicCache()))
     with torch.no_grad():
-        squeezed = tiny(QUESTION[None], past_key_values=cache.fork()).logits
+        squeezed = tiny(QUESTION[None], **cache_kwargs(tiny, cache.fork())).logits
         dense = tiny(ids).logits[:, -QUESTION.numel() :]
     torch.testing.assert_close(squeezed, dense, atol=1e-5, rtol=1e-5)
 
@@ -75,7 +75,7 @@ def test_sparse_attention_equals_dense_attention_over_the_selected_keys(llama, c
     cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
     request = cache.fork()
     with torch.no_grad():
-        llama(QUESTION[None], past_key_values=request)
+        llama(QUESTION[None], **cache_kwargs(llama, request))
     layer = request.layers[1]
     index = layer.index
     q = torch.randn(1, 6, 1, 16)
@@ -123,7 +123,7 @@ def test_fork_and_deepcopy_share_the_fixed_part(llama, context):
     cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
     request = cache.fork()
     with torch.no_grad():
-        llama(QUESTION[None], past_key_values=request)
+        llama(QUESTION[None], **cache_kwargs(llama, request))
     clone = copy.deepcopy(request)
     assert clone.fixed is cache.fixed and clone.layers[0].index is cache.layers[0].index
     assert clone.layers[0].keys is not request.layers[0].keys
@@ -206,7 +206,7 @@ def test_save_load_round_trip(tiny, context, tmp_path):
 def test_crop_and_reset(llama, context):
     request = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False).fork()
     with torch.no_grad():
-        llama(QUESTION[None], past_key_values=request)
+        llama(QUESTION[None], **cache_kwargs(llama, request))
     request.crop(-4)
     assert request.get_seq_length() == context.numel() + QUESTION.numel() - 4
     with pytest.raises(ValueError, match="fixed context"):
@@ -240,7 +240,7 @@ def test_fork_with_another_keep(llama, context):
         fork = cache.fork(keep=keep)
         assert fork.fixed.layers is cache.fixed.layers and fork.fixed.kernel_views is cache.fixed.kernel_views
         with torch.no_grad():
-            llama(QUESTION[None], past_key_values=fork)
+            llama(QUESTION[None], **cache_kwargs(llama, fork))
         read[keep] = fork.stats()["attended_fraction"]
         assert abs(read[keep] - keep) < 0.05, (keep, read[keep])
     with pytest.raises(ValueError, match="keep"):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hf_squeeze import cache_kwargs
 from hf_squeeze.eval import baselines
 from hf_squeeze.eval.contexts import ContextCaches
 from hf_squeeze.eval.methods import Method, at_budget, default_methods, parse_methods
@@ -96,9 +97,9 @@ def test_rows_with_different_rules_answer_as_alone(tiny, context, label):
     question = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
     rows = question.shape[0]
     with torch.no_grad():
-        batched = tiny(question.repeat(len(methods), 1), past_key_values=caches.cache(methods, rows=rows).fork()).logits
+        batched = tiny(question.repeat(len(methods), 1), **cache_kwargs(tiny, caches.cache(methods, rows=rows).fork())).logits
         for k, method in enumerate(methods):
-            alone = tiny(question, past_key_values=caches.cache([method], rows=rows).fork()).logits
+            alone = tiny(question, **cache_kwargs(tiny, caches.cache([method], rows=rows).fork())).logits
             torch.testing.assert_close(batched[k * rows : (k + 1) * rows], alone, atol=1e-5, rtol=1e-5)
         if label != "streaming":  # different keeps read different keys: the rows must differ
             assert not torch.allclose(batched[:rows], batched[rows:], atol=1e-4)
@@ -109,7 +110,7 @@ def test_full_reads_everything(tiny, context):
     cache = caches.cache([Method("full")], rows=1).fork()
     question = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        squeezed = tiny(question, past_key_values=cache).logits
+        squeezed = tiny(question, **cache_kwargs(tiny, cache)).logits
         reference = tiny(torch.cat([context[None], question], 1)).logits[:, -5:]
     torch.testing.assert_close(squeezed, reference, atol=1e-4, rtol=1e-4)
     read, _ = cache.row_stats()

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from hf_squeeze import SqueezedCache, SqueezeConfig, generate_greedy
+from hf_squeeze import SqueezedCache, SqueezeConfig, generate_greedy, cache_kwargs
 from hf_squeeze.generation import GenerationTimes
 
 QUESTION = torch.randint(3, 256, (9,), generator=torch.Generator().manual_seed(5))
 
 
 def reference(model, ids, cache, new):
-    return model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    return model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new, do_sample=False, min_new_tokens=new)
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.2])
@@ -50,16 +50,16 @@ def test_reserved_layer_masks_unwritten_slots(llama, context):
     cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
     eager, reserved = cache.fork(), cache.fork()
     with torch.no_grad():
-        llama(QUESTION[None], past_key_values=eager)
-        llama(QUESTION[None], past_key_values=reserved)
+        llama(QUESTION[None], **cache_kwargs(llama, eager))
+        llama(QUESTION[None], **cache_kwargs(llama, reserved))
         reserved.reserve(QUESTION.numel() + 8)
         for layer in reserved.layers:
             layer._key_buffer[:, :, QUESTION.numel():] = 1e4
             layer._value_buffer[:, :, QUESTION.numel():] = float("nan")
         position = torch.tensor([[context.numel() + QUESTION.numel()]])
         token = torch.tensor([[7]])
-        want = llama(token, position_ids=position, past_key_values=eager).logits
-        got = llama(token, position_ids=position, past_key_values=reserved).logits
+        want = llama(token, position_ids=position, **cache_kwargs(llama, eager)).logits
+        got = llama(token, position_ids=position, **cache_kwargs(llama, reserved)).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert int(reserved.layers[0].device_length) == QUESTION.numel() + 1
     reserved.release()

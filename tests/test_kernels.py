@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hf_squeeze import kernels
+from hf_squeeze import kernels, cache_kwargs
 from hf_squeeze.cache import SqueezedLayer
 from hf_squeeze.index import LayerIndex
 from hf_squeeze.lookup import SelectionRule, lookup
@@ -244,11 +244,11 @@ def test_forks_share_the_kernel_view_and_match_the_reference(llama, context, mon
     for mode in ("0", "1" if DEVICE == "cpu" else "auto"):
         monkeypatch.setenv("HF_SQUEEZE_KERNELS", mode)
         with torch.no_grad():
-            outputs[mode] = model(question[None], past_key_values=cache.fork()).logits
+            outputs[mode] = model(question[None], **cache_kwargs(model, cache.fork())).logits
     views = cache.layers[0].kernel_views
     assert len(views) == 1
     view = next(iter(views.values()))
     with torch.no_grad():
-        model(question[None], past_key_values=cache.fork())
+        model(question[None], **cache_kwargs(model, cache.fork()))
     assert len(views) == 1 and next(iter(cache.fork().layers[0].kernel_views.values())) is view
     torch.testing.assert_close(outputs["0"], outputs["1" if DEVICE == "cpu" else "auto"], atol=1e-4, rtol=1e-4)

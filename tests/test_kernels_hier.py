@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from hf_squeeze import kernels
+from hf_squeeze import kernels, cache_kwargs
 from hf_squeeze.cache import SqueezedLayer
 from hf_squeeze.index import LayerIndex
 from hf_squeeze.lookup import SelectionRule, lookup
@@ -214,8 +214,8 @@ def test_kernel_path_serves_a_hierarchical_cache(llama, context, monkeypatch):
         monkeypatch.setenv("HF_SQUEEZE_KERNELS", mode)
         request = cache.fork()
         with torch.no_grad():
-            logits = model(question[None], past_key_values=request).logits
-            step = model(question[None, :1], past_key_values=request).logits
+            logits = model(question[None], **cache_kwargs(model, request)).logits
+            step = model(question[None, :1], **cache_kwargs(model, request)).logits
         outputs[mode] = torch.cat([logits, step], 1)
         scored[mode] = request.stats()["centroids_scored"]
         fine_by_kernels = sum(int(layer.kernel_fine_scored.sum()) for layer in request.layers)

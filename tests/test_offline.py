@@ -3,10 +3,10 @@
 import torch
 from transformers import DynamicCache
 
-from hf_squeeze import SqueezedCache, SqueezeConfig
+from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
 from hf_squeeze.cache import _prefill_context
 from hf_squeeze.cli import main
-from hf_squeeze.integrations.transformers import model_fingerprint
+from hf_squeeze.integrations.fingerprint import model_fingerprint
 
 
 def test_chunked_prefill_equals_one_pass(llama, context):
@@ -16,7 +16,7 @@ def test_chunked_prefill_equals_one_pass(llama, context):
         chunked = _prefill_context(llama, context, SqueezeConfig(prefill_chunk=64), progress=False)
         whole = _prefill_context(llama, context, SqueezeConfig(prefill_chunk=10_000), progress=False)
         dense = DynamicCache()
-        llama.base_model(input_ids=context[None], past_key_values=dense, use_cache=True)
+        llama.base_model(input_ids=context[None], **cache_kwargs(llama.base_model, dense), use_cache=True)
     for layer, (k, v) in enumerate(zip(chunked[0], chunked[1])):
         assert k.shape == (2, context.numel(), 16)
         torch.testing.assert_close(k, whole[0][layer], atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_squeeze import SqueezedCache, SqueezeConfig
+from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
 from hf_squeeze.demo import Fact, answer, chat_prompt_ids, document
 
 FACT = Fact("The secret passcode for the blue vault is 7351.", "What is the secret passcode for the blue vault?", "7351")
@@ -33,11 +33,11 @@ def test_keep_all_matches_dense_on_the_real_model(smollm2, prompt):
     context, question = prompt
     cache = SqueezedCache.from_context(model, context, SqueezeConfig(keep=1.0), progress=False)
     ids = torch.cat([context, question])[None]
-    squeezed = model.generate(ids, past_key_values=cache.fork(), max_new_tokens=12, do_sample=False)
-    dense = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=12, do_sample=False)
+    squeezed = model.generate(ids, **cache_kwargs(model, cache.fork()), max_new_tokens=12, do_sample=False)
+    dense = model.generate(ids, **cache_kwargs(model, DynamicCache()), max_new_tokens=12, do_sample=False)
     assert torch.equal(squeezed, dense)
     with torch.no_grad():
-        logits = model(question[None], past_key_values=cache.fork(), logits_to_keep=1).logits
+        logits = model(question[None], **cache_kwargs(model, cache.fork()), logits_to_keep=1).logits
         reference = model(ids, logits_to_keep=1).logits
         model.set_attn_implementation("sdpa")  # and against transformers' own attention
         try:
@@ -83,7 +83,7 @@ def test_per_layer_threshold_spreads_the_budget_evenly(smollm2, prompt):
         config = SqueezeConfig(keep=0.2, selection="threshold", threshold_scope=scope)
         request = SqueezedCache.from_context(model, context, config, progress=False).fork()
         with torch.no_grad():
-            model(question[None], past_key_values=request)
+            model(question[None], **cache_kwargs(model, request))
         per_layer = torch.tensor([float(l.read_fraction_sum) / l.selections for l in request.layers])
         assert abs(per_layer.mean() - 0.2) < 0.05
         spread[scope] = per_layer.std()

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import hf_squeeze  # noqa: F401
-from hf_squeeze import SqueezedCache, SqueezeConfig
+from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
 
 failures = []
 
@@ -51,18 +51,18 @@ def main():
 
     model = model_on(device, torch.float32)
     cache = SqueezedCache.from_context(model, context, SqueezeConfig(keep=1.0), progress=False)
-    a = model.generate(full, past_key_values=cache.fork(), **gen)
-    b = model.generate(full, past_key_values=DynamicCache(), **gen)
+    a = model.generate(full, **cache_kwargs(model, cache.fork()), **gen)
+    b = model.generate(full, **cache_kwargs(model, DynamicCache()), **gen)
     check("fp32 keep=1 tokens equal dense", torch.equal(a, b))
     with torch.no_grad():
-        la = model(question[None], past_key_values=cache.fork()).logits
+        la = model(question[None], **cache_kwargs(model, cache.fork())).logits
         lb = model(full).logits[:, -question.numel():]
     check("fp32 keep=1 logits", (la - lb).abs().max().item() < 1e-4, f"max diff {(la - lb).abs().max().item():.2e}")
 
     half = model_on(device, torch.bfloat16)
     cache16 = SqueezedCache.from_context(half, context, SqueezeConfig(keep=1.0), progress=False)
     with torch.no_grad():
-        la = half(question[None], past_key_values=cache16.fork()).logits.float()
+        la = half(question[None], **cache_kwargs(half, cache16.fork())).logits.float()
         half.set_attn_implementation("sdpa")
         lb = half(full).logits[:, -question.numel():].float()
         half.set_attn_implementation("squeezed")
@@ -73,7 +73,7 @@ def main():
                    SqueezeConfig(keep=0.2, selection="threshold")):
         for m in (model, half):
             request = SqueezedCache.from_context(m, context, config, progress=False).fork()
-            out = m.generate(full, past_key_values=request, **gen)
+            out = m.generate(full, **cache_kwargs(m, request), **gen)
             s = request.stats()
             check(f"{m.dtype} {config.selection} hierarchical={config.hierarchical}",
                   out.shape[1] == full.shape[1] + 12 and abs(s["attended_fraction"] - 0.2) < 0.05,
@@ -96,8 +96,8 @@ def main():
         for mode in ("auto", "0"):  # Triton kernels, then the torch reference
             os.environ["HF_SQUEEZE_KERNELS"] = mode
             with torch.no_grad():
-                logits = model(question[None], past_key_values=request.fork()).logits
-            outputs[mode] = (logits, model.generate(full, past_key_values=request.fork(), **gen))
+                logits = model(question[None], **cache_kwargs(model, request.fork())).logits
+            outputs[mode] = (logits, model.generate(full, **cache_kwargs(model, request.fork()), **gen))
         os.environ["HF_SQUEEZE_KERNELS"] = "auto"
         diff = (outputs["auto"][0] - outputs["0"][0]).abs().max().item()
         if keep == 1.0:
@@ -110,16 +110,16 @@ def main():
     ids = torch.stack([torch.cat([context, torch.zeros(11, dtype=torch.long, device=device), short]), full[0]])
     mask = torch.ones_like(ids)
     mask[0, context.numel(): context.numel() + 11] = 0
-    a = model.generate(ids, attention_mask=mask, past_key_values=cache.fork(), **gen)
-    b = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), **gen)
+    a = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache.fork()), **gen)
+    b = model.generate(ids, attention_mask=mask, **cache_kwargs(model, DynamicCache()), **gen)
     check("padded batch keep=1 equals dense", torch.equal(a, b))
 
     request = SqueezedCache.from_context(model, context, SqueezeConfig(keep=0.2), progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = SqueezedCache.load(request.save(f"{tmp}/c.squeeze"), model)
     check("loaded onto the GPU", loaded.layers[0].index.keys.device.type == "cuda")
-    a = model.generate(full, past_key_values=request.fork(), **gen)
-    b = model.generate(full, past_key_values=loaded.fork(), **gen)
+    a = model.generate(full, **cache_kwargs(model, request.fork()), **gen)
+    b = model.generate(full, **cache_kwargs(model, loaded.fork()), **gen)
     check("save/load round trip on the GPU", torch.equal(a, b))
 
     # generate_greedy: the decode step captured in a CUDA graph and replayed must give the tokens of
@@ -133,7 +133,7 @@ def main():
         m.generation_config.eos_token_id = None  # generate_greedy does not stop (or suppress) at EOS
         for keep in (1.0, 0.2):
             built = SqueezedCache.from_context(m, context, SqueezeConfig(keep=keep), progress=False)
-            want = m.generate(full, past_key_values=built.fork(), max_new_tokens=24, do_sample=False)
+            want = m.generate(full, **cache_kwargs(m, built.fork()), max_new_tokens=24, do_sample=False)
             times = GenerationTimes()
             fork = built.fork()
             got = generate_greedy(m, full, fork, 24, times=times)

@@ -17,6 +17,8 @@ from ..cache import FixedContext, _context_ids, _prefill_context
 from ..config import SqueezeConfig
 from ..index import build_indices, calibrate
 from ..integrations import transformers as integration
+from ..integrations.fingerprint import model_fingerprint
+from ..integrations.generate import install_guard
 from ..lookup import SelectionRule
 from . import baselines
 from .methods import QUEST_PAGE, Method
@@ -60,8 +62,8 @@ class ContextCaches:
         with torch.no_grad():
             self.keys, self.values, self.queries, self.scalings = _prefill_context(model, ids, self.base, progress)
         self.ids = ids.cpu()
-        self.fingerprint = integration.model_fingerprint(model)
-        integration.install_generation_guard(model)
+        self.fingerprint = model_fingerprint(model)
+        install_guard(model)
         self._built = {}
 
     @property

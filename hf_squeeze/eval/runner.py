@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..integrations.generate import cache_kwargs
 from . import ruler
 from .contexts import ContextCaches, group_key
 from .methods import Method
@@ -109,7 +110,7 @@ def answer_questions(model, tokenizer, context_ids: list[int], questions: list[l
     out = model.generate(
         ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         temperature=None,

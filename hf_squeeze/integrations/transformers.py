@@ -1,9 +1,6 @@
-"""Registration with transformers, model compatibility checks, model identity, request guard."""
+"""Registration with transformers, model compatibility checks, where each layer computes."""
 
 from __future__ import annotations
-
-import functools
-import hashlib
 
 import torch
 from transformers import AttentionInterface
@@ -84,70 +81,3 @@ def check_model(model) -> None:
             f"{name}: found {len(modules)} attention modules for {expected} layers; hf_squeeze needs standard "
             "transformers attention modules (with layer_idx and num_key_value_groups)"
         )
-
-
-def model_fingerprint(model) -> dict:
-    """What a saved cache must match: architecture, shapes, dtype and a checksum of key weights."""
-    config = model.config
-    modules = attention_modules(model)
-    digest = hashlib.sha256()
-    probes = [model.get_input_embeddings().weight] + [next(m.parameters()) for m in modules]
-    for weight in probes:
-        digest.update(weight.detach()[:8].float().cpu().contiguous().numpy().tobytes())
-    return {
-        "model_class": type(model).__name__,
-        "model_type": config.model_type,
-        "num_layers": len(modules),
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        "hidden_size": config.hidden_size,
-        "vocab_size": model.get_input_embeddings().weight.shape[0],
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "weights_sha256": digest.hexdigest(),
-    }
-
-
-def check_fingerprint(saved: dict, model) -> None:
-    """Refuse a cache built for another model (or the same model in another dtype)."""
-    current = model_fingerprint(model)
-    shape_fields = [k for k in saved if k not in ("dtype", "weights_sha256")]
-    differ = [k for k in shape_fields if saved.get(k) != current.get(k)]
-    if differ:
-        detail = ", ".join(f"{k}: cache {saved.get(k)!r} vs model {current.get(k)!r}" for k in differ)
-        raise ValueError(f"this cache was built for another model ({detail}); build one for this model with "
-                         "SqueezedCache.from_context")
-    if saved.get("dtype") != current["dtype"]:
-        raise ValueError(
-            f"this cache was built with the model in {saved.get('dtype')} but the model is now {current['dtype']}: "
-            f"load the model with dtype=torch.{saved.get('dtype')}, or rebuild the cache"
-        )
-    if saved.get("weights_sha256") != current["weights_sha256"]:
-        raise ValueError(
-            "this cache was built for a model with the same architecture but different weights (checksum "
-            "mismatch); build one for this model with SqueezedCache.from_context"
-        )
-
-
-def install_generation_guard(model) -> None:
-    """Check, on the first step of every `generate`, that the prompt starts with the cached context.
-
-    `generate` hands the full prompt to `prepare_inputs_for_generation` only, and slices it before the
-    forward pass, so this is the one place a wrong prefix can be seen. The wrapper is set on this
-    model instance (never on a transformers class) and only acts when `past_key_values` is a
-    SqueezedCache.
-    """
-    current = model.prepare_inputs_for_generation
-    if getattr(current, "_hf_squeeze_guard", False):
-        return
-
-    @functools.wraps(current)
-    def prepare_inputs_for_generation(*args, **kwargs):
-        cache = kwargs.get("past_key_values")
-        if hasattr(cache, "check_request"):
-            input_ids = args[0] if args else kwargs.get("input_ids")
-            cache.check_request(input_ids, kwargs.get("attention_mask"))
-        return current(*args, **kwargs)
-
-    prepare_inputs_for_generation._hf_squeeze_guard = True
-    model.prepare_inputs_for_generation = prepare_inputs_for_generation

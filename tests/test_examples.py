@@ -1,0 +1,36 @@
+"""The examples run as users run them (a fresh interpreter, the embedded model, on the CPU), and the
+README shows them as they are."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, *args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", str(ROOT / "examples" / name), *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_quickstart(tmp_path):
+    out = run_example("quickstart.py", str(tmp_path))
+    assert (tmp_path / "essay.squeeze").is_file()
+    answer = next(line for line in out.splitlines() if line.startswith("A: "))
+    assert "7351" in answer, out
+    stats = ast.literal_eval(out.strip().splitlines()[-1])  # the request's statistics, not the parent's
+    assert stats["selections"] > 0 and stats["dynamic_tokens"] > 0
+    assert abs(stats["attended_fraction"] - 0.3) < 0.05
+
+
+def test_readme_shows_the_quickstart_as_it_is():
+    code = (ROOT / "examples" / "quickstart.py").read_text()
+    body = code.split('"""', 2)[2].strip()  # without the module docstring
+    assert body in (ROOT / "README.md").read_text()
