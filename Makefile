@@ -29,7 +29,8 @@ test: $(STAMP)
 
 test-latest:
 	rm -f .venv-latest/.hf_squeeze-installed
-	$(MAKE) test VENV=.venv-latest PINS="--upgrade --upgrade-strategy eager"
+	mkdir -p .venv-latest && echo "$(TORCH)" > .venv-latest/torch-pin.txt
+	$(MAKE) test VENV=.venv-latest PINS="--upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt"
 	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(transformers|torch|accelerate|tokenizers|safetensors) '
 
 test-oldest:

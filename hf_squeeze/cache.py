@@ -555,7 +555,7 @@ class SqueezedCache(Cache):
             )
 
     @contextlib.contextmanager
-    def serving(self, input_ids=None, attention_mask=None):
+    def serving(self):
         """Bracket one request (a `generate` call): refuse a second one meanwhile, and start a cache that
         already served a request over from its fixed context."""
         with _CLAIM:

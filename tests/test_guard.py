@@ -266,6 +266,18 @@ def test_assisted_generation_below_keep_1_runs(built, model, assist):
     assert fork.get_seq_length() == out.shape[1] - 1
 
 
+@pytest.mark.parametrize("extra", [{"use_cache": False}, {"prefill_chunk_size": 4}], ids=["no-use-cache", "chunked"])
+def test_other_generate_paths_give_the_same_tokens(model, built, extra):
+    """`use_cache=False` hands generate's whole sequence over at every step; chunked prefill feeds
+    the prompt in pieces (each piece makes its own selection, so only keep=1 is token-exact)."""
+    context, cache = built
+    if "prefill_chunk_size" in extra:
+        cache = SqueezedCache.from_context(model, context, SqueezeConfig(keep=1.0), progress=False)
+    name = cache_argument(model)
+    ids = prompt(context)
+    assert torch.equal(greedy(model, ids, name, cache.fork(), **extra), greedy(model, ids, name, cache.fork()))
+
+
 def test_crop_follows_the_cache_contract(model, built):
     context, cache = built
     fork = cache.fork()

@@ -5,6 +5,7 @@ clusters of one key, context lengths that are not a multiple of the tile, keys w
 structure (so selections are meaningful), several batch rows, GQA groups of 1, 3, 4 and 7.
 """
 
+import copy
 import math
 
 import pytest
@@ -237,7 +238,7 @@ def test_forks_share_the_kernel_view_and_match_the_reference(llama, context, mon
     index is built once per cache, not once per request."""
     from hf_squeeze import SqueezedCache, SqueezeConfig
 
-    model = llama.to(DEVICE)
+    model = copy.deepcopy(llama).to(DEVICE)  # the session fixture stays on the CPU for the other tests
     question = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     cache = SqueezedCache.from_context(model, context.to(DEVICE), SqueezeConfig(keep=0.3), progress=False)
     outputs = {}

@@ -6,6 +6,7 @@ one key, keys with two levels of cluster structure (so both selections are meani
 batch rows, GQA groups of 1, 3, 4 and 7, decode and prefill with padding tokens.
 """
 
+import copy
 import math
 
 import pytest
@@ -204,7 +205,7 @@ def test_kernel_path_serves_a_hierarchical_cache(llama, context, monkeypatch):
     kernel path and gives the reference's logits, and both paths count the same centroids scored."""
     from hf_squeeze import SqueezedCache, SqueezeConfig
 
-    model = llama.to(DEVICE)
+    model = copy.deepcopy(llama).to(DEVICE)  # the session fixture stays on the CPU for the other tests
     question = torch.randint(3, 256, (6,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     config = SqueezeConfig(keep=0.3, hierarchical=True, centroid_ratio=0.1, l1_ratio=0.02, kmeans_iters=5)
     cache = SqueezedCache.from_context(model, context.to(DEVICE), config, progress=False)

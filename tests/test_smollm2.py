@@ -28,10 +28,16 @@ def dense_answer(smollm2, prompt):
     return answer(model, tokenizer, torch.cat([context, question]), DynamicCache())
 
 
-def test_keep_all_matches_dense_on_the_real_model(smollm2, prompt):
+@pytest.fixture(scope="module")
+def exact_cache(smollm2, prompt):
+    model, _ = smollm2
+    return SqueezedCache.from_context(model, prompt[0], SqueezeConfig(keep=1.0), progress=False)
+
+
+def test_keep_all_matches_dense_on_the_real_model(smollm2, prompt, exact_cache):
     model, _ = smollm2
     context, question = prompt
-    cache = SqueezedCache.from_context(model, context, SqueezeConfig(keep=1.0), progress=False)
+    cache = exact_cache
     ids = torch.cat([context, question])[None]
     squeezed = model.generate(ids, **cache_kwargs(model, cache.fork()), max_new_tokens=12, do_sample=False)
     dense = model.generate(ids, **cache_kwargs(model, DynamicCache()), max_new_tokens=12, do_sample=False)
@@ -88,3 +94,21 @@ def test_per_layer_threshold_spreads_the_budget_evenly(smollm2, prompt):
         assert abs(per_layer.mean() - 0.2) < 0.05
         spread[scope] = per_layer.std()
     assert spread["layer"] < 0.5 * spread["global"], spread
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_requests_on_the_real_model(smollm2, prompt, exact_cache, name):
+    """Prompt-lookup decoding gives greedy's tokens at keep=1; a prompt whose context differs by one
+    token is refused, with either name of the cache argument."""
+    model, tokenizer = smollm2
+    context, question = prompt
+    ids = torch.cat([context, question])[None]
+    greedy = model.generate(ids, **{name: exact_cache.fork()}, max_new_tokens=12, do_sample=False)
+    fork = exact_cache.fork()
+    lookup = model.generate(ids, **{name: fork}, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=5)
+    assert torch.equal(lookup, greedy), tokenizer.decode(lookup[0, ids.shape[1]:])
+    assert fork.get_seq_length() == lookup.shape[1] - 1
+    wrong = ids.clone()
+    wrong[0, 700] = tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="differs at token 700"):
+        model.generate(wrong, **{name: exact_cache.fork()}, max_new_tokens=2)

@@ -81,7 +81,7 @@ def generate(self, *args, **kwargs):
         return type(self).generate(self, *args, **kwargs)
     input_ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
     check_request(self, cache, input_ids, kwargs)
-    with cache.serving(input_ids, kwargs.get("attention_mask")):
+    with cache.serving():
         return type(self).generate(self, *args, **kwargs)
 
 
