@@ -8,8 +8,8 @@ flash backends (the faster one is the anchor); ours is `hf_squeeze.kernels.atten
 prefill = a user input of `--prefill-tokens` tokens (causal among themselves).
 
 Modes "hier-decode" / "hier-prefill" run the same on a two-level index (coarse clusters at
-`--l1-ratio` of the keys, the SqueezeConfig default 1%; fine ones at `--centroid-ratio`, 5%) with
-top-k at both levels, the coarse level keeping `l1_margin * keep` (SqueezeConfig default 2x): the
+`--coarse-ratio` of the keys, the SqueezeConfig default 1%; fine ones at `--centroid-ratio`, 5%) with
+top-k at both levels, the coarse level keeping `coarse_margin * keep` (SqueezeConfig default 2x): the
 fine level scores only the fine centroids under the kept coarse clusters. When a hier mode is
 asked for, the flat modes of the same run use the fine level of the same index (same keys).
 "lookup share" is the lookup's part of ours; "lookup/attention" the lookup against the rest.
@@ -41,24 +41,24 @@ import torch.nn.functional as F
 import triton
 
 from hf_squeeze import kernels
-from hf_squeeze.bench import gpu_time
+from common import gpu_time
 from hf_squeeze.index import LayerIndex
-from hf_squeeze.lookup import SelectionRule
+from hf_squeeze.selection import SelectionRule
 
-L1_MARGIN = 2.0  # SqueezeConfig.l1_margin: the coarse level keeps this times `keep` of the keys
+L1_MARGIN = 2.0  # SqueezeConfig.coarse_margin: the coarse level keeps this times `keep` of the keys
 SMOKE = False  # --smoke: CPU interpreter, wall-clock times
 
 
-def synthetic_index(tokens, heads, dim, ratio, sinks, window, dtype, device, seed=0, l1_ratio=None) -> LayerIndex:
-    """Keys in Gaussian clusters around random centres; with `l1_ratio`, the centres themselves
+def synthetic_index(tokens, heads, dim, ratio, sinks, window, dtype, device, seed=0, coarse_ratio=None) -> LayerIndex:
+    """Keys in Gaussian clusters around random centres; with `coarse_ratio`, the centres themselves
     in Gaussian groups (the coarse clusters), fine clusters numbered by their group."""
     g = torch.Generator(device=device).manual_seed(seed)
     rows = tokens - sinks - window
     clusters = max(1, round(ratio * rows))
-    if l1_ratio is None:
+    if coarse_ratio is None:
         centers = torch.randn(heads, clusters, dim, device=device, generator=g) * 3
     else:
-        coarse = min(clusters, max(1, round(l1_ratio * rows)))
+        coarse = min(clusters, max(1, round(coarse_ratio * rows)))
         parent = torch.randint(coarse, (heads, clusters), device=device, generator=g).sort(-1).values
         coarse_centers = torch.randn(heads, coarse, dim, device=device, generator=g) * 3
         centers = coarse_centers.gather(1, parent[..., None].expand(-1, -1, dim))
@@ -77,22 +77,22 @@ def synthetic_index(tokens, heads, dim, ratio, sinks, window, dtype, device, see
     values = torch.randn(heads, rows, dim, device=device, generator=g).to(dtype)
     dense = torch.randn(2, heads, sinks + window, dim, device=device, generator=g).to(dtype)
     tree = {}
-    if l1_ratio is not None:  # a coarse centroid is the mean of the keys under it
-        l1_counts = torch.zeros(heads, coarse, dtype=torch.long, device=device).scatter_add_(1, parent, counts)
+    if coarse_ratio is not None:  # a coarse centroid is the mean of the keys under it
+        coarse_counts = torch.zeros(heads, coarse, dtype=torch.long, device=device).scatter_add_(1, parent, counts)
         sums = torch.zeros(heads, coarse, dim, device=device)
         sums.scatter_add_(1, parent[..., None].expand(-1, -1, dim), centroids * counts[..., None])
-        children = torch.zeros_like(l1_counts).scatter_add_(1, parent, torch.ones_like(parent))
+        children = torch.zeros_like(coarse_counts).scatter_add_(1, parent, torch.ones_like(parent))
         tree = dict(
-            l1_centroids=sums / l1_counts.clamp_min(1)[..., None],
-            l1_counts=l1_counts,
-            l1_offsets=torch.cat([children.new_zeros(heads, 1), children.cumsum(-1)], 1),
+            coarse_centroids=sums / coarse_counts.clamp_min(1)[..., None],
+            coarse_counts=coarse_counts,
+            coarse_offsets=torch.cat([children.new_zeros(heads, 1), children.cumsum(-1)], 1),
         )
     return LayerIndex(keys, values, centroids, counts, offsets, dense[0], dense[1], **tree)
 
 
 def flat_view(index: LayerIndex) -> LayerIndex:
     """The fine level of a two-level index alone."""
-    return dataclasses.replace(index, l1_centroids=None, l1_counts=None, l1_offsets=None)
+    return dataclasses.replace(index, coarse_centroids=None, coarse_counts=None, coarse_offsets=None)
 
 
 def bench(fn, graph: bool) -> float:
@@ -135,11 +135,11 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     query = query.reshape(1, q_heads, query_tokens, dim).to(dtype)
     dyn_k = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
     dyn_v = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
-    l1_budget = None
-    if kindex.hierarchical:  # the view's level-2 room is bounded for the level-1 budget
-        l1_budget = max(1, round(min(1.0, L1_MARGIN * keep) * rows))
-        kindex = kernels.kernel_index(index, l1_budget=l1_budget)
-    rule = SelectionRule(budget=max(1, round(keep * rows)), l1_budget=l1_budget)
+    coarse_budget = None
+    if kindex.hierarchical:  # the view's fine room is bounded for the coarse budget
+        coarse_budget = max(1, round(min(1.0, L1_MARGIN * keep) * rows))
+        kindex = kernels.kernel_index(index, coarse_budget=coarse_budget)
+    rule = SelectionRule(budget=max(1, round(keep * rows)), coarse_budget=coarse_budget)
     stats = torch.zeros(1, dtype=torch.int64, device=dev)
     scored = torch.zeros(1, dtype=torch.int64, device=dev)
 
@@ -149,7 +149,7 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     logw = kernels.query_weights(None, 1, query_tokens, dev) if query_tokens > 1 else None
 
     def lookup_only():
-        return kernels.lookup(query, kindex, scaling, None, rule.budget, logw, stats, None, l1_budget, scored)
+        return kernels.lookup(query, kindex, scaling, None, rule.budget, logw, stats, None, coarse_budget, scored)
 
     ours()
     stats.zero_()
@@ -177,14 +177,14 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     best = min(dense.values())
     elem = index.keys.element_size()
     needed = (kept + heads * (index.dense_keys.shape[1] + dyn_len)) * dim * 2 * elem
-    needed += (fine_scored + kindex.l1_clusters) * heads * dim * elem
+    needed += (fine_scored + kindex.coarse_clusters) * heads * dim * elem
     return dict(
         context=tokens_ctx,
         mode=("hier-" if kindex.hierarchical else "") + ("decode" if query_tokens == 1 else f"prefill{query_tokens}"),
         keep=keep,
         kept_fraction=kept / (heads * rows),
         fine_scored_fraction=fine_scored / clusters,
-        fine_room=(kindex.candidates(l1_budget) if kindex.hierarchical else clusters) / clusters,
+        fine_room=(kindex.candidates(coarse_budget) if kindex.hierarchical else clusters) / clusters,
         dense_cudnn_us=dense.get("cudnn", math.nan),
         dense_flash_us=dense.get("flash", math.nan),
         ours_graph_us=t_graph,
@@ -248,7 +248,7 @@ def main():
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--decode-input", type=int, default=64, help="user-input tokens before the decode step")
     p.add_argument("--modes", default="decode,prefill", help="any of decode, prefill, hier-decode, hier-prefill")
-    p.add_argument("--l1-ratio", type=float, default=0.01, help="coarse clusters per key in the hier modes")
+    p.add_argument("--coarse-ratio", type=float, default=0.01, help="coarse clusters per key in the hier modes")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of one case")
     p.add_argument("--profile-context", type=int, default=131072)
@@ -276,12 +276,12 @@ def main():
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
         start = time.time()
-        l1_ratio = args.l1_ratio if hier else None
-        index = synthetic_index(ctx, args.heads, args.dim, args.centroid_ratio, 4, 100, dtype, dev, l1_ratio=l1_ratio)
+        coarse_ratio = args.coarse_ratio if hier else None
+        index = synthetic_index(ctx, args.heads, args.dim, args.centroid_ratio, 4, 100, dtype, dev, coarse_ratio=coarse_ratio)
         views = {}  # kernel views by index kind, built when first needed
         reason = kernels.supports(index, torch.empty(1, 1, 1, args.dim, device=dev, dtype=dtype))
-        l1_info = f", {index.l1_counts.shape[1]} coarse" if hier else ""
-        print(f"context {ctx}: index built in {time.time() - start:.1f} s, {index.counts.shape[1]} clusters/head{l1_info}")
+        coarse_info = f", {index.coarse_counts.shape[1]} coarse" if hier else ""
+        print(f"context {ctx}: index built in {time.time() - start:.1f} s, {index.counts.shape[1]} clusters/head{coarse_info}")
         if reason:
             print(f"  skipped: {reason}")
             continue

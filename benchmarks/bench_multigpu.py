@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_squeeze import SqueezedCache, SqueezeConfig, generate_greedy, layer_devices
-from hf_squeeze.bench import SHAPES, _common_prefix as common_prefix, _dense_caches, random_model, run_eager
+from common import SHAPES, common_prefix, dense_caches, random_model, run_eager
 from hf_squeeze.generation import GenerationTimes
 
 
@@ -135,7 +135,7 @@ def main(args) -> int:
             checks[f"{n}: tokens == 1 GPU (loaded cache)"] = eager_tokens(model, ids, loaded.fork(), args.new_tokens)[2] == single[n]
             del loaded
         print(f"context {n}: GiB per GPU before the cache {before}, with it {after}", flush=True)
-        dynamic, _ = _dense_caches(cache, model, 0)
+        dynamic, _ = dense_caches(cache, model, 0)
         del cache
         model.set_attn_implementation("sdpa")
         dense = dynamic()

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from hf_squeeze import SqueezeConfig, load_default_model
-from hf_squeeze.cache import _prefill_context
+from hf_squeeze.context import prefill_context
 from hf_squeeze.clustering import cosine_objective, kmeans
-from hf_squeeze.demo import essays_text
+from hf_squeeze.assets import essays_text
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
     ids = torch.tensor(tokenizer(essays_text()[: args.tokens * 8])["input_ids"][: args.tokens])
     config = SqueezeConfig()
     with torch.no_grad():
-        keys, *_ = _prefill_context(model, ids, config, progress=True)
+        keys, *_ = prefill_context(model, ids, config, progress=True)
     points = torch.cat(keys)[:, config.sinks : -config.window].float()  # [layers x heads, N, D]
     k = config.num_clusters(points.shape[1])
     rows = {}

@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hf_squeeze import SqueezeConfig, load_default_model
-from hf_squeeze.cache import FixedContext
+from hf_squeeze import load_default_model
+from hf_squeeze.context import FixedContext
 from hf_squeeze.eval import ruler, runner
-from hf_squeeze.eval.baselines import EvalCache, EvalLayer
+from hf_squeeze.eval.baselines import EvalAttention, EvalCache
 from hf_squeeze.eval.contexts import ContextCaches
 from hf_squeeze.eval.methods import Method
-from hf_squeeze.lookup import Selection, SelectionRule, score_flat, select
+from hf_squeeze.selection import Selection, SelectionRule, score_flat, select
 
 
 def key_view(index):
@@ -91,7 +91,7 @@ class Rules:
 
 
 def answer(model, tokenizer, caches, flat, rules, name, context, question, max_new):
-    fixed = FixedContext(tuple(key_view(ix) for ix in flat), (SelectionRule(keep_all=True),) * len(flat),
+    fixed = FixedContext(tuple(key_view(ix) for ix in flat), (SelectionRule(exact=True),) * len(flat),
                          caches.base, caches.ids, caches.fingerprint)
     if name == "full":
         policy = lambda layer, q, scaling, q_weight: Selection(  # noqa: E731
@@ -101,7 +101,7 @@ def answer(model, tokenizer, caches, flat, rules, name, context, question, max_n
         policy = lambda layer, q, scaling, q_weight: layer.rules.selection(name, q, scaling, q_weight)  # noqa: E731
     cache = EvalCache(fixed, policy)
     for layer, layer_rules in zip(cache.layers, rules):
-        layer.rules = layer_rules
+        layer.attention.rules = layer_rules
     texts, _ = runner.answer_questions(model, tokenizer, context, [question], cache, max_new)
     return ruler.postprocess(texts[0])
 
@@ -109,19 +109,19 @@ def answer(model, tokenizer, caches, flat, rules, name, context, question, max_n
 def record_queries(model, tokenizer, caches, context, question):
     """The queries [1, H, G, T, D] of the question's prefill in every layer (a full-attention pass)."""
     seen = {}
-    original = EvalLayer.select_ranges
+    original = EvalAttention.select_ranges
 
     def spy(layer, q, scaling, q_weight):
         seen.setdefault(id(layer), (q.clone(), scaling, q_weight))
         return original(layer, q, scaling, q_weight)
 
     cache = caches.cache([Method("full")]).fork()
-    EvalLayer.select_ranges = spy
+    EvalAttention.select_ranges = spy
     try:
         runner.answer_questions(model, tokenizer, context, [question], cache, 1)
     finally:
-        EvalLayer.select_ranges = original
-    return [seen[id(layer)] for layer in cache.layers]
+        EvalAttention.select_ranges = original
+    return [seen[id(layer.attention)] for layer in cache.layers]
 
 
 def context_positions(keys: torch.Tensor, index_keys: torch.Tensor, start: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ What it measures (the model's own prefill is excluded; keys are synthetic, see `
 1. checks: the Triton kernels against their torch references on the GPU, and that two builds
    give identical indices (fixed seed -> same result);
 2. the whole offline index of a 128K-token context, 32 layers x 8 KV heads x head_dim 128, bf16
-   keys/values: level-2 K-means (5% centroids, 20 iterations, seeding included), the level-1 tree
+   keys/values: fine K-means (5% centroids, 20 iterations, seeding included), the coarse tree
    (1%), the cluster-sorted K/V and CSR offsets; time and peak GPU memory;
 3. scikit-learn KMeans (k-means++, n_init=1, same K, same 20 iterations) on one head of that
    context on the CPU, in a subprocess running beside steps 2-5; the ratio is
@@ -169,7 +169,7 @@ def main():
 
     results["triton"] = triton.__version__
     results["cpu_cores"] = os.cpu_count()
-    config = SqueezeConfig(hierarchical=True, centroid_ratio=0.05, l1_ratio=0.01, kmeans_iters=20)
+    config = SqueezeConfig(hierarchical=True, centroid_ratio=0.05, coarse_ratio=0.01, kmeans_iters=20)
     results["config"] = config.to_dict()
 
     # 1. checks
@@ -183,7 +183,7 @@ def main():
     clustered = slice(config.sinks, n - config.window)
     k = config.num_clusters(clustered.stop - clustered.start)
     results["context_tokens"], results["clusters_per_head"] = n, k
-    results["l1_clusters_per_head"] = config.num_l1_clusters(clustered.stop - clustered.start)
+    results["coarse_clusters_per_head"] = config.num_coarse_clusters(clustered.stop - clustered.start)
 
     # 3. scikit-learn on one head, on the CPU, beside the GPU work (one core left to drive the GPU)
     tmp = Path(tempfile.mkdtemp())
@@ -211,7 +211,7 @@ def main():
     second, seconds2 = timed(lambda: build_indices(keys, values, config))
     results["build_128k_seconds_again"] = seconds2
     results["reproducible"] = all(
-        torch.equal(a.offsets, b.offsets) and torch.equal(a.keys, b.keys) and torch.equal(a.l1_offsets, b.l1_offsets)
+        torch.equal(a.offsets, b.offsets) and torch.equal(a.keys, b.keys) and torch.equal(a.coarse_offsets, b.coarse_offsets)
         for a, b in zip(first, second)
     )
     del second
@@ -269,8 +269,8 @@ def save_load(n, config, device, tmp) -> dict:
 
     import hf_squeeze  # noqa: F401
     from hf_squeeze import SqueezedCache
-    from hf_squeeze.cache import FixedContext
-    from hf_squeeze.index import calibrate
+    from hf_squeeze.context import FixedContext
+    from hf_squeeze.calibration import calibrate
     from hf_squeeze.integrations.fingerprint import model_fingerprint
 
     model = LlamaForCausalLM(LlamaConfig(

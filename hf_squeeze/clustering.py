@@ -6,8 +6,8 @@ of each cluster) is computed by the caller from the labels returned here.
 
 On a GPU the two steps of a Lloyd iteration run as Triton kernels (`hf_squeeze.kernels.kmeans`):
 assignment fused with its argmax (no similarity matrix in memory), and per-cluster sums in a fixed
-order (reproducible). Elsewhere they run in plain torch; those functions are also the references the
-kernels are tested against.
+order (reproducible). Elsewhere they run in plain torch (`kernels/naive.py`, the references the
+kernels are tested against).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import naive
 
 # On the CPU, similarity matrices are computed in slices of at most this many elements.
 _SIM_CHUNK = 1 << 26
@@ -41,33 +43,12 @@ def _use_triton(x: torch.Tensor) -> bool:
     return True
 
 
-def _assign_torch(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best center (largest dot product) of every point: labels [H, N] int64, similarity [H, N] fp32."""
-    heads, n, _ = x.shape
-    k = centers.shape[1]
-    step = max(1, _SIM_CHUNK // max(1, heads * k))
-    labels = torch.empty(heads, n, dtype=torch.long, device=x.device)
-    best = torch.empty(heads, n, dtype=torch.float32, device=x.device)
-    for start in range(0, n, step):
-        sim = torch.bmm(x[:, start : start + step], centers.transpose(1, 2))
-        best[:, start : start + step], labels[:, start : start + step] = sim.max(-1)
-    return labels, best
-
-
 def _assign(x, centers):
     if _use_triton(x):
         from .kernels.kmeans import assign
 
         return assign(x, centers.to(x.dtype).contiguous())
-    return _assign_torch(x, centers.to(x.dtype))
-
-
-def _cluster_sums_torch(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    heads = x.shape[0]
-    flat = (labels + (torch.arange(heads, device=x.device) * k).unsqueeze(1)).flatten()
-    sums = torch.zeros(heads * k, x.shape[-1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, flat, x.flatten(0, 1).float())
-    return sums.view(heads, k, -1)
+    return naive.assign(x, centers.to(x.dtype))
 
 
 def _counts(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,18 +63,7 @@ def _cluster_sums(x, labels, counts):
         order = labels.argsort(dim=1, stable=True)
         offsets = F.pad(counts.cumsum(1), (1, 0))
         return cluster_sums(x, order, offsets)
-    return _cluster_sums_torch(x, labels, counts.shape[1])
-
-
-def _gains_torch(x: torch.Tensor, candidates: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-    """Drop of the potential if each candidate [H, M, D] alone became a center: [H, M] float32."""
-    heads, n, _ = x.shape
-    step = max(1, _SIM_CHUNK // max(1, heads * n))
-    out = []
-    for start in range(0, candidates.shape[1], step):
-        sim = torch.bmm(candidates[:, start : start + step], x.transpose(1, 2)).float()
-        out.append((sim + (dist - 1.0)[:, None]).clamp_min_(0.0).sum(-1))
-    return torch.cat(out, 1)
+    return naive.cluster_sums(x, labels, counts.shape[1])
 
 
 def _gains(x, candidates, dist):
@@ -101,7 +71,7 @@ def _gains(x, candidates, dist):
         from .kernels.kmeans import seeding_gains
 
         return seeding_gains(x, candidates.contiguous(), dist)
-    return _gains_torch(x, candidates, dist)
+    return naive.seeding_gains(x, candidates, dist)
 
 
 def _signed(value: int) -> int:
@@ -154,9 +124,9 @@ def _seed(x: torch.Tensor, k: int, seeds: torch.Tensor) -> torch.Tensor:
     distribution (Gumbel top-k), scores each by how much it alone would lower the potential, and
     keeps the best m. A round adds the larger of K / `SEED_MAX_ROUNDS` and `SEED_GROWTH` x (centers
     so far): about 30 rounds at any K, and the whole seeding costs about SEED_TRIALS + 1
-    assignment passes. The greedy choice is what matters: on SmolLM2 keys at 5% centroids, plain
-    (non-greedy) k-means++ ends 1.7% above scikit-learn's objective after 20 Lloyd iterations, no
-    better than random seeds; these rounds end within 0.1% of it (benchmarks/kmeans_quality.py).
+    assignment passes. The greedy choice is what matters: plain (non-greedy) k-means++ seeding
+    ends no better than random seeds against scikit-learn's objective, these rounds close to it
+    (BENCHMARKS.md, benchmarks/kmeans_quality.py).
     """
     heads, n, dim = x.shape
     rows = torch.arange(heads, device=x.device)[:, None]
@@ -234,7 +204,7 @@ def kmeans(points: torch.Tensor, k: int, iters: int, seed: int | torch.Tensor = 
 def cosine_objective(points: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Sum over points of (1 - cosine to the normalised mean of its cluster), per head: [H]."""
     x = F.normalize(points.float(), dim=-1)
-    centers = F.normalize(_cluster_sums_torch(x, labels, k), dim=-1)
+    centers = F.normalize(naive.cluster_sums(x, labels, k), dim=-1)
     return (1.0 - (x * centers.gather(1, labels[..., None].expand_as(x))).sum(-1)).sum(-1)
 
 

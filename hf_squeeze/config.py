@@ -18,23 +18,21 @@ class SqueezeConfig:
             1.0 reads them all (exact attention).
         centroid_ratio: clusters per clustered key (the paper uses 5%).
         hierarchical: add a coarse level of centroids so that most fine centroids are never scored.
-        l1_ratio: coarse (level-1) clusters per clustered key (the paper uses 1%).
-        l1_margin: the level-1 pass keeps `l1_margin * keep` of the keys (capped at 1), leaving the
-            fine pass room to choose.
+        coarse_ratio: coarse clusters per clustered key (the paper uses 1%).
+        coarse_margin: the coarse pass keeps `coarse_margin * keep` of the keys (capped at 1), leaving
+            the fine pass room to choose.
         window: the last `window` context tokens (observation window) are never clustered; they are
             always attended and their queries calibrate the threshold.
         sinks: the first `sinks` context tokens are never clustered and always attended. Attention
-            sinks draw a large, concentrated share of attention in many layers (30-50% in the deeper
-            half of SmolLM2), which a cluster centroid cannot represent. 0 gives the paper's setup.
-        selection: "topk" (a fixed budget of `keep` keys per KV head per selection) or
-            "threshold" (a threshold calibrated on the observation window, as the paper). A
-            threshold keeps `keep` on average but lets some selections starve: on SmolLM2 at
-            keep=0.3, 4% of (step, layer, head) selections read under 5% of the keys, and a
-            planted passcode is lost even at keep=0.5, where top-k finds it at 0.2.
+            sinks draw a large, concentrated share of attention in many layers, which a cluster
+            centroid cannot represent (measured in README.md). 0 gives the paper's setup.
+        selection: "topk" (a fixed budget of `keep` keys per KV head per selection) or "threshold"
+            (a threshold calibrated on the observation window, as the paper). A threshold keeps
+            `keep` on average but lets some selections starve, which loses facts that top-k keeps
+            (README.md, "departures").
         threshold_scope: "layer" calibrates one threshold per layer (each layer reads about `keep`
-            of its keys); "global" one threshold for all layers, as the paper. On SmolLM2 a global
-            threshold gives layers 3-10 only 4-8% of their keys and others 25-39% at keep=0.2, and
-            loses a planted fact that the per-layer threshold keeps.
+            of its keys); "global" one threshold for all layers, as the paper, which starves some
+            layers and overfeeds others.
         kmeans_iters: Lloyd iterations of K-means.
         seed: seed of the K-means initialisation.
         prefill_chunk: tokens per forward pass when the fixed context is prefilled.
@@ -43,8 +41,8 @@ class SqueezeConfig:
     keep: float = 0.3
     centroid_ratio: float = 0.05
     hierarchical: bool = False
-    l1_ratio: float = 0.01
-    l1_margin: float = 2.0
+    coarse_ratio: float = 0.01
+    coarse_margin: float = 2.0
     window: int = 100
     sinks: int = 4
     selection: str = "topk"
@@ -63,10 +61,10 @@ class SqueezeConfig:
             fail("centroid_ratio", "it must lie in (0, 1] (the paper uses 0.05)")
         if not isinstance(self.hierarchical, bool):
             fail("hierarchical", "it must be True or False")
-        if not 0.0 < self.l1_ratio <= self.centroid_ratio:
-            fail("l1_ratio", f"it must lie in (0, centroid_ratio={self.centroid_ratio}]")
-        if not self.l1_margin >= 1.0:
-            fail("l1_margin", "it must be >= 1 (the coarse pass may not keep less than `keep`)")
+        if not 0.0 < self.coarse_ratio <= self.centroid_ratio:
+            fail("coarse_ratio", f"it must lie in (0, centroid_ratio={self.centroid_ratio}]")
+        if not self.coarse_margin >= 1.0:
+            fail("coarse_margin", "it must be >= 1 (the coarse pass may not keep less than `keep`)")
         if not isinstance(self.window, int) or self.window < 1:
             fail("window", "it must be a positive number of tokens (the paper uses 100)")
         if not isinstance(self.sinks, int) or self.sinks < 0:
@@ -101,9 +99,9 @@ class SqueezeConfig:
     def num_clusters(self, clustered_tokens: int) -> int:
         return max(1, round(self.centroid_ratio * clustered_tokens))
 
-    def num_l1_clusters(self, clustered_tokens: int) -> int:
-        return min(self.num_clusters(clustered_tokens), max(1, round(self.l1_ratio * clustered_tokens)))
+    def num_coarse_clusters(self, clustered_tokens: int) -> int:
+        return min(self.num_clusters(clustered_tokens), max(1, round(self.coarse_ratio * clustered_tokens)))
 
     @property
-    def l1_keep(self) -> float:
-        return min(1.0, self.l1_margin * self.keep)
+    def coarse_keep(self) -> float:
+        return min(1.0, self.coarse_margin * self.keep)

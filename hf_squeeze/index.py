@@ -1,10 +1,10 @@
-"""Offline index of a fixed context: clusters, cluster-sorted K/V, the optional tree, calibration.
+"""Offline index of a fixed context: clusters, cluster-sorted K/V, the optional two-level tree.
 
 Attention does not depend on the order of keys once RoPE is applied, so each head's clustered keys
 (and their values) are stored permuted so that every cluster is one contiguous range, described by
 CSR `offsets`. Selecting clusters then yields key ranges: no per-token mask over the context.
 With the two-level tree, fine clusters are ordered by their coarse parent, so a coarse cluster is
-also one contiguous range of fine clusters (`l1_offsets`) and of keys.
+also one contiguous range of fine clusters (`coarse_offsets`) and of keys.
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ from tqdm.auto import tqdm
 from .clustering import cluster_means, cluster_sums, head_seeds, kmeans
 from .config import SqueezeConfig
 from .devices import on_device
-from .lookup import SelectionRule, score_flat, score_level1, score_level2, select
 
 # Heads of several layers are clustered together, in groups of at most this many elements of keys
 # (one layer at 128K tokens and Llama-3.1-8B shapes holds 8 x 131K x 128 = 2^27): big enough to
 # fill a GPU, small enough that a group's normalised copy stays a few GB at 1M tokens.
 _KMEANS_GROUP_ELEMENTS = 1 << 31
-# Calibration pools this many (query, cluster) pairs at most; beyond that a random subset is used.
-_CALIBRATION_PAIRS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -38,9 +35,9 @@ class LayerIndex:
     offsets: torch.Tensor  # [H, C + 1] int64 first key of each cluster
     dense_keys: torch.Tensor  # [H, S + W, D] attention sinks + observation window, always attended
     dense_values: torch.Tensor  # [H, S + W, D]
-    l1_centroids: torch.Tensor | None = None  # [H, C1, D] float32
-    l1_counts: torch.Tensor | None = None  # [H, C1] int64 keys under each coarse cluster
-    l1_offsets: torch.Tensor | None = None  # [H, C1 + 1] int64 first fine cluster of each
+    coarse_centroids: torch.Tensor | None = None  # [H, C1, D] float32
+    coarse_counts: torch.Tensor | None = None  # [H, C1] int64 keys under each coarse cluster
+    coarse_offsets: torch.Tensor | None = None  # [H, C1 + 1] int64 first fine cluster of each
 
     def __deepcopy__(self, memo):
         return self
@@ -118,7 +115,7 @@ def build_indices(
     clustered = slice(config.sinks, n - config.window)
     num_clustered = clustered.stop - clustered.start
     k = config.num_clusters(num_clustered)
-    k1 = config.num_l1_clusters(num_clustered) if config.hierarchical else None
+    k1 = config.num_coarse_clusters(num_clustered) if config.hierarchical else None
     indices = []
     bar = tqdm(total=len(keys), desc="cluster keys", unit="layer", disable=not progress)
     # One random stream per (layer, head): a head's clusters do not depend on how layers are grouped,
@@ -132,9 +129,9 @@ def build_indices(
             labels = kmeans(torch.cat([key[:, clustered] for key in group_keys]), k, config.kmeans_iters, group_seeds)
             labels = labels.split(heads)
             means = [cluster_means(key[:, clustered], label, k) for key, label in zip(group_keys, labels)]
-            if k1 is not None:  # the tree: cluster the level-2 centroids of the group, again batched
-                level1_seeds = group_seeds + (1 << 40)  # streams apart from level 2's
-                parents = kmeans(torch.cat([c for c, _ in means]), k1, config.kmeans_iters, level1_seeds).split(heads)
+            if k1 is not None:  # the tree: cluster the fine centroids of the group, again batched
+                coarse_seeds = group_seeds + (1 << 40)  # streams apart from the fine level's
+                parents = kmeans(torch.cat([c for c, _ in means]), k1, config.kmeans_iters, coarse_seeds).split(heads)
             else:
                 parents = [None] * len(group)
             for i, key, label, (centroids, counts), parent in zip(group, group_keys, labels, means, parents):
@@ -152,19 +149,19 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
     heads = torch.arange(key.shape[0], device=key.device)[:, None]
     extra = {}
     if parent is not None:
-        k1 = config.num_l1_clusters(clustered.stop - clustered.start)
+        k1 = config.num_coarse_clusters(clustered.stop - clustered.start)
         # A coarse centroid is the mean of the raw keys under it: the count-weighted mean of its children.
         key_sums, _ = cluster_sums(centroids * counts.unsqueeze(-1), parent, k1)
-        l1_counts = torch.zeros(key.shape[0], k1, dtype=torch.long, device=key.device)
-        l1_counts.scatter_add_(1, parent, counts)
+        coarse_counts = torch.zeros(key.shape[0], k1, dtype=torch.long, device=key.device)
+        coarse_counts.scatter_add_(1, parent, counts)
         # Renumber fine clusters so that the children of each coarse cluster are contiguous.
-        fine_order, l1_offsets = _sort_by_cluster(parent, k1)
+        fine_order, coarse_offsets = _sort_by_cluster(parent, k1)
         rank = torch.empty_like(fine_order)
         rank[heads, fine_order] = torch.arange(fine_order.shape[1], device=key.device).expand_as(fine_order)
         label = rank.gather(1, label)
         centroids, counts = centroids[heads, fine_order], counts[heads, fine_order]
-        l1_centroids = key_sums / l1_counts.clamp_min(1).unsqueeze(-1)
-        extra = dict(l1_centroids=l1_centroids, l1_counts=l1_counts, l1_offsets=l1_offsets)
+        coarse_centroids = key_sums / coarse_counts.clamp_min(1).unsqueeze(-1)
+        extra = dict(coarse_centroids=coarse_centroids, coarse_counts=coarse_counts, coarse_offsets=coarse_offsets)
     order, offsets = _sort_by_cluster(label, centroids.shape[1])
     return LayerIndex(
         keys=key[:, clustered][heads, order].contiguous(),
@@ -176,72 +173,3 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
         dense_values=value[:, dense].contiguous(),
         **extra,
     )
-
-
-def _weighted_quantile(logp: torch.Tensor, weight: torch.Tensor, total: float, keep: float, seed: int) -> float:
-    """Largest t such that the weight of {logp >= t} reaches keep * total (weights: keys per cluster)."""
-    usable = weight > 0
-    logp, weight = logp[usable], weight[usable].float()
-    if logp.numel() > _CALIBRATION_PAIRS:
-        generator = torch.Generator(device=logp.device).manual_seed(seed)
-        pick = torch.randperm(logp.numel(), generator=generator, device=logp.device)[:_CALIBRATION_PAIRS]
-        total = total * _CALIBRATION_PAIRS / logp.numel()
-        logp, weight = logp[pick], weight[pick]
-    order = logp.argsort(descending=True)
-    reached = weight[order].cumsum(0) >= keep * total
-    if not bool(reached.any()):
-        return float(logp.min())
-    return float(logp[order][int(reached.nonzero()[0])])
-
-
-def calibrate(
-    indices: list[LayerIndex], window_queries: list[torch.Tensor], scalings: list[float], config: SqueezeConfig
-) -> list[SelectionRule]:
-    """Resolve the selection rule of every layer for this context.
-
-    For "threshold", thresholds (one per layer, or one for all layers with threshold_scope="global")
-    chosen so that over the observation-window queries and heads, a fraction `keep` of the
-    clustered keys has an estimated probability above the threshold; likewise `l1_keep` for the
-    coarse level. Each window query is treated as one decode step (it makes its own selection),
-    which is how thresholds are used when generating.
-    window_queries: per layer [Hq, W, D]; scalings: per layer, the attention scale.
-    """
-    clustered = indices[0].clustered_tokens
-    if config.keep >= 1.0:
-        return [SelectionRule(keep_all=True)] * len(indices)
-    if config.selection == "topk":
-        budget = max(1, round(config.keep * clustered))
-        l1_budget = max(1, round(config.l1_keep * clustered)) if config.hierarchical else None
-        return [SelectionRule(budget=budget, l1_budget=l1_budget)] * len(indices)
-
-    def as_steps(q, index):  # [Hq, W, D] -> [W, H, G, 1, D]: every window token is one decode step
-        heads = index.keys.shape[0]
-        return q.view(heads, -1, q.shape[1], q.shape[2]).permute(2, 0, 1, 3).unsqueeze(3)
-
-    steps = [as_steps(q, index) for q, index in zip(window_queries, indices)]
-    totals = [s.shape[0] * s.shape[1] * clustered for s in steps]  # (queries x heads) x keys per layer
-
-    l1_thresholds = [None] * len(indices)
-    if config.hierarchical:
-        level1 = [score_level1(q, index, scaling, None) for q, index, scaling in zip(steps, indices, scalings)]
-        l1_thresholds = _thresholds([c for c, _ in level1], totals, config.l1_keep, config)
-        cands = []
-        for q, index, scaling, (c1, s1), t1 in zip(steps, indices, scalings, level1, l1_thresholds):
-            l1_keep = select(c1.logp, c1.counts, t1, None)
-            cands.append(score_level2(q, index, scaling, None, l1_keep, s1))
-    else:
-        cands = [score_flat(q, index, scaling, None)[0] for q, index, scaling in zip(steps, indices, scalings)]
-    thresholds = _thresholds(cands, totals, config.keep, config)
-    return [SelectionRule(threshold=t, l1_threshold=t1) for t, t1 in zip(thresholds, l1_thresholds)]
-
-
-def _thresholds(cands, totals: list[int], keep: float, config: SqueezeConfig) -> list[float]:
-    if config.threshold_scope == "global":
-        where = cands[0].logp.device  # layers may live on several devices
-        logp = torch.cat([c.logp.flatten().to(where) for c in cands])
-        counts = torch.cat([c.counts.flatten().to(where) for c in cands])
-        return [_weighted_quantile(logp, counts, sum(totals), keep, config.seed)] * len(cands)
-    return [
-        _weighted_quantile(c.logp.flatten(), c.counts.flatten(), total, keep, config.seed)
-        for c, total in zip(cands, totals)
-    ]

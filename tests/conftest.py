@@ -33,6 +33,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import hf_squeeze  # noqa: F401  (registers attn_implementation="squeezed")
+from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
 
 TINY = dict(
     vocab_size=256,
@@ -79,3 +80,24 @@ def smollm2():
     from hf_squeeze import load_default_model
 
     return load_default_model()
+
+
+@pytest.fixture
+def saved(llama, context, tmp_path):
+    """A keep=0.2 cache of `context` for the tiny Llama, and the file it was saved to."""
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    return cache, cache.save(tmp_path / "ctx.squeeze")
+
+
+QUESTION = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(2))
+
+
+def full_prompt(context, question=QUESTION):
+    return torch.cat([context, question])[None]
+
+
+def generate(model, ids, cache, **kwargs):
+    """Greedy `model.generate` with `cache`, under the installed transformers' name of the argument."""
+    kwargs.setdefault("max_new_tokens", 10)
+    kwargs.setdefault("do_sample", False)
+    return model.generate(ids, **cache_kwargs(model, cache), **kwargs)

@@ -1,11 +1,20 @@
+"""Attention: the reference math, the registered function without a squeezed cache, and a layer's
+sparse attention against dense attention over the selected keys and against `kernels/naive.py`."""
+
 import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_squeeze import cache_kwargs
-from hf_squeeze.attention import causal_mask, exact_attention, merge_partials, partial_attention
+import hf_squeeze.attention as attention_module
+from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs
+from hf_squeeze.attention import (
+    causal_mask,
+    exact_attention,
+    merge_partials,
+    partial_attention,
+)
 
-from .conftest import tiny_model
+from .conftest import QUESTION, full_prompt, generate, tiny_model
 
 
 def reference_attention(q, k, v, mask, scaling):
@@ -85,3 +94,68 @@ def test_training_gradients_match_sdpa():
         losses.append((loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
     assert torch.allclose(losses[0][0], losses[1][0], atol=1e-5)
     assert torch.allclose(losses[0][1], losses[1][1], atol=1e-5)
+
+
+def test_sparse_attention_equals_dense_attention_over_the_selected_keys(llama, context):
+    """One decode step, checked against dense attention with a mask over the kept clusters."""
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    request = cache.fork()
+    with torch.no_grad():
+        llama(QUESTION[None], **cache_kwargs(llama, request))
+    layer = request.layers[1]
+    index = layer.index
+    q = torch.randn(1, 6, 1, 16)
+    k_new, v_new = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    keys, values = layer.update(k_new, v_new)
+    out = layer.attention.forward(llama.model.layers[1].self_attn, q, keys, values, None, 0.25)
+
+    selection = attention_module.lookup(q.view(1, 2, 3, 1, 16), index, 0.25, layer.rule)
+    kept = torch.zeros(2, index.clustered_tokens, dtype=torch.bool)
+    for h in range(2):
+        for start, length in zip(selection.starts[0, h].tolist(), selection.lengths[0, h].tolist()):
+            kept[h, start : start + length] = True
+    all_k = torch.cat([index.keys, index.dense_keys, keys[0]], 1)[None]
+    all_v = torch.cat([index.values, index.dense_values, values[0]], 1)[None]
+    mask = torch.cat([kept, torch.ones(2, all_k.shape[2] - index.clustered_tokens, dtype=torch.bool)], 1)
+    ref, _ = partial_attention(q.view(1, 2, 3, 1, 16), all_k, all_v, mask[None, :, None, None, :], 0.25)
+    torch.testing.assert_close(out, ref.view(1, 6, 1, 16).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert 0 < kept.float().mean() < 1  # a partial selection, so the check is not vacuous
+
+
+def test_hierarchical_scores_fewer_centroids(tiny, context):
+    results = {}
+    for hierarchical in (False, True):
+        config = SqueezeConfig(keep=0.1, hierarchical=hierarchical, selection="topk")
+        request = SqueezedCache.from_context(tiny, context, config, progress=False).fork()
+        generate(tiny, full_prompt(context), request)
+        results[hierarchical] = request.stats()
+    flat, tree = results[False], results[True]
+    assert flat["centroids_scored"] == flat["clusters"]
+    assert tree["centroids_scored"] < flat["centroids_scored"]
+    assert abs(tree["attended_fraction"] - 0.1) <= 0.05
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_layer_attention_equals_the_naive_reference(hierarchical, tokens):
+    """`SparseAttention.attend_reference` (partials merged by log-sum-exp) against `kernels/naive.py`
+    (one softmax over the kept keys, the sinks and window, and the dynamic tokens), with padding."""
+    from hf_squeeze.attention import SparseAttention
+    from hf_squeeze.index import build_indices
+    from hf_squeeze.kernels import naive
+    from hf_squeeze.selection import SelectionRule
+
+    g = torch.Generator().manual_seed(6)
+    config = SqueezeConfig(window=20, sinks=2, centroid_ratio=0.1, coarse_ratio=0.02, hierarchical=hierarchical)
+    index = build_indices([torch.randn(2, 400, 16, generator=g)], [torch.randn(2, 400, 16, generator=g)], config)[0]
+    rule = SelectionRule(budget=90, coarse_budget=200 if hierarchical else None)
+    query = torch.randn(2, 6, tokens, 16, generator=g) * 2
+    dyn_k, dyn_v = torch.randn(2, 2, tokens + 4, 16, generator=g), torch.randn(2, 2, tokens + 4, 16, generator=g)
+    valid = torch.ones(2, tokens + 4, dtype=torch.bool)
+    valid[0, :3] = False
+    causal = torch.ones(tokens, tokens + 4, dtype=torch.bool).tril(4)
+    mask = (causal[None] & valid[:, None])[:, None]
+    got = SparseAttention(index, rule).attend_reference(query, dyn_k, dyn_v, mask, 0.25)
+    want = naive.attention(query, dyn_k, dyn_v, index, rule, 0.25, mask)
+    real = valid[:, 4:]  # outputs of padding query tokens are not used
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)

@@ -4,7 +4,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from hf_squeeze.clustering import cluster_means, cosine_objective, head_seeds, kmeans, uniform
+from hf_squeeze.clustering import (
+    cluster_means,
+    cosine_objective,
+    head_seeds,
+    kmeans,
+    uniform,
+)
 
 
 def clustered_points(heads=3, n=600, dim=16, k=12, seed=0):
@@ -37,10 +43,10 @@ def test_quality_matches_sklearn_on_clustered_data(k):
 
 def test_quality_matches_sklearn_on_random_model_keys(llama, context):
     from hf_squeeze import SqueezeConfig
-    from hf_squeeze.cache import _prefill_context
+    from hf_squeeze.context import prefill_context
 
     with torch.no_grad():
-        keys, *_ = _prefill_context(llama, context, SqueezeConfig(), progress=False)
+        keys, *_ = prefill_context(llama, context, SqueezeConfig(), progress=False)
     points = torch.cat(keys).float()  # all layers x KV heads of the tiny model
     k = 30
     ours = cosine_objective(points, kmeans(points, k, iters=20), k).numpy()
@@ -51,62 +57,19 @@ def test_quality_matches_sklearn_on_random_model_keys(llama, context):
 def test_quality_matches_sklearn_on_smollm2_keys_of_an_essay(smollm2):
     # Real keys: SmolLM2 over Paul Graham's essays, 5% centroids as the method uses, every third layer.
     from hf_squeeze import SqueezeConfig
-    from hf_squeeze.cache import _prefill_context
-    from hf_squeeze.demo import essays_text
+    from hf_squeeze.assets import essays_text
+    from hf_squeeze.context import prefill_context
 
     model, tokenizer = smollm2
     ids = torch.tensor(tokenizer(essays_text()[:8000])["input_ids"][:1000])
     config = SqueezeConfig()
     with torch.no_grad():
-        keys, *_ = _prefill_context(model, ids, config, progress=False)
+        keys, *_ = prefill_context(model, ids, config, progress=False)
     points = torch.cat(keys[::3])[:, config.sinks : -config.window].float()
     k = config.num_clusters(points.shape[1])
     ours = cosine_objective(points, kmeans(points, k, iters=20), k).numpy()
     ref = sklearn_objective(points, k, iters=20)
     assert ours.sum() <= ref.sum() * 1.01, (ours.sum() / ref.sum())
-
-
-_TRITON_CHECK = """
-import torch, torch.nn.functional as F
-from hf_squeeze import clustering as C
-from hf_squeeze.kernels import kmeans as K
-g = torch.Generator().manual_seed(0)
-x = F.normalize(torch.randn(2, 300, 24, generator=g), dim=-1)
-c = F.normalize(torch.randn(2, 150, 24, generator=g), dim=-1)
-labels, best = K.assign(x, c)
-ref_labels, ref_best = C._assign_torch(x, c)
-assert torch.equal(labels, ref_labels) and torch.allclose(best, ref_best, atol=1e-5)
-lab = torch.randint(7, (2, 300), generator=g)
-counts = C._counts(lab, 7)
-sums = K.cluster_sums(x, lab.argsort(dim=1, stable=True), F.pad(counts.cumsum(1), (1, 0)))
-assert torch.allclose(sums, C._cluster_sums_torch(x, lab, 7), atol=1e-5)
-dist = torch.rand(2, 300, generator=g)
-assert torch.allclose(K.seeding_gains(x, c[:, :37], dist), C._gains_torch(x, c[:, :37], dist), atol=1e-4)
-points = torch.randn(2, 200, 16, generator=g)
-a, b = C.kmeans(points, 9, 5, seed=1), C.kmeans(points, 9, 5, seed=1)  # the Triton path (interpreter)
-assert torch.equal(a, b)
-# a head's clusters do not depend on the heads batched with it (seeding gains split by points only)
-seeds = C.head_seeds(2, 1)
-assert torch.equal(C.kmeans(points[1:], 9, 5, seed=seeds[1:]), a[1:])
-C._use_triton = lambda x: False
-ref = C.kmeans(points, 9, 5, seed=1)  # the torch path, same seed
-ours, theirs = float(C.cosine_objective(points, a, 9).sum()), float(C.cosine_objective(points, ref, 9).sum())
-assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
-"""
-
-
-def test_triton_kernels_match_torch_in_the_interpreter(tmp_path):
-    # The GPU path of kmeans (fused assignment, ordered cluster sums, seeding gains) runs here in
-    # Triton's interpreter against the torch references; whole K-means through it must match the
-    # torch path's objective.
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_SQUEEZE_KERNELS="1")
-    run = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_reproducible_and_seed_dependent():

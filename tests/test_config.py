@@ -10,8 +10,8 @@ from hf_squeeze import SqueezeConfig
         ("keep", 1.5),
         ("keep", -0.1),
         ("centroid_ratio", 0.0),
-        ("l1_ratio", 0.2),  # larger than centroid_ratio
-        ("l1_margin", 0.5),
+        ("coarse_ratio", 0.2),  # larger than centroid_ratio
+        ("coarse_margin", 0.5),
         ("window", 0),
         ("sinks", -1),
         ("selection", "random"),
@@ -33,7 +33,13 @@ def test_round_trip_and_unknown_fields():
 
 
 def test_cluster_counts():
-    config = SqueezeConfig(centroid_ratio=0.05, l1_ratio=0.01)
+    config = SqueezeConfig(centroid_ratio=0.05, coarse_ratio=0.01)
     assert config.num_clusters(2000) == 100
-    assert config.num_l1_clusters(2000) == 20
-    assert config.l1_keep == min(1.0, config.l1_margin * config.keep)
+    assert config.num_coarse_clusters(2000) == 20
+    assert config.coarse_keep == min(1.0, config.coarse_margin * config.keep)
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.01, -1.0])
+def test_keep_outside_the_unit_interval(keep):
+    with pytest.raises(ValueError, match=r"SqueezeConfig\.keep=.*\(0, 1\]"):
+        SqueezeConfig(keep=keep)

@@ -7,7 +7,7 @@ from hf_squeeze import cache_kwargs
 from hf_squeeze.eval import baselines
 from hf_squeeze.eval.contexts import ContextCaches
 from hf_squeeze.eval.methods import Method, at_budget, default_methods, parse_methods
-from hf_squeeze.lookup import SelectionRule
+from hf_squeeze.selection import SelectionRule
 
 
 def random_kv(heads=2, n=300, dim=8, seed=0):

@@ -30,6 +30,26 @@ def test_quickstart(tmp_path):
     assert abs(stats["attended_fraction"] - 0.3) < 0.05
 
 
+def test_prepare_save_load_ask(tmp_path):
+    out = run_example("prepare_save_load_ask.py", str(tmp_path))
+    assert (tmp_path / "doc.squeeze").is_file() and (tmp_path / "api.squeeze").is_file()
+    answers = [line for line in out.splitlines() if line.startswith("A: ")]
+    assert len(answers) == 2 and "7351" in answers[0], out
+
+
+def test_batch_of_questions():
+    out = run_example("batch_of_questions.py")
+    rows = [line for line in out.splitlines() if " -> " in line]
+    assert len(rows) == 6  # three questions, two samples each
+    assert any("7351" in line for line in rows[:2]), out
+
+
+def test_several_gpus_smoke_path():
+    """GPU-only example; its CPU smoke path runs the same steps on one device."""
+    out = run_example("several_gpus.py", "--cpu-smoke")
+    assert "layers per device: {'cpu': 30}" in out and "A: " in out
+
+
 def test_readme_shows_the_quickstart_as_it_is():
     code = (ROOT / "examples" / "quickstart.py").read_text()
     body = code.split('"""', 2)[2].strip()  # without the module docstring

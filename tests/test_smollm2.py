@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
+from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs
 from hf_squeeze.demo import Fact, answer, chat_prompt_ids, document
 
 FACT = Fact("The secret passcode for the blue vault is 7351.", "What is the secret passcode for the blue vault?", "7351")
@@ -34,7 +34,7 @@ def exact_cache(smollm2, prompt):
     return SqueezedCache.from_context(model, prompt[0], SqueezeConfig(keep=1.0), progress=False)
 
 
-def test_keep_all_matches_dense_on_the_real_model(smollm2, prompt, exact_cache):
+def test_keep_1_matches_dense_on_the_real_model(smollm2, prompt, exact_cache):
     model, _ = smollm2
     context, question = prompt
     cache = exact_cache
@@ -60,8 +60,8 @@ def test_keep_all_matches_dense_on_the_real_model(smollm2, prompt, exact_cache):
         SqueezeConfig(keep=0.2),
         SqueezeConfig(keep=0.2, selection="threshold"),
         # At 2K tokens the tree has ~17 coarse clusters per head: the default coarse margin
-        # (l1_margin=2: the coarse pass keeps 0.4 of the keys) can lose this fact; a wider one keeps it.
-        SqueezeConfig(keep=0.2, hierarchical=True, l1_margin=3.0),
+        # (coarse_margin=2: the coarse pass keeps 0.4 of the keys) can lose this fact; a wider one keeps it.
+        SqueezeConfig(keep=0.2, hierarchical=True, coarse_margin=3.0),
     ],
     ids=["topk", "threshold", "hierarchical-topk-margin3"],
 )
@@ -90,7 +90,7 @@ def test_per_layer_threshold_spreads_the_budget_evenly(smollm2, prompt):
         request = SqueezedCache.from_context(model, context, config, progress=False).fork()
         with torch.no_grad():
             model(question[None], **cache_kwargs(model, request))
-        per_layer = torch.tensor([float(l.read_fraction_sum) / l.selections for l in request.layers])
+        per_layer = torch.tensor([float(l.attention.read_fraction_sum) / l.attention.selections for l in request.layers])
         assert abs(per_layer.mean() - 0.2) < 0.05
         spread[scope] = per_layer.std()
     assert spread["layer"] < 0.5 * spread["global"], spread

@@ -1,7 +1,7 @@
 """Baselines built from the squeezed cache's own parts, so that every method shares one harness.
 
 A baseline is a `LayerIndex` laid out differently (what a "cluster" is) plus, where needed, another
-way of choosing clusters (`SqueezedLayer.select_ranges`); attention over the chosen key ranges, the
+way of choosing clusters (`SparseAttention.select_ranges`); attention over the chosen key ranges, the
 sinks, the observation window and the new tokens is the squeezed cache's, unchanged.
 
 - Oracle top-k: every key is its own cluster and its own centroid, so the lookup's "estimated"
@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import SparseAttention
 from ..cache import SqueezedCache, SqueezedLayer
 from ..index import LayerIndex
-from ..lookup import Selection, aggregate, log_mass, lookup, select
+from ..selection import Selection, aggregate, log_mass, lookup, select
 
 
 def clustered_span(n: int, sinks: int, window: int) -> slice:
@@ -127,20 +128,20 @@ def streaming_policy(layer, q, scaling, q_weight) -> Selection:
     return Selection(total - budget, budget, torch.zeros(batch, heads, device=q.device))
 
 
-class EvalLayer(SqueezedLayer):
-    """A squeezed layer whose selection policy is pluggable and whose reads are recorded per batch row.
+class EvalAttention(SparseAttention):
+    """A layer's attention whose selection policy is pluggable and whose reads are recorded per batch row.
 
     Rows of one batch may carry different rules (a budget or threshold per row, as tensors [B, 1, 1]),
     so that several keeps of one method answer in one `generate` call.
     """
 
-    def __init__(self, index, rule, fixed_tokens, policy, extra=None):
-        super().__init__(index, rule, fixed_tokens)
+    def __init__(self, index, rule, policy, extra=None):
+        super().__init__(index, rule)
         self.policy, self.extra = policy, extra
         self.row_read = self.row_scored = None
         self.row_selections = 0
 
-    def attend(self, module, query, key, value, attention_mask, scaling):
+    def attend(self, query, key, value, attention_mask, scaling):
         # Always the torch reference path: it is the one whose selection is pluggable (the Triton
         # kernels implement only the squeezed centroid lookup), and it computes the same attention.
         return self.attend_reference(query, key, value, attention_mask, scaling)
@@ -158,13 +159,14 @@ class EvalLayer(SqueezedLayer):
 
 
 class EvalCache(SqueezedCache):
-    """A SqueezedCache of `EvalLayer`s. `extras`: per layer, what the policy needs (Quest's bounds)."""
+    """A SqueezedCache whose layers read through `EvalAttention`. `extras`: per layer, what the policy
+    needs (Quest's bounds)."""
 
     def __init__(self, fixed, policy=centroid_policy, extras=None):
         self.fixed, self.policy = fixed, policy
         self.extras = extras or [None] * len(fixed.layers)
         layers = [
-            EvalLayer(index, rule, fixed.num_tokens, policy, extra)
+            SqueezedLayer(EvalAttention(index, rule, policy, extra), fixed.num_tokens)
             for index, rule, extra in zip(fixed.layers, fixed.rules, self.extras)
         ]
         super(SqueezedCache, self).__init__(layers=layers)
@@ -174,7 +176,7 @@ class EvalCache(SqueezedCache):
 
     def row_stats(self) -> tuple[list[float], list[float]]:
         """Per batch row: the fraction of clustered keys read and the centroids scored, per selection."""
-        layers = [layer for layer in self.layers if layer.row_selections]
+        layers = [layer.attention for layer in self.layers if layer.attention.row_selections]
         if not layers:
             return [], []
         steps = sum(layer.row_selections for layer in layers)

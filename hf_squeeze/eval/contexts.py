@@ -13,13 +13,14 @@ import dataclasses
 
 import torch
 
-from ..cache import FixedContext, _context_ids, _prefill_context
+from ..calibration import calibrate
 from ..config import SqueezeConfig
-from ..index import build_indices, calibrate
+from ..context import FixedContext, context_ids, prefill_context
+from ..index import build_indices
 from ..integrations import transformers as integration
 from ..integrations.fingerprint import model_fingerprint
 from ..integrations.generate import install_guard
-from ..lookup import SelectionRule
+from ..selection import SelectionRule
 from . import baselines
 from .methods import QUEST_PAGE, Method
 
@@ -35,11 +36,11 @@ def _row_rules(rules_per_method: list[list[SelectionRule]], rows: int, device) -
     """Per layer, one rule whose thresholds/budgets are tensors [M * rows, 1, 1]: method-major rows."""
     merged = []
     for layer_rules in zip(*rules_per_method):
-        if all(r.keep_all for r in layer_rules):
-            merged.append(SelectionRule(keep_all=True))
+        if all(r.exact for r in layer_rules):
+            merged.append(SelectionRule(exact=True))
             continue
         fields = {}
-        for name in ("threshold", "budget", "l1_threshold", "l1_budget"):
+        for name in ("threshold", "budget", "coarse_threshold", "coarse_budget"):
             values = [getattr(r, name) for r in layer_rules]
             if all(v is None for v in values):
                 continue
@@ -54,13 +55,13 @@ def _row_rules(rules_per_method: list[list[SelectionRule]], rows: int, device) -
 class ContextCaches:
     """Builds the caches of any methods over one fixed context, sharing all the work."""
 
-    def __init__(self, model, context_ids, base: SqueezeConfig | None = None, progress: bool = False):
+    def __init__(self, model, ids, base: SqueezeConfig | None = None, progress: bool = False):
         self.model = model
         self.base = base or SqueezeConfig()
         integration.check_model(model)
-        ids = _context_ids(torch.as_tensor(context_ids), model, self.base)
+        ids = context_ids(torch.as_tensor(ids), model, self.base)
         with torch.no_grad():
-            self.keys, self.values, self.queries, self.scalings = _prefill_context(model, ids, self.base, progress)
+            self.keys, self.values, self.queries, self.scalings = prefill_context(model, ids, self.base, progress)
         self.ids = ids.cpu()
         self.fingerprint = model_fingerprint(model)
         install_guard(model)
@@ -114,7 +115,7 @@ class ContextCaches:
         policy, extras = baselines.centroid_policy, None
         if family == "full":
             layers = self._squeezed(False)
-            rules = [SelectionRule(keep_all=True)] * n_layers
+            rules = [SelectionRule(exact=True)] * n_layers
         elif family == "squeezed":
             m0 = methods[0]
             layers = self._squeezed(m0.hierarchical)

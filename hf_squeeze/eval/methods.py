@@ -62,7 +62,7 @@ class Method:
         """Index metadata, in the budget's unit (keys only count half a token)."""
         config = SqueezeConfig()
         if self.family == "squeezed":
-            ratio = config.centroid_ratio + (config.l1_ratio if self.hierarchical else 0.0)
+            ratio = config.centroid_ratio + (config.coarse_ratio if self.hierarchical else 0.0)
             return ratio / 2
         if self.family == "quest":
             return 2 / QUEST_PAGE / 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import package_dir
+from ..assets import package_dir
 
 QWEN_NAME = "qwen2.5-coder-0.5b"
 QWEN_GGUF = "Qwen2.5-Coder-0.5B-Instruct.gguf"
@@ -93,8 +93,8 @@ def load_model(name: str = SMOLLM2_NAME, *, model_file: str | None = None, dtype
     """
     import hf_squeeze  # noqa: F401  (registers the attention)
 
-    from ..models import load_default_model
-    from ..models import load_model as load_path
+    from ..assets import load_default_model
+    from ..assets import load_model as load_path
 
     if name == SMOLLM2_NAME:
         return load_default_model(dtype=dtype, device=device)
@@ -108,7 +108,7 @@ def load_tokenizer(name: str = SMOLLM2_NAME, *, model_file: str | None = None):
     from transformers import AutoTokenizer
 
     if name == SMOLLM2_NAME:
-        from ..models import DEFAULT_GGUF, default_model_dir
+        from ..assets import DEFAULT_GGUF, default_model_dir
 
         return AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
     if name == QWEN_NAME:

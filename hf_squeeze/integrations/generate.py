@@ -19,12 +19,12 @@ import types
 
 import torch
 
+from ..attention import GUARD_ATTR
 from .fingerprint import check_fingerprint
 from .transformers import NAME, attention_modules
 
 # Names under which a cache reaches `generate`, the installed transformers' own first.
 CACHE_NAMES = ("cache", "past_key_values")
-GUARD_ATTR = "_hf_squeeze_guard"  # set on every attention module of a guarded model
 
 _argument_names: dict[type, str] = {}
 
@@ -49,23 +49,13 @@ def install_guard(model) -> None:
 
     The wrapper is a method bound to the instance, so `copy.deepcopy(model)` gives a copy whose
     guard serves the copy. The model's attention modules are marked, so that a forward pass of a
-    model without the guard is refused at its first attention layer (`check_guarded`).
+    model without the guard is refused at its first attention layer (`attention.check_guarded`).
     """
     for module in attention_modules(model):
         setattr(module, GUARD_ATTR, True)
     for method in (generate, prepare_inputs_for_generation):
         if getattr(model.__dict__.get(method.__name__), "__func__", None) is not method:
             setattr(model, method.__name__, types.MethodType(method, model))
-
-
-def check_guarded(module) -> None:
-    """Refuse attention over a squeezed cache in a model that never went through `install_guard`."""
-    if not getattr(module, GUARD_ATTR, False):
-        raise RuntimeError(
-            "this SqueezedCache is used by a model it was not built or loaded for, whose generate() does not "
-            "check prompts against the cached context: call cache.bind(model) (checks the model and returns a "
-            "cache for it), or build/load the cache with this model"
-        )
 
 
 def generate(self, *args, **kwargs):

@@ -1,9 +1,10 @@
-"""Triton kernels of the online path: centroid lookup (`lookup.py`) and sparse attention
-(`attention.py`) over the device view of a layer index (`layout.py`).
+"""Triton kernels: the centroid lookup (`lookup.py`: `scoring.py` then `selection.py`) and sparse
+attention (`attention.py`) over the device view of a layer index (`layout.py`), and the offline
+K-means (`kmeans.py`). `naive.py` holds the readable torch reference of each, which the tests check
+them against. The cache uses the kernels on CUDA devices and the library's torch path elsewhere.
 
-`hf_squeeze.lookup` and `hf_squeeze.attention` hold the torch reference the kernels are tested
-against; the cache uses the kernels on CUDA devices and the reference elsewhere.
-`kmeans.py` holds the kernels of the offline K-means (`hf_squeeze.clustering`, same rules).
+Without Triton the package still imports (`naive` is plain torch); `supports` then says why the
+kernels cannot serve.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ import os
 
 import torch
 
-from .attention import gather_capacity, sparse_attention
+from . import naive  # noqa: F401  (plain torch)
 from .layout import PIECE_ROWS, KernelIndex, kernel_index
-from .lookup import MAX_CLUSTERS, Work, lookup
 
-__all__ = ["PIECE_ROWS", "KernelIndex", "Work", "attend", "kernel_index", "lookup", "query_weights", "sparse_attention", "supports"]
+try:
+    from .attention import gather_capacity, sparse_attention
+    from .lookup import KeptRanges, lookup
+    from .selection import MAX_CLUSTERS
+except ImportError as error:  # pragma: no cover - platforms without Triton
+    _MISSING = f"Triton is not available ({error})"
+else:
+    _MISSING = None
+
+__all__ = ["PIECE_ROWS", "KernelIndex", "KeptRanges", "attend", "kernel_index", "lookup", "naive", "query_weights",
+           "sparse_attention", "supports"]
 
 # "auto" (default): kernels on CUDA devices; "0": torch reference everywhere; "1": also on the CPU
 # under TRITON_INTERPRET=1 (slow; for tests).
@@ -27,6 +37,8 @@ _ENV = "HF_SQUEEZE_KERNELS"
 def supports(index, query: torch.Tensor) -> str | None:
     """Why the kernels cannot serve this layer and query (None when they can)."""
     mode = os.environ.get(_ENV, "auto")
+    if _MISSING is not None:
+        return _MISSING
     if mode == "0":
         return f"{_ENV}=0"
     if query.device.type != "cuda" and not (mode == "1" and os.environ.get("TRITON_INTERPRET") == "1"):
@@ -71,12 +83,12 @@ def attend(
     if query.stride(-1) != 1:
         query = query.contiguous()
     dyn_keys, dyn_values = dyn_keys.contiguous(), dyn_values.contiguous()
-    if rule.keep_all:
-        threshold, budget, l1_threshold, l1_budget = float("-inf"), None, float("-inf"), None
+    if rule.exact:
+        threshold, budget, coarse_threshold, coarse_budget = float("-inf"), None, float("-inf"), None
     else:
-        threshold, budget, l1_threshold, l1_budget = rule.threshold, rule.budget, rule.l1_threshold, rule.l1_budget
+        threshold, budget, coarse_threshold, coarse_budget = rule.threshold, rule.budget, rule.coarse_threshold, rule.coarse_budget
     batch, _, tokens, _ = query.shape
     logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 else None
-    work = lookup(query, kindex, scaling, threshold, budget, logw, stats, l1_threshold, l1_budget, scored)
+    work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored)
     capacity = gather_capacity(kindex, budget)
     return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity)

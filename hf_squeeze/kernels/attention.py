@@ -23,11 +23,12 @@ import triton
 import triton.language as tl
 
 from .layout import PIECE_ROWS, KernelIndex
-from .lookup import Work, _pow2, _precision
+from .common import dot_precision, pow2
+from .lookup import KeptRanges
 
 DECODE_PIECES = 2  # pieces per decode step: a 64-row K/V tile
 DECODE_WARPS = 4
-DECODE_STAGES = 1  # measured: software pipelining of the gathered loads does not pay here
+DECODE_STAGES = 1  # software pipelining of the gathered loads does not pay here (bench_kernels.py)
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 GATHER_PIECES = 4
@@ -249,12 +250,12 @@ def _merge_kernel(
     tl.store(optr, o.to(out_ptr.dtype.element_ty))
 
 
-def _default_splits(device: torch.device, programs: int, most: int, per_sm: int = 8) -> int:
+def _default_splits(device: torch.device, programs: int, max_splits: int, per_sm: int = 8) -> int:
     """A power of two of splits giving about `per_sm` programs per streaming multiprocessor."""
     if device.type != "cuda":
         return 1
     target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1 << max(0, min(most.bit_length() - 1, (target // max(1, programs)).bit_length() - 1))
+    return 1 << max(0, min(max_splits.bit_length() - 1, (target // max(1, programs)).bit_length() - 1))
 
 
 def gather_capacity(kindex: KernelIndex, budget: int | None) -> int:
@@ -269,7 +270,7 @@ def sparse_attention(
     dyn_keys: torch.Tensor,
     dyn_values: torch.Tensor,
     kindex: KernelIndex,
-    work: Work,
+    work: KeptRanges,
     scaling: float,
     key_valid: torch.Tensor | None = None,
     splits: int | None = None,
@@ -292,17 +293,17 @@ def sparse_attention(
     if out is None:
         out = torch.empty(batch, tokens, q_heads, dim, device=dev, dtype=query.dtype)
     kvalid = out if key_valid is None else key_valid.to(torch.int8).contiguous()
-    common = dict(HAS_KVALID=key_valid is not None, PRECISION=_precision(query.dtype))
+    common = dict(HAS_KVALID=key_valid is not None, PRECISION=dot_precision(query.dtype))
     dyn_strides = (dyn_keys.stride(0), dyn_keys.stride(1), dyn_keys.stride(2))
     out_strides = (out.stride(0), out.stride(1), out.stride(2))
     if tokens == 1:
-        block_m, m_blocks = _pow2(group, 16), 1
-        splits = splits or _default_splits(dev, batch * heads, most=64)
+        block_m, m_blocks = pow2(group, 16), 1
+        splits = splits or _default_splits(dev, batch * heads, max_splits=64)
     else:
         block_m = PREFILL_BLOCK_M if rows > 64 else 64
         m_blocks = triton.cdiv(rows, block_m)
         # Splitting pays only while the row blocks alone leave multiprocessors idle.
-        splits = splits or _default_splits(dev, batch * heads * m_blocks, most=16, per_sm=1)
+        splits = splits or _default_splits(dev, batch * heads * m_blocks, max_splits=16, per_sm=1)
     if splits > 1:
         po = torch.empty(batch * heads, splits, rows, dim, device=dev, dtype=torch.float32)
         plse = torch.empty(batch * heads, splits, rows, device=dev, dtype=torch.float32)
@@ -322,7 +323,7 @@ def sparse_attention(
         cap = capacity or kindex.clustered_tokens
         gk = torch.empty(batch * heads, cap, dim, device=dev, dtype=kindex.keys.dtype)
         gv = torch.empty_like(gk)
-        gather_splits = _default_splits(dev, batch * heads, most=64)
+        gather_splits = _default_splits(dev, batch * heads, max_splits=64)
         _gather_kernel[(batch * heads, 1, gather_splits)](
             kindex.keys, kindex.values, work.starts, work.lengths, work.positions, work.nsel, gk, gv,
             heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
@@ -338,6 +339,6 @@ def sparse_attention(
         )
     if splits > 1:
         _merge_kernel[(batch * heads, rows)](
-            po, plse, out, heads, group, tokens, *out_strides, D=dim, SPLITS=splits, BLOCK_S=_pow2(splits)
+            po, plse, out, heads, group, tokens, *out_strides, D=dim, SPLITS=splits, BLOCK_S=pow2(splits)
         )
     return out

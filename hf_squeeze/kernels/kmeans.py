@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 
-# (points per program, centers per step, warps, stages) for head_dim <= 128. Chosen on an H100 by
-# benchmarks/offline_index.py, which times the candidates in ASSIGN_CANDIDATES at 128K tokens.
+# (points per program, centers per step, warps, stages) for head_dim <= 128: the fastest of
+# ASSIGN_CANDIDATES at 128K tokens as timed by benchmarks/offline_index.py (BENCHMARKS.md).
 ASSIGN_CONFIG = (128, 64, 4, 3)
 # Points per program of the seeding gains (a multiple of every BLOCK_N used there).
 GAINS_ROWS_PER_SPLIT = 4096
@@ -75,7 +75,7 @@ def assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.
     labels = torch.empty(heads, n, dtype=torch.int32, device=x.device)
     best = torch.empty(heads, n, dtype=torch.float32, device=x.device)
     block_d = max(16, triton.next_power_of_2(dim))
-    # float32 tiles take twice the shared memory of bfloat16 ones (the level-1 tree clusters fp32 centroids)
+    # float32 tiles take twice the shared memory of bfloat16 ones (the coarse tree clusters fp32 centroids)
     block_n, block_k, warps, stages = ASSIGN_CONFIG if block_d * x.element_size() <= 256 else (64, 64, 4, 2)
     grid = (triton.cdiv(n, block_n), heads)
     _assign_kernel[grid](

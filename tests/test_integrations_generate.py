@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
+from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs
 from hf_squeeze.integrations.generate import cache_argument
 
 from .conftest import tiny_model
@@ -276,23 +276,3 @@ def test_other_generate_paths_give_the_same_tokens(model, built, extra):
     name = cache_argument(model)
     ids = prompt(context)
     assert torch.equal(greedy(model, ids, name, cache.fork(), **extra), greedy(model, ids, name, cache.fork()))
-
-
-def test_crop_follows_the_cache_contract(model, built):
-    context, cache = built
-    fork = cache.fork()
-    greedy(model, prompt(context), cache_argument(model), fork)
-    n = context.numel()
-    held = fork.get_seq_length()
-    fork.crop(0)  # nothing (assisted generation calls it when every candidate is accepted)
-    assert fork.get_seq_length() == held
-    fork.crop(-3)  # three tokens
-    assert fork.get_seq_length() == held - 3
-    fork.crop(held)  # an absolute length at or above the current one (transformers < 5.18): nothing
-    assert fork.get_seq_length() == held - 3
-    fork.crop(n + 2)  # an absolute length (transformers < 5.18)
-    assert fork.get_seq_length() == n + 2
-    with pytest.raises(ValueError, match="fixed context, which cannot be cropped"):
-        fork.crop(-3)
-    with pytest.raises(ValueError, match="fixed context, which cannot be cropped"):
-        fork.crop(n - 1)

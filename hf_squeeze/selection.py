@@ -1,4 +1,4 @@
-"""Query -> selected clusters -> key ranges: the torch reference of the online lookup.
+"""Selection: query -> selected clusters -> key ranges, the torch reference of the online lookup.
 
 Shapes: B batch rows, H KV heads, G query heads per KV head, T query tokens, M candidate clusters,
 D head dim. Everything is computed in float32 and in the log domain, so that tiny probabilities
@@ -28,16 +28,16 @@ NEG_INF = float("-inf")
 class SelectionRule:
     """How clusters are kept, resolved for one fixed context.
 
-    `keep_all` short-circuits everything (keep=1.0). Otherwise exactly one of `threshold` (a log
-    probability) or `budget` (keys per KV head) is set for the fine level, and likewise
-    `l1_threshold` / `l1_budget` for the coarse level of a hierarchical index.
+    `exact` reads every key (keep=1.0) and short-circuits the lookup. Otherwise exactly one of
+    `threshold` (a log probability) or `budget` (keys per KV head) is set for the fine level, and
+    likewise `coarse_threshold` / `coarse_budget` for the coarse level of a two-level index.
     """
 
-    keep_all: bool = False
+    exact: bool = False
     threshold: float | None = None
     budget: int | None = None
-    l1_threshold: float | None = None
-    l1_budget: int | None = None
+    coarse_threshold: float | None = None
+    coarse_budget: int | None = None
 
 
 @dataclass
@@ -154,24 +154,24 @@ def score_flat(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
     return _score_every(q, index.centroids, index.counts, scaling, q_weight)
 
 
-def score_level1(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
+def score_coarse(q, index, scaling, q_weight) -> tuple[Candidates, torch.Tensor]:
     """Score the coarse centroids."""
-    return _score_every(q, index.l1_centroids, index.l1_counts, scaling, q_weight)
+    return _score_every(q, index.coarse_centroids, index.coarse_counts, scaling, q_weight)
 
 
-def score_level2(q, index, scaling, q_weight, l1_keep: torch.Tensor, s1: torch.Tensor) -> Candidates:
+def score_fine(q, index, scaling, q_weight, coarse_kept: torch.Tensor, s1: torch.Tensor) -> Candidates:
     """Score only the fine centroids under the kept coarse clusters.
 
     The normaliser mixes resolutions: fine terms where fine centroids were scored, coarse terms
     (N_k exp(s1_k) of the coarse centroid) for the rejected coarse clusters, so it estimates the
     full sum without scoring any fine centroid under a rejected coarse cluster.
     """
-    first = index.l1_offsets[:, :-1][None].expand_as(l1_keep)
-    sizes = (index.l1_offsets[:, 1:] - index.l1_offsets[:, :-1])[None].expand_as(l1_keep)
-    ids, valid = expand_ranges(first, sizes * l1_keep)
+    first = index.coarse_offsets[:, :-1][None].expand_as(coarse_kept)
+    sizes = (index.coarse_offsets[:, 1:] - index.coarse_offsets[:, :-1])[None].expand_as(coarse_kept)
+    ids, valid = expand_ranges(first, sizes * coarse_kept)
     counts = _gather_heads(index.counts, ids) * valid
     s2 = centroid_logits(q, _gather_heads(index.centroids, ids), counts, scaling)
-    rejected = log_mass(s1, index.l1_counts[None].expand_as(l1_keep), include=~l1_keep)
+    rejected = log_mass(s1, index.coarse_counts[None].expand_as(coarse_kept), include=~coarse_kept)
     log_norm = torch.logaddexp(log_mass(s2, counts), rejected)
     logp2 = s2 - log_norm.unsqueeze(-1)
     return Candidates(ids, aggregate(logp2, q_weight), counts)
@@ -180,23 +180,23 @@ def score_level2(q, index, scaling, q_weight, l1_keep: torch.Tensor, s1: torch.T
 def lookup(q: torch.Tensor, index, scaling: float, rule: SelectionRule, q_weight=None) -> Selection:
     """Select the key ranges of the fixed context that queries `q` [B, H, G, T, D] attend to."""
     batch, heads = q.shape[:2]
-    if index.l1_centroids is None:
+    if index.coarse_centroids is None:
         cand, _ = score_flat(q, index, scaling, q_weight)
         scored = torch.full((batch, heads), index.counts.shape[1], device=q.device)
     else:
-        l1, s1 = score_level1(q, index, scaling, q_weight)
-        l1_keep = select(l1.logp, l1.counts, *_level_rule(rule, level=1))
-        cand = score_level2(q, index, scaling, q_weight, l1_keep, s1)
-        fine_per_coarse = index.l1_offsets[:, 1:] - index.l1_offsets[:, :-1]
-        scored = index.l1_counts.shape[1] + (fine_per_coarse[None] * l1_keep).sum(-1)
-    keep = select(cand.logp, cand.counts, *_level_rule(rule, level=2))
+        coarse, s1 = score_coarse(q, index, scaling, q_weight)
+        coarse_kept = select(coarse.logp, coarse.counts, *_level_rule(rule, coarse=True))
+        cand = score_fine(q, index, scaling, q_weight, coarse_kept, s1)
+        fine_per_coarse = index.coarse_offsets[:, 1:] - index.coarse_offsets[:, :-1]
+        scored = index.coarse_counts.shape[1] + (fine_per_coarse[None] * coarse_kept).sum(-1)
+    kept = select(cand.logp, cand.counts, *_level_rule(rule, coarse=False))
     starts = _gather_heads(index.offsets, cand.ids)
-    return Selection(starts, cand.counts * keep, scored)
+    return Selection(starts, cand.counts * kept, scored)
 
 
-def _level_rule(rule: SelectionRule, level: int) -> tuple[float | None, int | None]:
-    if rule.keep_all:
+def _level_rule(rule: SelectionRule, coarse: bool) -> tuple[float | None, int | None]:
+    if rule.exact:
         return None, None
-    if level == 1:
-        return rule.l1_threshold, rule.l1_budget
+    if coarse:
+        return rule.coarse_threshold, rule.coarse_budget
     return rule.threshold, rule.budget

@@ -1,0 +1,165 @@
+"""Triton kernels of the lookup's second half: which clusters to keep, and the kept ones written as a
+compact list of key pieces.
+
+Clusters are kept by threshold (log p_j >= threshold) or by budget (clusters in decreasing p until
+`budget` keys; the cluster that crosses the budget is kept; equal log p in cluster order), one
+program per (row, KV head), the clusters of a head in registers. The compaction writes the kept
+clusters, in cluster order, as pieces of at max_pieces PIECE_ROWS keys (see `layout.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import empty, pow2
+
+COMPACT_BLOCK = 128  # clusters per program when writing the selection list
+MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
+
+
+@triton.jit
+def _select_kernel(
+    logp_ptr, counts_ptr, sizes_ptr, ids_ptr, ncand_ptr, keep_ptr, keep_ids_ptr,
+    block_ptr, nsel_ptr, nsizes_ptr, stats_ptr,
+    threshold, budget, H, C, CAP,
+    USE_BUDGET: tl.constexpr, HAS_IDS: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """One (batch row, KV head): which candidates to keep, and for each block of BLOCK_S candidates
+    the pieces and sizes kept before it (so that `_compact_kernel` can place its ranges).
+
+    Candidates are the C clusters of the head in order, or with HAS_IDS the first ncand[bh]
+    entries of the list `ids` [B, H, CAP] (fine clusters under the kept coarse clusters, in
+    cluster order); then the keep flags are also scattered to cluster order (`keep_ids_ptr`).
+    `counts` (keys per cluster) decide; `sizes` (what the compaction lists: keys of a cluster, or
+    fine clusters of a coarse cluster) are cut into pieces of at max_pieces PIECE."""
+    bh = tl.program_id(0)
+    h = bh % H
+    c = tl.arange(0, BLOCK_C)
+    if HAS_IDS:
+        cmask = c < tl.load(ncand_ptr + bh)
+        ids = tl.load(ids_ptr + bh * CAP + c, mask=cmask, other=0)
+    else:
+        cmask = c < C
+        ids = c
+    counts = tl.load(counts_ptr + h * C + ids, mask=cmask, other=0)
+    sizes = tl.load(sizes_ptr + h * C + ids, mask=cmask, other=0)
+    logp = tl.load(logp_ptr + bh * CAP + c, mask=cmask, other=float("-inf"))
+    nonempty = counts > 0
+    if USE_BUDGET:
+        # Binary search, over an order-preserving int32 image of log p, for the largest x with
+        # sum(N_j : key_j >= x) >= budget; keeping key_j >= x keeps the cluster that crosses the
+        # budget. It stops as soon as one cluster is left in [lo, hi) (about log2 C steps). If the
+        # non-empty clusters hold fewer keys than the budget, lo stays at the smallest key: keep all.
+        bits = logp.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        lo = tl.min(tl.where(nonempty, key, 2147483647))
+        hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
+        if tl.sum(counts) < budget:
+            hi = lo
+        inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
+        while (inside > 1) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):  # (equal keys end at width 1)
+            mid = (lo.to(tl.int64) + (hi.to(tl.int64) - lo.to(tl.int64)) // 2).to(tl.int32)
+            # Two int32 reductions per step: faster on the GPU than one packed int64 reduction
+            # (timed with benchmarks/bench_kernels.py; BENCHMARKS.md).
+            up = tl.sum(tl.where(key >= mid, counts, 0)) >= budget
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid)
+            inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
+        keep = (key >= lo) & nonempty
+        tied = nonempty & (key == lo)
+        if tl.sum(tied.to(tl.int32)) > 1:  # equal log p at the crossing: take them in cluster order
+            above = tl.sum(tl.where(nonempty & (key > lo), counts, 0))
+            tied_counts = tl.where(tied, counts, 0)
+            before = tl.cumsum(tied_counts, 0) - tied_counts
+            keep = (nonempty & (key > lo)) | (tied & (above + before < budget))
+    else:
+        keep = (logp >= threshold) & nonempty
+    tl.store(keep_ptr + bh * CAP + c, keep.to(tl.int8), mask=cmask)
+    if HAS_IDS:
+        tl.store(keep_ids_ptr + bh * C + ids, keep.to(tl.int8), mask=cmask)
+    pieces = tl.where(keep, tl.cdiv(sizes, PIECE), 0)
+    kept = tl.where(keep, sizes, 0)
+    # Per-block totals and their exclusive prefix: a scan over C / BLOCK_S numbers, not over C.
+    NB: tl.constexpr = BLOCK_C // BLOCK_S
+    block_pieces = tl.sum(tl.reshape(pieces, [NB, BLOCK_S]), 1)
+    block_keys = tl.sum(tl.reshape(kept, [NB, BLOCK_S]), 1)
+    b = tl.arange(0, NB)
+    tl.store(block_ptr + (bh * NB + b) * 2, tl.cumsum(block_pieces, 0) - block_pieces)
+    tl.store(block_ptr + (bh * NB + b) * 2 + 1, tl.cumsum(block_keys, 0) - block_keys)
+    nsizes = tl.sum(kept)
+    tl.store(nsel_ptr + bh, tl.sum(pieces))
+    tl.store(nsizes_ptr + bh, nsizes)
+    tl.atomic_add(stats_ptr, nsizes.to(tl.int64))
+
+
+@triton.jit
+def _compact_kernel(
+    keep_ptr, sizes_ptr, starts_ptr, ids_ptr, ncand_ptr, block_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr,
+    H, C, CAP, PC, NB, MAX_PIECES,
+    HAS_IDS: tl.constexpr, LISTS: tl.constexpr, PIECE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """A block of candidates of one (batch row, KV head): write its kept ones as pieces of at max_pieces
+    PIECE sizes into the selection list, in candidate order (starts; with LISTS also lengths and
+    sizes before). With PIECE = 1 this lists every unit: the fine clusters of the kept coarse ones."""
+    bh = tl.program_id(0)
+    blk = tl.program_id(1)
+    h = bh % H
+    c = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    if HAS_IDS:
+        cmask = c < tl.load(ncand_ptr + bh)
+        ids = tl.load(ids_ptr + bh * CAP + c, mask=cmask, other=0)
+    else:
+        cmask = c < C
+        ids = c
+    keep = tl.load(keep_ptr + bh * CAP + c, mask=cmask, other=0) != 0
+    sizes = tl.load(sizes_ptr + h * C + ids, mask=cmask, other=0)
+    starts = tl.load(starts_ptr + h * C + ids, mask=cmask, other=0)
+    pieces = tl.where(keep, tl.cdiv(sizes, PIECE), 0)
+    kept = tl.where(keep, sizes, 0)
+    slot = tl.load(block_ptr + (bh * NB + blk) * 2) + tl.cumsum(pieces, 0) - pieces
+    position = tl.load(block_ptr + (bh * NB + blk) * 2 + 1) + tl.cumsum(kept, 0) - kept
+    for j in range(0, MAX_PIECES):
+        write = keep & (j < pieces)
+        tl.store(sel_start_ptr + bh * PC + slot + j, starts + j * PIECE, mask=write)
+        if LISTS:
+            tl.store(sel_len_ptr + bh * PC + slot + j, tl.minimum(sizes - j * PIECE, PIECE), mask=write)
+            tl.store(sel_pos_ptr + bh * PC + slot + j, position + j * PIECE, mask=write)
+
+
+def select(logp, counts, sizes, threshold, budget, piece, stats, ids=None, ncand=None, keep_ids=None):
+    """Launch the selection over the C clusters of `counts` [H, C] (or the kept_list candidates `ids`
+    [B, H, CAP], the first ncand[b, h] of them). Returns the keep flags [B, H, CAP] (candidate
+    order), the per-block offsets for `_compact`, and per (row, head) the pieces and sizes kept."""
+    batch, heads, cap = logp.shape
+    dev = logp.device
+    block_c = pow2(cap, COMPACT_BLOCK)
+    keep = empty(dev, torch.int8, batch, heads, cap)
+    block_offsets = empty(dev, torch.int32, batch, heads, block_c // COMPACT_BLOCK, 2)
+    nsel, nsizes = (empty(dev, torch.int32, batch, heads) for _ in range(2))
+    has_ids = ids is not None
+    _select_kernel[(batch * heads,)](
+        logp, counts, sizes, ids if has_ids else counts, ncand if has_ids else nsel, keep,
+        keep_ids if has_ids else keep, block_offsets, nsel, nsizes, stats,
+        float("-inf") if threshold is None else threshold, 0 if budget is None else budget, heads, counts.shape[1], cap,
+        USE_BUDGET=budget is not None, HAS_IDS=has_ids, PIECE=piece, BLOCK_C=block_c, BLOCK_S=COMPACT_BLOCK,
+        num_warps=4 if block_c < 4096 else 16 if block_c <= 8192 else 32,
+    )
+    return keep, block_offsets, nsel, nsizes
+
+
+def compact(keep, block_offsets, sizes, starts, piece, max_pieces, out_starts, out_lengths=None, out_positions=None,
+             ids=None, ncand=None):
+    """Write the kept candidates as pieces of at max_pieces `piece` sizes (`max_pieces` pieces at max_pieces per
+    candidate) into `out_starts` [B, H, P] (and lengths / sizes before, when given)."""
+    batch, heads, cap = keep.shape
+    blocks = block_offsets.shape[2]
+    has_ids, lists = ids is not None, out_lengths is not None
+    _compact_kernel[(batch * heads, blocks)](
+        keep, sizes, starts, ids if has_ids else sizes, ncand if has_ids else sizes, block_offsets,
+        out_starts, out_lengths if lists else out_starts, out_positions if lists else out_starts,
+        heads, sizes.shape[1], cap, out_starts.shape[-1], blocks, max_pieces,
+        HAS_IDS=has_ids, LISTS=lists, PIECE=piece, BLOCK_S=COMPACT_BLOCK,
+    )

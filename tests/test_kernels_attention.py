@@ -1,0 +1,152 @@
+"""The sparse attention kernels (`kernels/attention.py`, fed by the lookup kernels) against their
+readable reference, `kernels/naive.py`: one softmax over the kept keys, the sinks and window, and
+the dynamic tokens. Outputs are written into a NaN-poisoned buffer, and the tests check the
+kernels served (on the CPU they run under TRITON_INTERPRET=1)."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs, kernels
+from hf_squeeze.attention import SparseAttention
+from hf_squeeze.kernels import naive
+
+from .kernel_cases import (
+    DEVICE,
+    FLAT_RULES,
+    TWO_LEVEL_RULES,
+    assert_close,
+    make_hier_index,
+    make_index,
+    make_inputs,
+    padding_mask,
+    poisoned,
+)
+
+
+def run_kernels(index, rule, query, dyn_k, dyn_v, mask=None, splits=1):
+    """The kernels' output, written into a NaN-poisoned buffer, and the reference's."""
+    scaling = query.shape[-1] ** -0.5
+    expected = naive.attention(query, dyn_k, dyn_v, index, rule, scaling, mask)
+    key_valid = q_valid = None
+    if mask is not None:
+        tokens, dyn_len = query.shape[2], dyn_k.shape[2]
+        key_valid = mask[:, 0, -1, :]
+        t = torch.arange(tokens, device=query.device)
+        q_valid = mask[:, 0, t, dyn_len - tokens + t]
+    out = poisoned(query)
+    stats = torch.zeros(1, dtype=torch.int64, device=query.device)
+    got = kernels.attend(query, dyn_k, dyn_v, kernels.kernel_index(index), rule, scaling, key_valid, q_valid, stats,
+                         splits, out)
+    assert got.data_ptr() == out.data_ptr()
+    return got.float(), expected.float()
+
+
+@pytest.mark.parametrize(
+    "dtype,kind,group,dim,splits",
+    [(torch.float32, kind, group, dim, 4) for kind in FLAT_RULES for group, dim in ((1, 64), (4, 128), (7, 64))]
+    + [(dtype, "budget", 3, 128, splits) for dtype in (torch.bfloat16, torch.float16) for splits in (1, 3)],
+)
+def test_decode_matches_the_reference(dtype, kind, group, dim, splits):
+    index = make_index(dim=dim, dtype=dtype)
+    query, dyn_k, dyn_v = make_inputs(index, group, tokens=1, dyn_len=37)
+    got, expected = run_kernels(index, FLAT_RULES[kind], query, dyn_k, dyn_v, splits=splits)
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["budget", "threshold"])
+@pytest.mark.parametrize("group,tokens", [(3, 9), (4, 33)])
+def test_prefill_matches_the_reference(dtype, kind, group, tokens):
+    index = make_index(dtype=dtype)
+    query, dyn_k, dyn_v = make_inputs(index, group, tokens=tokens, dyn_len=tokens + 5)
+    got, expected = run_kernels(index, FLAT_RULES[kind], query, dyn_k, dyn_v)
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_padding_masks_keys_and_query_tokens(tokens):
+    """Left padding: row 0 has 4 padded dynamic tokens; padded query tokens do not vote."""
+    index = make_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=tokens, dyn_len=12)
+    mask, valid = padding_mask(2, tokens, dyn_k.shape[2], padded=4)
+    got, expected = run_kernels(index, FLAT_RULES["budget"], query, dyn_k, dyn_v, mask=mask, splits=2)
+    real = valid[:, dyn_k.shape[2] - tokens :]  # outputs of padding query tokens are not used
+    assert_close(got[real], expected[real], torch.float32)
+
+
+@pytest.mark.parametrize("dtype,kind,group,tokens", [
+    (torch.float32, "budget", 4, 1),
+    (torch.float32, "threshold", 7, 1),
+    (torch.bfloat16, "budget", 3, 1),
+    (torch.float32, "budget", 3, 9),
+    (torch.bfloat16, "threshold", 4, 7),
+])
+def test_two_level_index_matches_the_reference(dtype, kind, group, tokens):
+    """Lookup over a two-level index then sparse attention, with left padding for the prefills."""
+    index = make_hier_index(dtype=dtype)
+    query, dyn_k, dyn_v = make_inputs(index, group, tokens=tokens, dyn_len=tokens + 6)
+    mask, valid = padding_mask(2, tokens, dyn_k.shape[2], padded=3)
+    got, expected = run_kernels(index, TWO_LEVEL_RULES[kind], query, dyn_k, dyn_v, mask=mask, splits=2)
+    real = valid[:, dyn_k.shape[2] - tokens:]
+    assert_close(got[real], expected[real], dtype)
+
+
+def test_the_layer_takes_the_kernel_path_and_counts_what_it_reads(monkeypatch):
+    """`SparseAttention.attend` dispatches to the kernels when asked to, and counts the keys the
+    reference keeps."""
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1" if DEVICE == "cpu" else "auto")
+    index = make_index()
+    rule = FLAT_RULES["budget"]
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=5)
+    layer = SparseAttention(index, rule)
+    assert kernels.supports(index, query) is None
+    layer.attend(query, dyn_k, dyn_v, None, 0.125)
+    expected = (index.counts[None] * naive.lookup(query, index, 0.125, rule)).sum()
+    assert int(layer.kernel_keys.sum()) == int(expected) > 0
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "0")
+    assert kernels.supports(index, query) == "HF_SQUEEZE_KERNELS=0"
+
+
+def test_forks_share_the_kernel_view_and_match_the_torch_path(llama, context, monkeypatch):
+    """Through the model: the kernel path gives the torch path's logits, and the device view of the
+    index is built once per cache, not once per request."""
+    model = copy.deepcopy(llama).to(DEVICE)  # the session fixture stays on the CPU for the other tests
+    question = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    cache = SqueezedCache.from_context(model, context.to(DEVICE), SqueezeConfig(keep=0.3), progress=False)
+    outputs = {}
+    for mode in ("0", "1" if DEVICE == "cpu" else "auto"):
+        monkeypatch.setenv("HF_SQUEEZE_KERNELS", mode)
+        with torch.no_grad():
+            outputs[mode] = model(question[None], **cache_kwargs(model, cache.fork())).logits
+    views = cache.layers[0].attention.kernel_views
+    assert len(views) == 1
+    view = next(iter(views.values()))
+    with torch.no_grad():
+        model(question[None], **cache_kwargs(model, cache.fork()))
+    assert len(views) == 1 and next(iter(cache.fork().layers[0].attention.kernel_views.values())) is view
+    torch.testing.assert_close(outputs["0"], outputs["1" if DEVICE == "cpu" else "auto"], atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_path_serves_a_two_level_cache(llama, context, monkeypatch):
+    """Through the model (prefill of a question, then one decode step): a two-level cache takes the
+    kernel path and gives the torch path's logits, and both paths count the same centroids scored."""
+    model = copy.deepcopy(llama).to(DEVICE)  # the session fixture stays on the CPU for the other tests
+    question = torch.randint(3, 256, (6,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    config = SqueezeConfig(keep=0.3, hierarchical=True, centroid_ratio=0.1, coarse_ratio=0.02, kmeans_iters=5)
+    cache = SqueezedCache.from_context(model, context.to(DEVICE), config, progress=False)
+    kernel_mode = "1" if DEVICE == "cpu" else "auto"
+    outputs, scored = {}, {}
+    for mode in ("0", kernel_mode):
+        monkeypatch.setenv("HF_SQUEEZE_KERNELS", mode)
+        request = cache.fork()
+        with torch.no_grad():
+            logits = model(question[None], **cache_kwargs(model, request)).logits
+            step = model(question[None, :1], **cache_kwargs(model, request)).logits
+        outputs[mode] = torch.cat([logits, step], 1)
+        scored[mode] = request.stats()["centroids_scored"]
+        fine_by_kernels = sum(int(layer.attention.kernel_fine_scored.sum()) for layer in request.layers)
+        assert (fine_by_kernels > 0) == (mode == kernel_mode)  # the kernels served the kernel mode
+    torch.testing.assert_close(outputs["0"], outputs[kernel_mode], atol=1e-4, rtol=1e-4)
+    assert scored["0"] == pytest.approx(scored[kernel_mode])
