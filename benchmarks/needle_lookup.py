@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from hf_squeeze import load_default_model
 from hf_squeeze.context import FixedContext
-from hf_squeeze.eval import ruler, runner
+from hf_squeeze import ruler
+from hf_squeeze.eval import runner
 from hf_squeeze.eval.baselines import EvalAttention, EvalCache
 from hf_squeeze.eval.contexts import ContextCaches
 from hf_squeeze.eval.methods import Method

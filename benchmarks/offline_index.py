@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_squeeze import SqueezeConfig
-from hf_squeeze.clustering import _assign_torch, _cluster_sums_torch, _counts, _gains_torch, cosine_objective, kmeans
+from hf_squeeze.clustering import _counts, cosine_objective, kmeans, naive
 from hf_squeeze.index import build_indices
 
 LAYERS, HEADS, DIM = 32, 8, 128
@@ -92,7 +92,7 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_kernels(device) -> dict:
-    from hf_squeeze.kernels.kmeans import assign, cluster_sums, seeding_gains
+    from hf_squeeze.clustering.kernels import assign, cluster_sums, seeding_gains
 
     g = torch.Generator(device=device).manual_seed(0)
     x = F.normalize(torch.randn(4, 5000, DIM, generator=g, device=device), dim=-1)
@@ -100,24 +100,24 @@ def check_kernels(device) -> dict:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         labels, best = assign(x.to(dtype), c.to(dtype))
-        ref_labels, ref_best = _assign_torch(x.to(dtype).float(), c.to(dtype).float())
+        ref_labels, ref_best = naive.assign(x.to(dtype).float(), c.to(dtype).float())
         # Ties within rounding may pick another center: compare the similarity reached.
         out[f"assign_{str(dtype)[6:]}_max_sim_err"] = float((best - ref_best).abs().max())
         out[f"assign_{str(dtype)[6:]}_label_agree"] = float((labels == ref_labels).float().mean())
     lab = torch.randint(300, (4, 5000), generator=g, device=device)
     counts = _counts(lab, 300)
     sums = cluster_sums(x, lab.argsort(dim=1, stable=True), F.pad(counts.cumsum(1), (1, 0)))
-    out["cluster_sums_max_err"] = float((sums - _cluster_sums_torch(x, lab, 300)).abs().max())
+    out["cluster_sums_max_err"] = float((sums - naive.cluster_sums(x, lab, 300)).abs().max())
     dist = torch.rand(4, 5000, generator=g, device=device)
     gains = seeding_gains(x, c, dist)
-    out["gains_max_rel_err"] = float(((gains - _gains_torch(x, c, dist)).abs() / gains.abs().clamp_min(1)).max())
+    out["gains_max_rel_err"] = float(((gains - naive.seeding_gains(x, c, dist)).abs() / gains.abs().clamp_min(1)).max())
     return out
 
 
 def tune_assign(points: torch.Tensor, k: int) -> dict:
     """Time the fused assignment (one layer: 8 heads x 128K points x 6.5K centers) for each candidate
     tile configuration; keep the fastest for the rest of the run."""
-    from hf_squeeze.kernels import kmeans as kernels
+    from hf_squeeze.clustering import kernels
 
     x = F.normalize(points.float(), dim=-1).to(torch.bfloat16)
     centers = x[:, :k].contiguous()

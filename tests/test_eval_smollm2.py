@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from hf_squeeze.eval import ruler, run_eval
+from hf_squeeze import ruler
+from hf_squeeze.eval import run_eval
 from hf_squeeze.eval.runner import read_results
 
 TASKS = "niah_multikey_2,vt,cwe,fwe,qa_1"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import ruler
+from .. import ruler
 from .methods import Method, default_methods, parse_methods
 from .report import write_report
 from .runner import RunSpec, read_results, read_samples, run_samples, write_samples

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..integrations.generate import cache_kwargs
-from . import ruler
+from .. import ruler
 from .contexts import ContextCaches, group_key
 from .methods import Method
 

@@ -1,7 +1,8 @@
-"""Triton kernels: the centroid lookup (`lookup.py`: `scoring.py` then `selection.py`) and sparse
-attention (`attention.py`) over the device view of a layer index (`layout.py`), and the offline
-K-means (`kmeans.py`). `naive.py` holds the readable torch reference of each, which the tests check
-them against. The cache uses the kernels on CUDA devices and the library's torch path elsewhere.
+"""Triton kernels of the online path: the centroid lookup (`lookup.py`: `scoring.py` then
+`selection.py`) and sparse attention (`attention.py`) over the device view of a layer index
+(`layout.py`). `naive.py` holds the readable torch reference of each, which the tests check them
+against. The cache uses the kernels on CUDA devices and the library's torch path elsewhere. (The
+offline K-means kernels live with the clustering: `clustering/kernels.py`.)
 
 Without Triton the package still imports (`naive` is plain torch); `supports` then says why the
 kernels cannot serve.

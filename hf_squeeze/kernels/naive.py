@@ -2,8 +2,7 @@
 
 Slow and simple on purpose: dense masks instead of candidate lists, one softmax instead of merged
 partials. The kernel tests check the Triton kernels against these, and the library's own torch
-path (`hf_squeeze.selection`, `hf_squeeze.attention`) is checked against them too. The K-means
-functions are also the CPU path of `hf_squeeze.clustering`.
+path (`hf_squeeze.selection`, `hf_squeeze.attention`) is checked against them too.
 
 Shapes: B batch rows, H KV heads, G query heads per KV head, T query tokens, C clusters, D head dim.
 """
@@ -13,42 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-_SIM_CHUNK = 1 << 26  # similarity matrix entries computed at once
-
-
-# ---- K-means (kernels/kmeans.py) -------------------------------------------------------------------
-def assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best center (largest dot product) of every point: labels [H, N] int64, similarity [H, N] fp32."""
-    heads, n, _ = x.shape
-    step = max(1, _SIM_CHUNK // max(1, heads * centers.shape[1]))
-    labels = torch.empty(heads, n, dtype=torch.long, device=x.device)
-    best = torch.empty(heads, n, dtype=torch.float32, device=x.device)
-    for start in range(0, n, step):
-        sim = torch.bmm(x[:, start : start + step], centers.transpose(1, 2))
-        best[:, start : start + step], labels[:, start : start + step] = sim.max(-1)
-    return labels, best
-
-
-def cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Sum of the points of each cluster, in float32: [H, k, D]."""
-    heads = x.shape[0]
-    flat = (labels + (torch.arange(heads, device=x.device) * k).unsqueeze(1)).flatten()
-    sums = torch.zeros(heads * k, x.shape[-1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, flat, x.flatten(0, 1).float())
-    return sums.view(heads, k, -1)
-
-
-def seeding_gains(x: torch.Tensor, candidates: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-    """Drop of the potential if each candidate [H, M, D] alone became a center: [H, M] float32."""
-    heads, n, _ = x.shape
-    step = max(1, _SIM_CHUNK // max(1, heads * n))
-    out = []
-    for start in range(0, candidates.shape[1], step):
-        sim = torch.bmm(candidates[:, start : start + step], x.transpose(1, 2)).float()
-        out.append((sim + (dist - 1.0)[:, None]).clamp_min_(0.0).sum(-1))
-    return torch.cat(out, 1)
-
 
 # ---- centroid lookup (kernels/lookup.py) -----------------------------------------------------------
 def _per_cluster_logp(q, centroids, counts, scaling, candidate=None, extra_log_terms=None):

@@ -127,6 +127,25 @@ def _prefill_rows(q_ptr, b, h, g, G, T, tb, sq_b, sq_h, sq_t, D: tl.constexpr, B
 
 
 @triton.jit
+def _mass_of_rows(q, cent_ptr, logn_ptr, rows, valid, m, l, scaling, D: tl.constexpr, PRECISION: tl.constexpr):
+    """`_mass_step` over the centroids of rows `rows` of a [., D] table (where `valid`)."""
+    d = tl.arange(0, D)
+    cent = tl.load(cent_ptr + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+    logn = tl.load(logn_ptr + rows, mask=valid, other=float("-inf"))
+    return _mass_step(q, cent, logn, m, l, scaling, PRECISION)
+
+
+@triton.jit
+def _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A normaliser program's (row, head, query head) and its block of query rows, with an empty
+    running log-sum-exp (max m, sum l)."""
+    bh = bhg // G
+    h = bh % H
+    q, t = _prefill_rows(q_ptr, bh // H, h, bhg % G, G, T, tl.program_id(1), sq_b, sq_h, sq_t, D, BLOCK_T)
+    return bh, h, q, t, tl.full([BLOCK_T], float("-inf"), tl.float32), tl.zeros([BLOCK_T], tl.float32)
+
+
+@triton.jit
 def _row_norm_kernel(
     q_ptr, cent_ptr, logn_ptr, norm_ptr,
     scaling, H, C, G, T, sq_b, sq_h, sq_t,
@@ -134,19 +153,10 @@ def _row_norm_kernel(
 ):
     """Prefill: log sum_k N_k exp(s_k) for a block of tokens of one query head: norm [B, H, G, T]."""
     bhg = tl.program_id(0)
-    g = bhg % G
-    bh = bhg // G
-    b = bh // H
-    h = bh % H
-    q, t = _prefill_rows(q_ptr, b, h, g, G, T, tl.program_id(1), sq_b, sq_h, sq_t, D, BLOCK_T)
-    d = tl.arange(0, D)
-    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_T], tl.float32)
+    bh, h, q, t, m, l = _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D, BLOCK_T)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        cent = tl.load(cent_ptr + (h * C + c)[:, None] * D + d[None, :], mask=c[:, None] < C, other=0.0)
-        logn = tl.load(logn_ptr + h * C + c, mask=c < C, other=float("-inf"))
-        m, l = _mass_step(q, cent, logn, m, l, scaling, PRECISION)
+        m, l = _mass_of_rows(q, cent_ptr, logn_ptr, h * C + c, c < C, m, l, scaling, D, PRECISION)
     tl.store(norm_ptr + bhg * T + t, m + tl.log(l), mask=t < T)
 
 
@@ -158,29 +168,18 @@ def _mixed_norm_kernel(
 ):
     """Prefill, the fine level of a two-level index: the mixed normaliser of a block of tokens of one query
     head: fine terms of the candidate fine centroids (the children of the kept coarse clusters,
-    kept_list in `ids`), coarse terms of the rejected coarse clusters. norm [B, H, G, T]."""
+    listed in `ids`), coarse terms of the rejected coarse clusters. norm [B, H, G, T]."""
     bhg = tl.program_id(0)
-    g = bhg % G
-    bh = bhg // G
-    b = bh // H
-    h = bh % H
-    q, t = _prefill_rows(q_ptr, b, h, g, G, T, tl.program_id(1), sq_b, sq_h, sq_t, D, BLOCK_T)
-    d = tl.arange(0, D)
-    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_T], tl.float32)
+    bh, h, q, t, m, l = _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D, BLOCK_T)
     n = tl.load(ncand_ptr + bh)
     for c0 in range(0, n, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ids = tl.load(ids_ptr + bh * CAP + c, mask=c < n, other=0)
-        cent = tl.load(cent_ptr + (h * C + ids)[:, None] * D + d[None, :], mask=c[:, None] < n, other=0.0)
-        logn = tl.load(logn_ptr + h * C + ids, mask=c < n, other=float("-inf"))
-        m, l = _mass_step(q, cent, logn, m, l, scaling, PRECISION)
+        m, l = _mass_of_rows(q, cent_ptr, logn_ptr, h * C + ids, c < n, m, l, scaling, D, PRECISION)
     for c0 in range(0, C1, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         rejected = (c < C1) & (tl.load(keep1_ptr + bh * C1 + c, mask=c < C1, other=1) == 0)
-        cent = tl.load(cent1_ptr + (h * C1 + c)[:, None] * D + d[None, :], mask=rejected[:, None], other=0.0)
-        logn = tl.load(logn1_ptr + h * C1 + c, mask=rejected, other=float("-inf"))
-        m, l = _mass_step(q, cent, logn, m, l, scaling, PRECISION)
+        m, l = _mass_of_rows(q, cent1_ptr, logn1_ptr, h * C1 + c, rejected, m, l, scaling, D, PRECISION)
     tl.store(norm_ptr + bhg * T + t, m + tl.log(l), mask=t < T)
 
 

@@ -20,6 +20,19 @@ MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
 
 
 @triton.jit
+def _cluster_ids(ids_ptr, ncand_ptr, bh, c, C, CAP, HAS_IDS: tl.constexpr):
+    """Positions `c` of a (row, head)'s list: the first ncand[bh] entries of the candidate list `ids`
+    (HAS_IDS), or clusters 0..C-1 themselves. Returns (valid, cluster ids)."""
+    if HAS_IDS:
+        cmask = c < tl.load(ncand_ptr + bh)
+        ids = tl.load(ids_ptr + bh * CAP + c, mask=cmask, other=0)
+    else:
+        cmask = c < C
+        ids = c
+    return cmask, ids
+
+
+@triton.jit
 def _select_kernel(
     logp_ptr, counts_ptr, sizes_ptr, ids_ptr, ncand_ptr, keep_ptr, keep_ids_ptr,
     block_ptr, nsel_ptr, nsizes_ptr, stats_ptr,
@@ -38,12 +51,7 @@ def _select_kernel(
     bh = tl.program_id(0)
     h = bh % H
     c = tl.arange(0, BLOCK_C)
-    if HAS_IDS:
-        cmask = c < tl.load(ncand_ptr + bh)
-        ids = tl.load(ids_ptr + bh * CAP + c, mask=cmask, other=0)
-    else:
-        cmask = c < C
-        ids = c
+    cmask, ids = _cluster_ids(ids_ptr, ncand_ptr, bh, c, C, CAP, HAS_IDS)
     counts = tl.load(counts_ptr + h * C + ids, mask=cmask, other=0)
     sizes = tl.load(sizes_ptr + h * C + ids, mask=cmask, other=0)
     logp = tl.load(logp_ptr + bh * CAP + c, mask=cmask, other=float("-inf"))
@@ -108,12 +116,7 @@ def _compact_kernel(
     blk = tl.program_id(1)
     h = bh % H
     c = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    if HAS_IDS:
-        cmask = c < tl.load(ncand_ptr + bh)
-        ids = tl.load(ids_ptr + bh * CAP + c, mask=cmask, other=0)
-    else:
-        cmask = c < C
-        ids = c
+    cmask, ids = _cluster_ids(ids_ptr, ncand_ptr, bh, c, C, CAP, HAS_IDS)
     keep = tl.load(keep_ptr + bh * CAP + c, mask=cmask, other=0) != 0
     sizes = tl.load(sizes_ptr + h * C + ids, mask=cmask, other=0)
     starts = tl.load(starts_ptr + h * C + ids, mask=cmask, other=0)
@@ -130,7 +133,7 @@ def _compact_kernel(
 
 
 def select(logp, counts, sizes, threshold, budget, piece, stats, ids=None, ncand=None, keep_ids=None):
-    """Launch the selection over the C clusters of `counts` [H, C] (or the kept_list candidates `ids`
+    """Launch the selection over the C clusters of `counts` [H, C] (or the listed candidates `ids`
     [B, H, CAP], the first ncand[b, h] of them). Returns the keep flags [B, H, CAP] (candidate
     order), the per-block offsets for `_compact`, and per (row, head) the pieces and sizes kept."""
     batch, heads, cap = logp.shape

@@ -4,9 +4,9 @@ Keys are clustered by cosine similarity: points are L2-normalised, assignment is
 product with the normalised centroids. What the method stores afterwards (the mean of the *raw* keys
 of each cluster) is computed by the caller from the labels returned here.
 
-On a GPU the two steps of a Lloyd iteration run as Triton kernels (`hf_squeeze.kernels.kmeans`):
+On a GPU the two steps of a Lloyd iteration run as Triton kernels (`clustering/kernels.py`):
 assignment fused with its argmax (no similarity matrix in memory), and per-cluster sums in a fixed
-order (reproducible). Elsewhere they run in plain torch (`kernels/naive.py`, the references the
+order (reproducible). Elsewhere they run in plain torch (`clustering/naive.py`, the references the
 kernels are tested against).
 """
 
@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .kernels import naive
+from . import naive
 
 # On the CPU, similarity matrices are computed in slices of at most this many elements.
 _SIM_CHUNK = 1 << 26
@@ -45,7 +45,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def _assign(x, centers):
     if _use_triton(x):
-        from .kernels.kmeans import assign
+        from .kernels import assign
 
         return assign(x, centers.to(x.dtype).contiguous())
     return naive.assign(x, centers.to(x.dtype))
@@ -58,7 +58,7 @@ def _counts(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 def _cluster_sums(x, labels, counts):
     if _use_triton(x):
-        from .kernels.kmeans import cluster_sums
+        from .kernels import cluster_sums
 
         order = labels.argsort(dim=1, stable=True)
         offsets = F.pad(counts.cumsum(1), (1, 0))
@@ -68,7 +68,7 @@ def _cluster_sums(x, labels, counts):
 
 def _gains(x, candidates, dist):
     if _use_triton(x):
-        from .kernels.kmeans import seeding_gains
+        from .kernels import seeding_gains
 
         return seeding_gains(x, candidates.contiguous(), dist)
     return naive.seeding_gains(x, candidates, dist)

@@ -1,5 +1,5 @@
 """The RULER sample generators (niah, variable tracking, common and frequent words, QA), rebuilt
-from their specification in `nvidia-long-context-eval` (see `ruler.py` for what differs)."""
+from their specification in `nvidia-long-context-eval` (see `__init__.py` for what differs)."""
 
 
 from __future__ import annotations

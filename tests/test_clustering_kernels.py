@@ -1,4 +1,4 @@
-"""The K-means kernels (`kernels/kmeans.py`) against their readable reference, `kernels/naive.py`,
+"""The K-means kernels (`clustering/kernels.py`) against their readable reference, `clustering/naive.py`,
 and K-means through them against K-means through the reference (Triton's interpreter, in a fresh
 process: TRITON_INTERPRET must be set before Triton loads)."""
 
@@ -7,8 +7,8 @@ import pytest
 _TRITON_CHECK = """
 import torch, torch.nn.functional as F
 from hf_squeeze import clustering as C
-from hf_squeeze.kernels import kmeans as K
-from hf_squeeze.kernels import naive
+from hf_squeeze.clustering import kernels as K
+from hf_squeeze.clustering import naive
 g = torch.Generator().manual_seed(0)
 x = F.normalize(torch.randn(2, 300, 24, generator=g), dim=-1)
 c = F.normalize(torch.randn(2, 150, 24, generator=g), dim=-1)
@@ -36,7 +36,7 @@ assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
 
 def test_kmeans_kernels_match_the_reference_in_the_interpreter():
     # The GPU path of kmeans (fused assignment, ordered cluster sums, seeding gains) runs here in
-    # Triton's interpreter against kernels/naive.py; whole K-means through it must match the
+    # Triton's interpreter against clustering/naive.py; whole K-means through it must match the
     # torch path's objective.
     pytest.importorskip("triton")
     import os

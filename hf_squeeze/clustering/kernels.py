@@ -9,7 +9,7 @@ in registers, streams the centers through `tl.dot` and keeps a running (max, arg
 program per (head, cluster): unlike `index_add_` on a GPU (atomics), the order of the additions is
 fixed, so K-means gives the same labels on every run.
 
-References in plain torch: `hf_squeeze.clustering._assign_torch` and `_cluster_sums_torch`.
+References in plain torch: `naive.py` beside this file.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ ASSIGN_CANDIDATES = ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 2
 
 
 @triton.jit
+def _load_rows(ptr, head, stride_h, rows, stride_n, dims, n, D):
+    """Rows `rows` (those below `n`) of head `head` of a [H, N, D] tensor, columns `dims` (below D)."""
+    return tl.load(ptr + head * stride_h + rows[:, None].to(tl.int64) * stride_n + dims[None, :],
+                   mask=(rows[:, None] < n) & (dims[None, :] < D), other=0.0)
+
+
+@triton.jit
 def _assign_kernel(
     x_ptr, c_ptr, label_ptr, best_ptr,
     N, K, D,
@@ -38,18 +45,12 @@ def _assign_kernel(
     head = tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    x = tl.load(
-        x_ptr + head * stride_xh + rows[:, None].to(tl.int64) * stride_xn + dims[None, :],
-        mask=(rows[:, None] < N) & (dims[None, :] < D), other=0.0,
-    )
+    x = _load_rows(x_ptr, head, stride_xh, rows, stride_xn, dims, N, D)
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     label = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        c = tl.load(
-            c_ptr + head * stride_ch + cols[:, None].to(tl.int64) * stride_ck + dims[None, :],
-            mask=(cols[:, None] < K) & (dims[None, :] < D), other=0.0,
-        )
+        c = _load_rows(c_ptr, head, stride_ch, cols, stride_ck, dims, K, D)
         sim = tl.dot(x, tl.trans(c))
         sim = tl.where(cols[None, :] < K, sim, float("-inf"))
         tile_best = tl.max(sim, axis=1)
@@ -136,19 +137,13 @@ def _gains_kernel(
     head = tl.program_id(2).to(tl.int64)
     cands = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    c = tl.load(
-        c_ptr + head * stride_ch + cands[:, None].to(tl.int64) * stride_cm + dims[None, :],
-        mask=(cands[:, None] < M) & (dims[None, :] < D), other=0.0,
-    )
+    c = _load_rows(c_ptr, head, stride_ch, cands, stride_cm, dims, M, D)
     acc = tl.zeros([BLOCK_M], tl.float32)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        x = tl.load(
-            x_ptr + head * stride_xh + rows[:, None].to(tl.int64) * stride_xn + dims[None, :],
-            mask=(rows[:, None] < stop) & (dims[None, :] < D), other=0.0,
-        )
+        x = _load_rows(x_ptr, head, stride_xh, rows, stride_xn, dims, stop, D)
         # dist - 1 + sim = dist - (1 - sim): how much closer the candidate is than the nearest center.
         # Rows past the end get -3, below any similarity, so they add nothing.
         slack = tl.load(dist_ptr + head * N + rows, mask=rows < stop, other=-2.0) - 1.0

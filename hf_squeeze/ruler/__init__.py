@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .ruler_tasks import BUILDERS
+from .tasks import BUILDERS
 from .samples import (  # noqa: F401
     QUESTION_MARK,
     Question,
