@@ -5,6 +5,8 @@ everything the graph replays: in-place writes at a device position, attention ma
 length, the position and token advanced on the device.
 """
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -36,14 +38,16 @@ def test_greedy_matches_generate(tiny, context, keep):
 
 
 def test_kernel_path_in_reserved_mode(llama, context, monkeypatch):
-    """The Triton path (interpreter) reads the dynamic part from the full reserved buffers, masked
-    by the device length: it must give the tokens of the eager generate."""
-    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1")
-    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
-    ids = torch.cat([context, QUESTION])[None]
+    """The Triton path (the interpreter on a CPU, compiled on a GPU) reads the dynamic part from the
+    full reserved buffers, masked by the device length: it must give the tokens of the eager generate."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1" if device == "cpu" else "auto")
+    model = copy.deepcopy(llama).to(device)  # the session fixture stays on the CPU for the other tests
+    cache = SqueezedCache.from_context(model, context.to(device), SqueezeConfig(keep=0.3), progress=False)
+    ids = torch.cat([context, QUESTION])[None].to(device)
     fork = cache.fork()
-    got = generate_greedy(llama, ids, fork, 4, cuda_graph=False)
-    assert torch.equal(got, reference(llama, ids, cache.fork(), 4))
+    got = generate_greedy(model, ids, fork, 4, cuda_graph=False)
+    assert torch.equal(got, reference(model, ids, cache.fork(), 4))
     # the kernels served every layer (keys read on the kernel path, none on the torch path)
     assert all(int(layer.attention.kernel_keys.sum()) > 0 for layer in fork.layers)
     assert all(float(layer.attention.read_fraction_sum) == 0 for layer in fork.layers)
