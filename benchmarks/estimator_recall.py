@@ -7,6 +7,8 @@ head, shared by its query heads), and every estimator selects clusters by top-k 
 budget, in the paper's keys-only accounting (what the lookup reads counts: centroids and any
 per-cluster statistic, as keys). Measured per (layer, KV head), averaged over query tokens:
 - mass: the share of the exact attention probability of the clustered keys that the kept keys hold;
+- top-8: the share of each query head's 8 highest-scoring clustered keys that are kept (what a
+  retrieval question needs: the few keys that carry the answer);
 - error: the relative L2 error of the attention output (kept keys + sinks + window) against exact
   attention over the whole context.
 The oracle keeps the keys of highest exact probability (max over the query heads) at the same budget.
@@ -119,7 +121,10 @@ def measure(q, scale, index, kept_keys):
     p_kept = torch.softmax(torch.cat([s_kept, sd], -1), -1)
     approx = p_kept[..., : keys.shape[1]] @ values[:, None] + p_kept[..., keys.shape[1]:] @ dense_v[:, None]
     error = (approx - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-30)
-    return mass.mean((1, 2)), error.mean((1, 2))  # [H]
+    # the 8 clustered keys of highest exact score of each query head: how many are kept
+    top = s.topk(min(8, s.shape[-1]), dim=-1).indices
+    recall = mask.expand_as(s).gather(-1, top).float().mean(-1)
+    return mass.mean((1, 2)), error.mean((1, 2)), recall.mean((1, 2))  # [H]
 
 
 def measure_with_rest(q, scale, index, kept_clusters):
@@ -195,42 +200,44 @@ def main():
             n, dim = index.keys.shape[1], index.keys.shape[2]
             for budget in budgets:
                 keys_budget = max(1, round(budget * n))
-                mass, err = measure(q, scale, index, oracle_keys(q, scale, index, keys_budget))
-                rows.setdefault(("oracle", budget), []).append((mass, err))
+                mass, err, top8 = measure(q, scale, index, oracle_keys(q, scale, index, keys_budget))
+                rows.setdefault(("oracle", budget), []).append((mass, err, top8))
                 for name in ESTIMATORS:
                     keep = budget - storage(name, args.centroid_ratio, dim)
                     score = estimate(name, q, index, stats, scale)
                     for pooling in POOLING:
                         chosen = select_clusters(score, index.counts, max(1, round(keep * n)), pooling)
-                        mass, err = measure(q, scale, index, keys_of(chosen, index))
+                        mass, err, top8 = measure(q, scale, index, keys_of(chosen, index))
                         label = name if pooling == "head" else f"{name}, pooled"
-                        rows.setdefault((label, budget), []).append((mass, err))
+                        rows.setdefault((label, budget), []).append((mass, err, top8))
                 # the rest estimated from the clusters' mean values (stores C x D more)
                 keep = budget - 2 * storage("centroid", args.centroid_ratio, dim)
                 chosen = select_clusters(estimate("centroid", q, index, stats, scale), index.counts, max(1, round(keep * n)))
-                mass, _ = measure(q, scale, index, keys_of(chosen, index))
-                rows.setdefault(("centroid + rest estimated", budget), []).append((mass, measure_with_rest(q, scale, index, chosen)))
+                mass, _, top8 = measure(q, scale, index, keys_of(chosen, index))
+                rows.setdefault(("centroid + rest estimated", budget), []).append(
+                    (mass, measure_with_rest(q, scale, index, chosen), top8))
                 # candidates twice the final keys; keys of candidates read (K), values of the kept (V)
                 final = 2 * (budget - storage("centroid", args.centroid_ratio, dim)) / 3
                 candidates = select_clusters(estimate("centroid", q, index, stats, scale), index.counts, max(1, round(2 * final * n)))
-                mass, err = measure(q, scale, index, refine(q, scale, index, candidates, max(1, round(final * n))))
-                rows.setdefault(("centroid, refined to keys", budget), []).append((mass, err))
+                mass, err, top8 = measure(q, scale, index, refine(q, scale, index, candidates, max(1, round(final * n))))
+                rows.setdefault(("centroid, refined to keys", budget), []).append((mass, err, top8))
     table = []
     for (name, budget), values in rows.items():
-        mass = torch.cat([m for m, _ in values])
-        err = torch.cat([e for _, e in values])
+        mass, err, top8 = (torch.cat([v[i] for v in values]) for i in range(3))
         table.append(dict(estimator=name, budget=budget, mass=float(mass.mean()), mass_p10=float(mass.quantile(0.1)),
-                          error=float(err.mean()), error_p90=float(err.quantile(0.9)), heads=mass.numel()))
+                          error=float(err.mean()), error_p90=float(err.quantile(0.9)), top8=float(top8.mean()),
+                          top8_p10=float(top8.quantile(0.1)), heads=mass.numel()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"estimator_recall_{args.model}_{args.tokens}.json").write_text(json.dumps(table, indent=1))
     print(f"\n{args.model}, {args.tokens} tokens, {len(samples)} samples ({args.tasks}); per (layer, KV head), mean over "
           "question tokens")
-    print("| estimator | budget | mass kept (mean) | mass kept (p10) | output error (mean) | output error (p90) |")
-    print("|---|---|---|---|---|---|")
+    print("| estimator | budget | mass kept (mean) | mass kept (p10) | top-8 keys kept (mean) | top-8 kept (p10) | "
+          "output error (mean) | output error (p90) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in sorted(table, key=lambda r: (r["budget"], r["estimator"] != "oracle", -r["mass"])):
-        print(f"| {r['estimator']} | {r['budget']} | {r['mass']:.3f} | {r['mass_p10']:.3f} | {r['error']:.3f} | "
-              f"{r['error_p90']:.3f} |")
+        print(f"| {r['estimator']} | {r['budget']} | {r['mass']:.3f} | {r['mass_p10']:.3f} | {r['top8']:.3f} | "
+              f"{r['top8_p10']:.3f} | {r['error']:.3f} | {r['error_p90']:.3f} |")
 
 
 def record_question_queries(model, tokenizer, caches, context, question):
