@@ -36,11 +36,10 @@ from tqdm.auto import tqdm
 
 from hf_squeeze import ruler
 from hf_squeeze.config import SqueezeConfig
-from hf_squeeze.eval import runner
 from hf_squeeze.eval.contexts import ContextCaches
-from hf_squeeze.eval.methods import Method
 from hf_squeeze.eval.models import load_model
 from hf_squeeze.index import build_indices
+from needle_lookup import record_queries  # this folder: the question's queries in every layer
 
 ESTIMATORS = ("centroid", "gaussian", "isotropic", "bound", "spread")
 # Selections: per KV head (each head reads `budget` of its keys), or pooled over the KV heads of a
@@ -193,7 +192,7 @@ def main():
         context, questions = ruler.prompt_ids(tokenizer, sample)
         caches = ContextCaches(model, context, config)
         indices = build_indices(caches.keys, caches.values, config)
-        recorded = record_question_queries(model, tokenizer, caches, context, questions[0])
+        recorded = record_queries(model, tokenizer, caches, context, questions[0])
         for layer, (index, (q, scale, _)) in enumerate(zip(indices, recorded)):
             q = q[0].float()  # [H, G, T, D]
             stats = cluster_stats(index)
@@ -238,26 +237,6 @@ def main():
     for r in sorted(table, key=lambda r: (r["budget"], r["estimator"] != "oracle", -r["mass"])):
         print(f"| {r['estimator']} | {r['budget']} | {r['mass']:.3f} | {r['mass_p10']:.3f} | {r['top8']:.3f} | "
               f"{r['top8_p10']:.3f} | {r['error']:.3f} | {r['error_p90']:.3f} |")
-
-
-def record_question_queries(model, tokenizer, caches, context, question):
-    """Per layer: the question's queries [1, H, G, T, D] (full attention), the scale, the query weights."""
-    from hf_squeeze.eval.baselines import EvalAttention
-
-    seen = {}
-    original = EvalAttention.select_ranges
-
-    def spy(layer, q, scaling, q_weight):
-        seen.setdefault(id(layer), (q.clone(), scaling, q_weight))
-        return original(layer, q, scaling, q_weight)
-
-    cache = caches.cache([Method("full")]).fork()
-    EvalAttention.select_ranges = spy
-    try:
-        runner.answer_questions(model, tokenizer, context, [question], cache, 1)
-    finally:
-        EvalAttention.select_ranges = original
-    return [seen[id(layer.attention)] for layer in cache.layers]
 
 
 if __name__ == "__main__":

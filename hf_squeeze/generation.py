@@ -14,12 +14,12 @@ already write in place at a position counted on the device).
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import StaticCache
 
+from .devices import synchronized_clock
 from .integrations.generate import cache_kwargs, check_request
 from .integrations.transformers import layer_devices
 
@@ -38,12 +38,6 @@ class GenerationTimes:
         """Time per output token after the first (TPOT), counting the warm-up step as a token."""
         tokens = self.decode_tokens + (1 if self.capture else 0)
         return (self.decode + self.capture) / tokens if tokens else float("nan")
-
-
-def _mark(gpus) -> float:
-    for gpu in gpus:
-        torch.cuda.synchronize(gpu)
-    return time.perf_counter()
 
 
 def _gpus(model, device) -> list[torch.device]:
@@ -124,11 +118,11 @@ def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus) 
         )
     times = times if times is not None else GenerationTimes()
 
-    start = _mark(gpus)
+    start = synchronized_clock(gpus)
     logits = model(input_ids=input_ids[:, past:], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits
     out = torch.empty(1, max_new_tokens, dtype=torch.long, device=device)
     out[:, :1] = logits[:, -1].argmax(-1, keepdim=True)
-    times.prefill = _mark(gpus) - start
+    times.prefill = synchronized_clock(gpus) - start
     if max_new_tokens > 1:
         if reserve is not None:
             reserve(int(cache.get_seq_length()) - past + max_new_tokens - 1)
@@ -158,16 +152,16 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
 
     steps = out.shape[1] - 1
     if not cuda_graph:
-        start = _mark(gpus)
+        start = synchronized_clock(gpus)
         for _ in range(steps):
             step()
-        times.decode, times.decode_tokens = _mark(gpus) - start, steps
+        times.decode, times.decode_tokens = synchronized_clock(gpus) - start, steps
         return
 
     # The warm-up step is a real step (token 1): it compiles the kernels and builds the device
     # views of the index outside the capture. Capturing runs the Python of a step without running
     # its kernels, so it produces no token; the replays produce tokens 2 ... steps.
-    start = _mark(gpus)
+    start = synchronized_clock(gpus)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -176,11 +170,11 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    times.capture = _mark(gpus) - start
-    start = _mark(gpus)
+    times.capture = synchronized_clock(gpus) - start
+    start = synchronized_clock(gpus)
     for _ in range(steps - 1):
         graph.replay()
-    times.decode, times.decode_tokens = _mark(gpus) - start, steps - 1
+    times.decode, times.decode_tokens = synchronized_clock(gpus) - start, steps - 1
     _count_replays(cache, steps - 2)
 
 
