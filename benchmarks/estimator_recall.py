@@ -38,7 +38,8 @@ from hf_squeeze import ruler
 from hf_squeeze.config import SqueezeConfig
 from hf_squeeze.eval.contexts import ContextCaches
 from hf_squeeze.eval.models import load_model
-from hf_squeeze.index import build_indices
+from hf_squeeze.clustering import cluster_means, head_seeds, kmeans
+from hf_squeeze.index import _layer_index, build_indices
 from needle_lookup import record_queries  # this folder: the question's queries in every layer
 
 ESTIMATORS = ("centroid", "gaussian", "isotropic", "bound", "spread")
@@ -47,6 +48,45 @@ ESTIMATORS = ("centroid", "gaussian", "isotropic", "bound", "spread")
 # takes few, a flat one many).
 POOLING = ("head", "layer")
 TASKS = "niah_multikey_2,niah_multikey_3,variable_tracking,common_words_extraction,qa_1"
+
+
+def query_metric(window_queries, heads):
+    """Per KV head, a factor L [H, D, D] of the second moment of its window queries: Q = L L^T, so
+    that (k L) . (k' L) = k^T Q k', and |(k - c) L|^2 is the mean squared error that the centroid c
+    makes in the score q . k over the window's queries."""
+    q = window_queries.float()  # [Hq, W, D]
+    q = q.reshape(heads, -1, q.shape[-1])  # the query heads of a group together
+    second = q.transpose(1, 2) @ q / q.shape[1]
+    dim = second.shape[-1]
+    ridge = 1e-3 * second.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(dim)
+    return torch.linalg.cholesky(second + ridge)
+
+
+def euclidean_kmeans(x, labels, k, iters):
+    """Lloyd iterations with squared Euclidean distance, from given labels: [H, N]."""
+    for _ in range(iters):
+        centers, counts = cluster_means(x, labels, k)
+        d = (x * x).sum(-1, keepdim=True) - 2 * x @ centers.transpose(1, 2) + (centers * centers).sum(-1)[:, None, :]
+        d = d.masked_fill((counts == 0)[:, None, :], math.inf)
+        new = d.argmin(-1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def query_aware_index(keys, values, window_queries, config, layer, euclidean):
+    """One layer's index with keys clustered in the metric of the window's queries."""
+    heads = keys.shape[0]
+    clustered = slice(config.sinks, keys.shape[1] - config.window)
+    x = keys[:, clustered].float() @ query_metric(window_queries, heads)
+    k = config.num_clusters(x.shape[1])
+    seeds = head_seeds(heads * 1000, config.seed)[layer * heads:(layer + 1) * heads]
+    labels = kmeans(x, k, config.kmeans_iters, seeds)
+    if euclidean:
+        labels = euclidean_kmeans(x, labels, k, config.kmeans_iters)
+    centroids, counts = cluster_means(keys[:, clustered].float(), labels, k)
+    return _layer_index(keys, values, labels, centroids, counts, None, config)
 
 
 def cluster_stats(index):
@@ -180,6 +220,7 @@ def main():
     parser.add_argument("--contexts", type=int, default=2, help="contexts per task")
     parser.add_argument("--budgets", default="0.125,0.325")
     parser.add_argument("--centroid-ratio", type=float, default=0.05)
+    parser.add_argument("--clusterings", default="cosine", help="cosine (the paper's), query-cosine, query-euclidean")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -193,6 +234,17 @@ def main():
         caches = ContextCaches(model, context, config)
         indices = build_indices(caches.keys, caches.values, config)
         recorded = record_queries(model, tokenizer, caches, context, questions[0])
+        for clustering in args.clusterings.split(","):
+            if clustering != "cosine":
+                indices = [query_aware_index(k, v, wq, config, i, clustering == "query-euclidean")
+                           for i, (k, v, wq) in enumerate(zip(caches.keys, caches.values, caches.queries))]
+            measure_layers(args, rows, indices, recorded, budgets, clustering)
+    report(args, rows, samples)
+
+
+def measure_layers(args, rows, indices, recorded, budgets, clustering):
+    tag = "" if clustering == "cosine" else f" [{clustering}]"
+    if True:
         for layer, (index, (q, scale, _)) in enumerate(zip(indices, recorded)):
             q = q[0].float()  # [H, G, T, D]
             stats = cluster_stats(index)
@@ -200,26 +252,30 @@ def main():
             for budget in budgets:
                 keys_budget = max(1, round(budget * n))
                 mass, err, top8 = measure(q, scale, index, oracle_keys(q, scale, index, keys_budget))
-                rows.setdefault(("oracle", budget), []).append((mass, err, top8))
-                for name in ESTIMATORS:
+                if not tag:
+                    rows.setdefault(("oracle", budget), []).append((mass, err, top8))
+                for name in (ESTIMATORS if not tag else ("centroid",)):
                     keep = budget - storage(name, args.centroid_ratio, dim)
                     score = estimate(name, q, index, stats, scale)
                     for pooling in POOLING:
                         chosen = select_clusters(score, index.counts, max(1, round(keep * n)), pooling)
                         mass, err, top8 = measure(q, scale, index, keys_of(chosen, index))
-                        label = name if pooling == "head" else f"{name}, pooled"
+                        label = (name if pooling == "head" else f"{name}, pooled") + tag
                         rows.setdefault((label, budget), []).append((mass, err, top8))
                 # the rest estimated from the clusters' mean values (stores C x D more)
                 keep = budget - 2 * storage("centroid", args.centroid_ratio, dim)
                 chosen = select_clusters(estimate("centroid", q, index, stats, scale), index.counts, max(1, round(keep * n)))
                 mass, _, top8 = measure(q, scale, index, keys_of(chosen, index))
-                rows.setdefault(("centroid + rest estimated", budget), []).append(
+                rows.setdefault(("centroid + rest estimated" + tag, budget), []).append(
                     (mass, measure_with_rest(q, scale, index, chosen), top8))
                 # candidates twice the final keys; keys of candidates read (K), values of the kept (V)
                 final = 2 * (budget - storage("centroid", args.centroid_ratio, dim)) / 3
                 candidates = select_clusters(estimate("centroid", q, index, stats, scale), index.counts, max(1, round(2 * final * n)))
                 mass, err, top8 = measure(q, scale, index, refine(q, scale, index, candidates, max(1, round(final * n))))
-                rows.setdefault(("centroid, refined to keys", budget), []).append((mass, err, top8))
+                rows.setdefault(("centroid, refined to keys" + tag, budget), []).append((mass, err, top8))
+
+
+def report(args, rows, samples):
     table = []
     for (name, budget), values in rows.items():
         mass, err, top8 = (torch.cat([v[i] for v in values]) for i in range(3))

@@ -23,7 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .devices import on_device
-from .selection import SelectionRule, expand_ranges, lookup
+from .selection import SelectionRule, expand_ranges, lookup, rest_parts
 
 LAYER_ATTR = "_hf_squeeze_layer"
 GUARD_ATTR = "_hf_squeeze_guard"  # set on the attention modules of a model whose generate() is guarded
@@ -93,15 +93,18 @@ def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
-def partial_attention(q, k, v, mask, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+def partial_attention(q, k, v, mask, scaling, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over one part of the keys, returning (out, lse) for a later merge.
 
     q [B, H, G, T, D]; k, v [B, H, L, D] (or broadcastable); mask broadcastable to
-    [B, H, G, T, L] (True = attend) or None. Rows with no key get lse = -inf and out = 0.
+    [B, H, G, T, L] (True = attend) or None; bias [B, H, L] added to the scores (a key that stands
+    for N equal keys has bias log N). Rows with no key get lse = -inf and out = 0.
     """
     s = torch.einsum("bhgtd,bhld->bhgtl", q, k) * scaling
     if s.shape[-1] == 0:  # nothing selected in this part
         return torch.zeros_like(q), torch.full(s.shape[:-1], float("-inf"), device=q.device)
+    if bias is not None:
+        s = s + bias[:, :, None, None, :]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
@@ -251,6 +254,9 @@ class SparseAttention:
             partial_attention(q, index.dense_keys[None].float(), index.dense_values[None].float(), None, scaling),
             partial_attention(q, key.float(), value.float(), dyn_mask, scaling),
         ]
+        if self.rule.estimate_rest:
+            centroids, means, bias = rest_parts(q, index, scaling, selection)
+            parts.append(partial_attention(q, centroids, means, None, scaling, bias))
         out = merge_partials(parts)
 
         read = selection.lengths.sum(-1).double() / index.clustered_tokens

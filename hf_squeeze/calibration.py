@@ -26,7 +26,8 @@ def budget_rules(layers: int, clustered_tokens: int, config: SqueezeConfig) -> l
         raise ValueError(f"selection={config.selection!r} is calibrated on the observation window: use calibrate()")
     budget = max(1, round(config.keep * clustered_tokens))
     coarse_budget = max(1, round(config.coarse_keep * clustered_tokens)) if config.hierarchical else None
-    return [SelectionRule(budget=budget, coarse_budget=coarse_budget)] * layers
+    estimate = config.rest == "estimate"
+    return [SelectionRule(budget=budget, coarse_budget=coarse_budget, estimate_rest=estimate)] * layers
 
 
 def calibrate(indices, window_queries: list[torch.Tensor], scalings: list[float], config: SqueezeConfig) -> list[SelectionRule]:
@@ -57,7 +58,8 @@ def calibrate(indices, window_queries: list[torch.Tensor], scalings: list[float]
     else:
         cands = [score_flat(q, index, scaling, None)[0] for q, index, scaling in zip(steps, indices, scalings)]
     thresholds = _thresholds(cands, totals, config.keep, config)
-    return [SelectionRule(threshold=t, coarse_threshold=t1) for t, t1 in zip(thresholds, coarse_thresholds)]
+    estimate = config.rest == "estimate"
+    return [SelectionRule(threshold=t, coarse_threshold=t1, estimate_rest=estimate) for t, t1 in zip(thresholds, coarse_thresholds)]
 
 
 def _thresholds(cands, totals: list[int], keep: float, config: SqueezeConfig) -> list[float]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 SELECTIONS = ("threshold", "topk")
 THRESHOLD_SCOPES = ("layer", "global")
+RESTS = ("drop", "estimate")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class SqueezeConfig:
         threshold_scope: "layer" calibrates one threshold per layer (each layer reads about `keep`
             of its keys); "global" one threshold for all layers, as the paper, which starves some
             layers and overfeeds others.
+        rest: what attention does with the clusters the lookup leaves out. "drop" ignores them (the
+            paper); "estimate" adds each one as N_j keys equal to its centroid carrying its mean
+            value (attention weight N_j exp(q . c_j), value mean_j), so that the keys left out still
+            share the softmax's mass. It reads the clusters' value means besides the centroids
+            (another C x D: the same as the centroids in the keys-only accounting of a budget).
         kmeans_iters: Lloyd iterations of K-means.
         seed: seed of the K-means initialisation.
         prefill_chunk: tokens per forward pass when the fixed context is prefilled.
@@ -47,6 +53,7 @@ class SqueezeConfig:
     sinks: int = 4
     selection: str = "topk"
     threshold_scope: str = "layer"
+    rest: str = "drop"
     kmeans_iters: int = 20
     seed: int = 0
     prefill_chunk: int = 2048
@@ -73,6 +80,8 @@ class SqueezeConfig:
             fail("selection", f"choose one of {SELECTIONS}")
         if self.threshold_scope not in THRESHOLD_SCOPES:
             fail("threshold_scope", f"choose one of {THRESHOLD_SCOPES}")
+        if self.rest not in RESTS:
+            fail("rest", f"choose one of {RESTS}")
         if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
             fail("kmeans_iters", "it must be a positive integer")
         if not isinstance(self.seed, int):

@@ -38,6 +38,10 @@ class LayerIndex:
     coarse_centroids: torch.Tensor | None = None  # [H, C1, D] float32
     coarse_counts: torch.Tensor | None = None  # [H, C1] int64 keys under each coarse cluster
     coarse_offsets: torch.Tensor | None = None  # [H, C1 + 1] int64 first fine cluster of each
+    # The mean value of each cluster (float32), what estimates the clusters attention leaves out
+    # (SqueezeConfig.rest="estimate"); absent from indexes built without them.
+    value_means: torch.Tensor | None = None  # [H, C, D]
+    coarse_value_means: torch.Tensor | None = None  # [H, C1, D]
 
     def __deepcopy__(self, memo):
         return self
@@ -147,11 +151,13 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
     clustered = slice(config.sinks, key.shape[1] - config.window)
     dense = torch.cat([torch.arange(config.sinks), torch.arange(clustered.stop, key.shape[1])]).to(key.device)
     heads = torch.arange(key.shape[0], device=key.device)[:, None]
+    value_means, _ = cluster_means(value[:, clustered], label, centroids.shape[1])
     extra = {}
     if parent is not None:
         k1 = config.num_coarse_clusters(clustered.stop - clustered.start)
         # A coarse centroid is the mean of the raw keys under it: the count-weighted mean of its children.
         key_sums, _ = cluster_sums(centroids * counts.unsqueeze(-1), parent, k1)
+        value_sums, _ = cluster_sums(value_means * counts.unsqueeze(-1), parent, k1)
         coarse_counts = torch.zeros(key.shape[0], k1, dtype=torch.long, device=key.device)
         coarse_counts.scatter_add_(1, parent, counts)
         # Renumber fine clusters so that the children of each coarse cluster are contiguous.
@@ -160,8 +166,10 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
         rank[heads, fine_order] = torch.arange(fine_order.shape[1], device=key.device).expand_as(fine_order)
         label = rank.gather(1, label)
         centroids, counts = centroids[heads, fine_order], counts[heads, fine_order]
+        value_means = value_means[heads, fine_order]
         coarse_centroids = key_sums / coarse_counts.clamp_min(1).unsqueeze(-1)
-        extra = dict(coarse_centroids=coarse_centroids, coarse_counts=coarse_counts, coarse_offsets=coarse_offsets)
+        extra = dict(coarse_centroids=coarse_centroids, coarse_counts=coarse_counts, coarse_offsets=coarse_offsets,
+                     coarse_value_means=(value_sums / coarse_counts.clamp_min(1).unsqueeze(-1)).contiguous())
     order, offsets = _sort_by_cluster(label, centroids.shape[1])
     return LayerIndex(
         keys=key[:, clustered][heads, order].contiguous(),
@@ -171,5 +179,6 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
         offsets=offsets,
         dense_keys=key[:, dense].contiguous(),
         dense_values=value[:, dense].contiguous(),
+        value_means=value_means.contiguous(),
         **extra,
     )

@@ -31,6 +31,8 @@ class SelectionRule:
     `exact` reads every key (keep=1.0) and short-circuits the lookup. Otherwise exactly one of
     `threshold` (a log probability) or `budget` (keys per KV head) is set for the fine level, and
     likewise `coarse_threshold` / `coarse_budget` for the coarse level of a two-level index.
+    `estimate_rest`: the clusters left out are estimated from their centroids and value means
+    (`SqueezeConfig.rest="estimate"`) instead of dropped.
     """
 
     exact: bool = False
@@ -38,6 +40,7 @@ class SelectionRule:
     budget: int | None = None
     coarse_threshold: float | None = None
     coarse_budget: int | None = None
+    estimate_rest: bool = False
 
 
 @dataclass
@@ -56,6 +59,9 @@ class Selection:
     starts: torch.Tensor  # [B, H, M] int64 first key of each candidate cluster
     lengths: torch.Tensor  # [B, H, M] int64 keys read from it (0 if not selected)
     scored: torch.Tensor  # [B, H] number of centroids scored (both levels)
+    clusters: torch.Tensor | None = None  # [B, H, M] int64 the candidate clusters (the lookup's)
+    counts: torch.Tensor | None = None  # [B, H, M] int64 their keys (0 where padding)
+    coarse_kept: torch.Tensor | None = None  # [B, H, C1] bool: two-level, the coarse clusters kept
 
 
 def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -180,6 +186,7 @@ def score_fine(q, index, scaling, q_weight, coarse_kept: torch.Tensor, s1: torch
 def lookup(q: torch.Tensor, index, scaling: float, rule: SelectionRule, q_weight=None) -> Selection:
     """Select the key ranges of the fixed context that queries `q` [B, H, G, T, D] attend to."""
     batch, heads = q.shape[:2]
+    coarse_kept = None
     if index.coarse_centroids is None:
         cand, _ = score_flat(q, index, scaling, q_weight)
         scored = torch.full((batch, heads), index.counts.shape[1], device=q.device)
@@ -191,7 +198,35 @@ def lookup(q: torch.Tensor, index, scaling: float, rule: SelectionRule, q_weight
         scored = index.coarse_counts.shape[1] + (fine_per_coarse[None] * coarse_kept).sum(-1)
     kept = select(cand.logp, cand.counts, *_level_rule(rule, coarse=False))
     starts = _gather_heads(index.offsets, cand.ids)
-    return Selection(starts, cand.counts * kept, scored)
+    return Selection(starts, cand.counts * kept, scored, cand.ids, cand.counts, coarse_kept)
+
+
+def rest_parts(q: torch.Tensor, index, scaling: float, selection: Selection):
+    """What the clusters left out by `selection` contribute, estimated: each as N_j keys equal to its
+    centroid with its mean value. Returns (centroids, value means, log N_j + where left out else
+    -inf), each [B, H, M', ...]: a part of the keys for `attention.partial_attention` with that bias.
+
+    Flat: the candidates not kept. Two-level: those under kept coarse clusters, and every rejected
+    coarse cluster as a whole (its centroid and value mean).
+    """
+    if index.value_means is None:
+        raise ValueError(
+            "this index has no value means, which rest='estimate' reads: build the cache again with this "
+            "version of hf_squeeze (SqueezedCache.from_context), or use rest='drop'"
+        )
+    counts = selection.counts
+    left = (selection.lengths == 0) & (counts > 0)
+    centroids = _gather_heads(index.centroids, selection.clusters)
+    means = _gather_heads(index.value_means, selection.clusters)
+    bias = counts.float().log().masked_fill(~left, NEG_INF)
+    if selection.coarse_kept is not None:
+        batch = q.shape[0]
+        rejected = ~selection.coarse_kept & (index.coarse_counts[None] > 0)
+        coarse_bias = index.coarse_counts[None].float().log().masked_fill(~rejected, NEG_INF)
+        centroids = torch.cat([centroids, index.coarse_centroids[None].expand(batch, -1, -1, -1)], 2)
+        means = torch.cat([means, index.coarse_value_means[None].expand(batch, -1, -1, -1)], 2)
+        bias = torch.cat([bias, coarse_bias.expand(batch, -1, -1)], 2)
+    return centroids, means, bias
 
 
 def _level_rule(rule: SelectionRule, coarse: bool) -> tuple[float | None, int | None]:

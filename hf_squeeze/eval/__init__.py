@@ -39,7 +39,7 @@ def _interleave(samples: list[ruler.Sample]) -> list[ruler.Sample]:
 
 def prepare(folder, tokenizer, *, model: str, max_seq_length: int, tasks="all", contexts_per_task: int = 10,
             questions_per_context: int = 4, methods=None, max_new_tokens: dict | None = None, seed: int = 42,
-            progress: bool = True) -> tuple[RunSpec, list[ruler.Sample]]:
+            progress: bool = True, dtype=torch.float32) -> tuple[RunSpec, list[ruler.Sample]]:
     """Create a run folder (its samples built once) or reopen one, checking it asks the same thing."""
     folder = Path(folder)
     methods = methods if isinstance(methods, list) else parse_methods(methods)
@@ -47,11 +47,12 @@ def prepare(folder, tokenizer, *, model: str, max_seq_length: int, tasks="all", 
     caps.update(max_new_tokens or {})
     spec = RunSpec(model=model, max_seq_length=max_seq_length, tasks=ruler.task_names(tasks),
                    contexts_per_task=contexts_per_task, questions_per_context=questions_per_context,
-                   methods=[m.name for m in methods], max_new_tokens=caps, seed=seed)
+                   methods=[m.name for m in methods], max_new_tokens=caps, seed=seed,
+                   dtype=str(dtype).removeprefix("torch."))
     if (folder / "run.json").is_file() and (folder / "samples.jsonl").is_file():
         old, samples = read_samples(folder)
         differ = [k for k in ("model", "max_seq_length", "tasks", "contexts_per_task", "questions_per_context",
-                              "max_new_tokens", "seed") if getattr(old, k) != getattr(spec, k)]
+                              "max_new_tokens", "seed", "dtype") if getattr(old, k) != getattr(spec, k)]
         if differ:
             raise ValueError(
                 f"{folder} holds a run with other settings ({', '.join(f'{k}: {getattr(old, k)!r}' for k in differ)}); "
@@ -100,7 +101,7 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
         model_obj, tokenizer = loaded
     spec, samples = prepare(folder, tokenizer, model=model, max_seq_length=max_seq_length,
                             tasks=tasks, contexts_per_task=contexts_per_task, questions_per_context=questions_per_context,
-                            methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+                            methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress, dtype=dtype)
     if workers <= 1:
         run_samples(model_obj.to(device), tokenizer, folder, samples, methods, spec, time_limit=time_limit,
                     progress=progress)

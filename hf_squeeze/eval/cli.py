@@ -64,7 +64,7 @@ def cmd_eval(args) -> int:
         tokenizer = load_tokenizer(args.model, model_file=args.model_file)
         spec, samples = prepare(args.out, tokenizer, model=args.model, max_seq_length=args.length, tasks=args.tasks,
                                 contexts_per_task=args.contexts, questions_per_context=args.questions,
-                                methods=methods, max_new_tokens=caps)
+                                methods=methods, max_new_tokens=caps, dtype=getattr(torch, args.dtype))
         print(f"{len(samples)} contexts, {ruler.question_count(samples)} questions written to {args.out}")
         return 0
     result = run_eval(args.out, model=args.model, model_file=args.model_file, max_seq_length=args.length,

@@ -28,7 +28,7 @@ from .methods import QUEST_PAGE, Method
 def group_key(method: Method) -> tuple:
     """Methods with the same key share an index and a selection policy, and can share a batch."""
     if method.family == "squeezed":
-        return ("squeezed", method.hierarchical, method.selection)
+        return ("squeezed", method.hierarchical, method.selection, method.rest)
     return (method.family,)
 
 
@@ -48,7 +48,7 @@ def _row_rules(rules_per_method: list[list[SelectionRule]], rows: int, device) -
                 raise ValueError(f"methods of one batch mix {name} and other rules")
             dtype = torch.long if "budget" in name else torch.float32
             fields[name] = torch.tensor(values, dtype=dtype, device=device).repeat_interleave(rows)[:, None, None]
-        merged.append(SelectionRule(**fields))
+        merged.append(SelectionRule(**fields, estimate_rest=layer_rules[0].estimate_rest))
     return merged
 
 
@@ -119,7 +119,8 @@ class ContextCaches:
         elif family == "squeezed":
             m0 = methods[0]
             layers = self._squeezed(m0.hierarchical)
-            config = dataclasses.replace(config, selection=m0.selection, hierarchical=m0.hierarchical)
+            config = dataclasses.replace(config, selection=m0.selection, hierarchical=m0.hierarchical,
+                                         rest="estimate" if m0.rest else "drop")
             per_method = [calibrate(layers, self.queries, self.scalings, dataclasses.replace(config, keep=m.keep))
                           for m in methods]
             rules = _row_rules(per_method, rows, device)

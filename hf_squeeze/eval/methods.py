@@ -29,12 +29,15 @@ class Method:
         "streaming" (sinks + recent window only), "oracle" (exact top-k by true attention score).
     keep: fraction of the clustered context keys selected (ignored for "full").
     selection / hierarchical: the squeezed variant ("topk" or "threshold"; flat or two-level).
+    rest: squeezed, with the clusters left out estimated (SqueezeConfig.rest="estimate"; "+rest" in
+        its name): its value means are metadata too, as many as the centroids.
     """
 
     family: str
     keep: float = 1.0
     selection: str = "topk"
     hierarchical: bool = False
+    rest: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -43,13 +46,15 @@ class Method:
             raise ValueError(f"method {self.family}: keep={self.keep} must lie in (0, 1]")
         if self.family == "squeezed":
             SqueezeConfig(keep=self.keep, selection=self.selection, hierarchical=self.hierarchical)
+        elif self.rest:
+            raise ValueError(f"method {self.family}: only squeezed methods estimate the rest")
 
     @property
     def name(self) -> str:
         if self.family == "full":
             return "full"
         if self.family == "squeezed":
-            return f"{'hier' if self.hierarchical else 'flat'}-{self.selection}-{self.keep:g}"
+            return f"{'hier' if self.hierarchical else 'flat'}-{self.selection}{'+rest' if self.rest else ''}-{self.keep:g}"
         return f"{self.family}-{self.keep:g}"
 
     @property
@@ -63,7 +68,7 @@ class Method:
         config = SqueezeConfig()
         if self.family == "squeezed":
             ratio = config.centroid_ratio + (config.coarse_ratio if self.hierarchical else 0.0)
-            return ratio / 2
+            return ratio / 2 * (2 if self.rest else 1)
         if self.family == "quest":
             return 2 / QUEST_PAGE / 2
         return 0.0
@@ -97,13 +102,14 @@ def default_methods(keeps=KEEPS) -> list[Method]:
     return methods
 
 
-_SPEC = re.compile(r"^(full|flat|hier|quest|streaming|oracle)(?:-(topk|threshold))?(?:([-@])([0-9.]+))?$")
+_SPEC = re.compile(r"^(full|flat|hier|quest|streaming|oracle)(?:-(topk|threshold))?(\+rest)?(?:([-@])([0-9.]+))?$")
 
 
 def parse_methods(spec: str | None) -> list[Method]:
     """'default', or a comma-separated list such as 'full,flat-topk-0.3,hier-threshold-0.1,quest@0.125'.
 
-    `-X` sets keep (fraction of keys selected); `@X` sets the budget (keep + metadata).
+    `-X` sets keep (fraction of keys selected); `@X` sets the budget (keep + metadata). `+rest` after
+    a squeezed method's selection estimates the clusters left out (flat-topk+rest@0.125).
     """
     if spec in (None, "", "default"):
         return default_methods()
@@ -114,9 +120,10 @@ def parse_methods(spec: str | None) -> list[Method]:
         if not match:
             raise ValueError(
                 f"cannot read method {item!r}: use full, flat-topk-KEEP, flat-threshold-KEEP, hier-topk-KEEP, "
-                "hier-threshold-KEEP, quest-KEEP, streaming-KEEP, oracle-KEEP, or @BUDGET instead of -KEEP"
+                "hier-threshold-KEEP (+rest after topk/threshold: flat-topk+rest-KEEP), quest-KEEP, streaming-KEEP, "
+                "oracle-KEEP, or @BUDGET instead of -KEEP"
             )
-        kind, selection, sep, value = match.groups()
+        kind, selection, rest, sep, value = match.groups()
         if kind == "full":
             methods.append(Method("full"))
             continue
@@ -126,9 +133,9 @@ def parse_methods(spec: str | None) -> list[Method]:
         family = kind
         if kind in ("flat", "hier"):
             family = "squeezed"
-            kwargs = dict(selection=selection or "topk", hierarchical=kind == "hier")
-        elif selection:
-            raise ValueError(f"method {item!r}: only flat/hier take a selection (topk or threshold)")
+            kwargs = dict(selection=selection or "topk", hierarchical=kind == "hier", rest=bool(rest))
+        elif selection or rest:
+            raise ValueError(f"method {item!r}: only flat/hier take a selection (topk or threshold) or +rest")
         methods.append(at_budget(family, float(value), **kwargs) if sep == "@" else Method(family, float(value), **kwargs))
     names = [m.name for m in methods]
     if len(set(names)) != len(names):

@@ -40,6 +40,7 @@ class RunSpec:
     methods: list[str]
     max_new_tokens: dict[str, int]  # per task family; RULER's lengths unless capped
     seed: int = 42
+    dtype: str = "float32"  # of the model's weights and activations
 
 
 def write_samples(folder: Path, spec: RunSpec, samples: list[ruler.Sample]) -> None:
