@@ -75,17 +75,27 @@ def euclidean_kmeans(x, labels, k, iters):
     return labels
 
 
-def query_aware_index(keys, values, window_queries, config, layer, euclidean):
-    """One layer's index with keys clustered in the metric of the window's queries."""
+def variant_index(keys, values, window_queries, config, layer, clustering):
+    """One layer's index clustered another way: "query-cosine" / "query-euclidean" (keys in the metric
+    of the window's queries), "euclidean" (raw keys, squared distance), "outliers-X" (a fraction X
+    of the clusters are single keys: those farthest from their cluster's mean after K-means with
+    the rest)."""
     heads = keys.shape[0]
     clustered = slice(config.sinks, keys.shape[1] - config.window)
-    x = keys[:, clustered].float() @ query_metric(window_queries, heads)
+    raw = keys[:, clustered].float()
+    x = raw @ query_metric(window_queries, heads) if clustering.startswith("query") else raw
     k = config.num_clusters(x.shape[1])
+    singles = round(float(clustering.split("-")[1]) * k) if clustering.startswith("outliers") else 0
     seeds = head_seeds(heads * 1000, config.seed)[layer * heads:(layer + 1) * heads]
-    labels = kmeans(x, k, config.kmeans_iters, seeds)
-    if euclidean:
+    labels = kmeans(x, k - singles, config.kmeans_iters, seeds)
+    if clustering.endswith("euclidean"):
         labels = euclidean_kmeans(x, labels, k, config.kmeans_iters)
-    centroids, counts = cluster_means(keys[:, clustered].float(), labels, k)
+    if singles:
+        centroids, _ = cluster_means(raw, labels, k - singles)
+        residual = (raw - centroids.gather(1, labels[..., None].expand(-1, -1, raw.shape[-1]))).norm(dim=-1)
+        far = residual.topk(singles, dim=1).indices
+        labels = labels.scatter(1, far, torch.arange(k - singles, k).expand(heads, -1))
+    centroids, counts = cluster_means(raw, labels, k)
     return _layer_index(keys, values, labels, centroids, counts, None, config)
 
 
@@ -220,7 +230,7 @@ def main():
     parser.add_argument("--contexts", type=int, default=2, help="contexts per task")
     parser.add_argument("--budgets", default="0.125,0.325")
     parser.add_argument("--centroid-ratio", type=float, default=0.05)
-    parser.add_argument("--clusterings", default="cosine", help="cosine (the paper's), query-cosine, query-euclidean")
+    parser.add_argument("--clusterings", default="cosine", help="cosine (the paper's), query-cosine, query-euclidean, euclidean, outliers-FRACTION")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -236,7 +246,7 @@ def main():
         recorded = record_queries(model, tokenizer, caches, context, questions[0])
         for clustering in args.clusterings.split(","):
             if clustering != "cosine":
-                indices = [query_aware_index(k, v, wq, config, i, clustering == "query-euclidean")
+                indices = [variant_index(k, v, wq, config, i, clustering)
                            for i, (k, v, wq) in enumerate(zip(caches.keys, caches.values, caches.queries))]
             measure_layers(args, rows, indices, recorded, budgets, clustering)
     report(args, rows, samples)

@@ -23,7 +23,9 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .devices import on_device
-from .selection import SelectionRule, expand_ranges, lookup, rest_parts
+from .selection import Pinned, SelectionRule, expand_ranges, lookup, pin_keys, rest_parts
+
+_READ_ALL = SelectionRule(exact=True)
 
 LAYER_ATTR = "_hf_squeeze_layer"
 GUARD_ATTR = "_hf_squeeze_guard"  # set on the attention modules of a model whose generate() is guarded
@@ -159,6 +161,7 @@ class SparseAttention:
         self.kernel_views = {} if kernel_views is None else kernel_views
         self.pending = False  # set by the layer's update, cleared here: see SqueezedCache.update
         self.key_valid = None  # in fixed-capacity mode: the written dynamic slots [1, capacity]
+        self.pinned: Pinned | None = None  # the keys this request's input pinned (SqueezeConfig.pin)
         self.reset_stats()
 
     def reset_stats(self):
@@ -183,6 +186,10 @@ class SparseAttention:
         select the same ranges by other rules over the same machinery.
         """
         return lookup(q, self.index, scaling, self.rule, q_weight)
+
+    def reads_all(self, tokens: int) -> bool:
+        """Whether this step reads every key: a user input's prefill under `exact_prefill`."""
+        return tokens > 1 and self.rule.exact_prefill and not self.rule.exact
 
     def attend(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """Exact attention over the selected fixed keys + sinks + window + all dynamic tokens.
@@ -240,9 +247,17 @@ class SparseAttention:
         else:
             dyn_mask, q_weight = dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
 
-        selection = self.select_ranges(q, scaling, q_weight)
+        read_all = self.reads_all(tokens)
+        if read_all:
+            selection = lookup(q, index, scaling, _READ_ALL, q_weight)
+        else:
+            selection = self.select_ranges(q, scaling, q_weight)
         rows, valid = expand_ranges(selection.starts, selection.lengths)
         head_ids = torch.arange(heads, device=query.device)[None, :, None]
+        pinned = None if read_all else self.pinned
+        if pinned is not None:  # pinned keys are read once, as their own part
+            valid = valid & ~pinned.mask.gather(-1, rows)
+            rows, valid = torch.cat([rows, pinned.rows], -1), torch.cat([valid, pinned.valid], -1)
         parts = [
             partial_attention(
                 q,
@@ -254,16 +269,29 @@ class SparseAttention:
             partial_attention(q, index.dense_keys[None].float(), index.dense_values[None].float(), None, scaling),
             partial_attention(q, key.float(), value.float(), dyn_mask, scaling),
         ]
-        if self.rule.estimate_rest:
+        if self.rule.estimate_rest and not read_all:
             centroids, means, bias = rest_parts(q, index, scaling, selection)
             parts.append(partial_attention(q, centroids, means, None, scaling, bias))
         out = merge_partials(parts)
+        if read_all and self.rule.pin_budget is not None:
+            self.pinned = self.pin(q, scaling, q_weight, torch.logsumexp(torch.stack([lse for _, lse in parts]), 0))
 
-        read = selection.lengths.sum(-1).double() / index.clustered_tokens
-        self.read_fraction_sum = self.read_fraction_sum.to(read.device) + read.sum()
-        self.scored_sum = self.scored_sum.to(read.device) + selection.scored.double().sum()
-        self.selections += batch * heads
+        self.count_reads(valid.sum(-1) if pinned is not None else selection.lengths.sum(-1), selection.scored)
         return out.view(batch, q_heads, tokens, dim).transpose(1, 2).to(query.dtype).contiguous()
+
+    def count_reads(self, keys: torch.Tensor, scored: torch.Tensor) -> None:
+        """Statistics of one step of the reference path: clustered keys read and centroids scored,
+        per (batch row, KV head) [B, H]."""
+        read = keys.double() / self.index.clustered_tokens
+        self.read_fraction_sum = self.read_fraction_sum.to(read.device) + read.sum()
+        self.scored_sum = self.scored_sum.to(read.device) + scored.double().sum()
+        self.selections += keys.numel()
+
+    def pin(self, q, scaling, q_weight, lse) -> Pinned:
+        """The keys this request pins (see `selection.pin_keys`), from the input's queries
+        q [B, H, G, T, D] and the log normaliser of their exact attention lse [B, H, G, T]."""
+        s = torch.einsum("bhgtd,hnd->bhgtn", q, self.index.keys.float()) * scaling
+        return pin_keys(torch.exp(s - lse.unsqueeze(-1)), self.index, q_weight, self.rule.pin_budget)
 
     def read_and_scored(self) -> tuple[float, float]:
         """Totals since the last reset: clustered-key fractions read, centroids scored (host sync)."""

@@ -24,10 +24,15 @@ def budget_rules(layers: int, clustered_tokens: int, config: SqueezeConfig) -> l
         return [SelectionRule(exact=True)] * layers
     if config.selection != "topk":
         raise ValueError(f"selection={config.selection!r} is calibrated on the observation window: use calibrate()")
-    budget = max(1, round(config.keep * clustered_tokens))
+    budget = max(1, round((config.keep - config.pin) * clustered_tokens))  # pinned keys are part of keep
     coarse_budget = max(1, round(config.coarse_keep * clustered_tokens)) if config.hierarchical else None
-    estimate = config.rest == "estimate"
-    return [SelectionRule(budget=budget, coarse_budget=coarse_budget, estimate_rest=estimate)] * layers
+    pin_budget = max(1, round(config.pin * clustered_tokens)) if config.pin > 0 else None
+    return [SelectionRule(budget=budget, coarse_budget=coarse_budget, pin_budget=pin_budget, **_extras(config))] * layers
+
+
+def _extras(config: SqueezeConfig) -> dict:
+    """The rule's fields that do not depend on the layer."""
+    return dict(estimate_rest=config.rest == "estimate", exact_prefill=config.prefill == "exact")
 
 
 def calibrate(indices, window_queries: list[torch.Tensor], scalings: list[float], config: SqueezeConfig) -> list[SelectionRule]:
@@ -58,8 +63,7 @@ def calibrate(indices, window_queries: list[torch.Tensor], scalings: list[float]
     else:
         cands = [score_flat(q, index, scaling, None)[0] for q, index, scaling in zip(steps, indices, scalings)]
     thresholds = _thresholds(cands, totals, config.keep, config)
-    estimate = config.rest == "estimate"
-    return [SelectionRule(threshold=t, coarse_threshold=t1, estimate_rest=estimate) for t, t1 in zip(thresholds, coarse_thresholds)]
+    return [SelectionRule(threshold=t, coarse_threshold=t1, **_extras(config)) for t, t1 in zip(thresholds, coarse_thresholds)]
 
 
 def _thresholds(cands, totals: list[int], keep: float, config: SqueezeConfig) -> list[float]:

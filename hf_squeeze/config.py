@@ -8,6 +8,7 @@ from dataclasses import dataclass
 SELECTIONS = ("threshold", "topk")
 THRESHOLD_SCOPES = ("layer", "global")
 RESTS = ("drop", "estimate")
+PREFILLS = ("lookup", "exact")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class SqueezeConfig:
             value (attention weight N_j exp(q . c_j), value mean_j), so that the keys left out still
             share the softmax's mass. It reads the clusters' value means besides the centroids
             (another C x D: the same as the centroids in the keys-only accounting of a budget).
+        prefill: how the user input's prefill reads the fixed context. "lookup" (the paper) selects
+            clusters for it as for a generated token; "exact" reads every key once per request, so
+            that the input's attention over the context (where a question finds its facts) is exact;
+            generated tokens still use the lookup.
+        pin: with prefill="exact", the fraction of the clustered keys that stays selected for every
+            generated token of the request: the clusters that held most of the input's exact
+            attention (a question's own evidence, which the centroids may rank low). It is part of
+            `keep` (the lookup fills `keep - pin`). 0 pins nothing.
         kmeans_iters: Lloyd iterations of K-means.
         seed: seed of the K-means initialisation.
         prefill_chunk: tokens per forward pass when the fixed context is prefilled.
@@ -54,6 +63,8 @@ class SqueezeConfig:
     selection: str = "topk"
     threshold_scope: str = "layer"
     rest: str = "drop"
+    prefill: str = "lookup"
+    pin: float = 0.0
     kmeans_iters: int = 20
     seed: int = 0
     prefill_chunk: int = 2048
@@ -82,6 +93,18 @@ class SqueezeConfig:
             fail("threshold_scope", f"choose one of {THRESHOLD_SCOPES}")
         if self.rest not in RESTS:
             fail("rest", f"choose one of {RESTS}")
+        if self.prefill not in PREFILLS:
+            fail("prefill", f"choose one of {PREFILLS}")
+        if not 0.0 <= self.pin < self.keep and not (self.pin == 0.0 and self.keep == 1.0):
+            fail("pin", f"it is the part of keep={self.keep} pinned per request and must lie in [0, keep)")
+        if self.pin > 0 and self.prefill != "exact":
+            fail("pin", "pinned clusters come from the exact attention of the input: set prefill='exact'")
+        if self.pin > 0 and self.rest == "estimate":
+            fail("pin", "pinned keys and rest='estimate' do not combine yet: choose one")
+        if self.pin > 0 and self.hierarchical:
+            fail("pin", "pinned clusters need a flat index: set hierarchical=False")
+        if self.pin > 0 and self.selection != "topk":
+            fail("pin", "pinned clusters take part of a top-k budget: set selection='topk'")
         if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
             fail("kmeans_iters", "it must be a positive integer")
         if not isinstance(self.seed, int):

@@ -42,6 +42,9 @@ class LayerIndex:
     # (SqueezeConfig.rest="estimate"); absent from indexes built without them.
     value_means: torch.Tensor | None = None  # [H, C, D]
     coarse_value_means: torch.Tensor | None = None  # [H, C1, D]
+    # Where each clustered key stood in the context (0 = first clustered token), for selections that
+    # follow the text's order (SqueezeConfig.pin); absent from indexes built without them.
+    positions: torch.Tensor | None = None  # [H, Nc] int32
 
     def __deepcopy__(self, memo):
         return self
@@ -180,5 +183,6 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
         dense_keys=key[:, dense].contiguous(),
         dense_values=value[:, dense].contiguous(),
         value_means=value_means.contiguous(),
+        positions=order.to(torch.int32).contiguous(),
         **extra,
     )

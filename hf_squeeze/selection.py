@@ -32,7 +32,9 @@ class SelectionRule:
     `threshold` (a log probability) or `budget` (keys per KV head) is set for the fine level, and
     likewise `coarse_threshold` / `coarse_budget` for the coarse level of a two-level index.
     `estimate_rest`: the clusters left out are estimated from their centroids and value means
-    (`SqueezeConfig.rest="estimate"`) instead of dropped.
+    (`SqueezeConfig.rest="estimate"`) instead of dropped. `exact_prefill`: a user input's prefill
+    (more than one query token) reads every key; `pin_budget` (keys per KV head, besides the
+    lookup's `budget`): the keys that prefill pins stay selected for the request (`pin_keys`).
     """
 
     exact: bool = False
@@ -41,6 +43,8 @@ class SelectionRule:
     coarse_threshold: float | None = None
     coarse_budget: int | None = None
     estimate_rest: bool = False
+    exact_prefill: bool = False
+    pin_budget: int | None = None
 
 
 @dataclass
@@ -199,6 +203,55 @@ def lookup(q: torch.Tensor, index, scaling: float, rule: SelectionRule, q_weight
     kept = select(cand.logp, cand.counts, *_level_rule(rule, coarse=False))
     starts = _gather_heads(index.offsets, cand.ids)
     return Selection(starts, cand.counts * kept, scored, cand.ids, cand.counts, coarse_kept)
+
+
+# A pinned key brings the keys around it in the text: up to PIN_BEFORE before it and PIN_AFTER after
+# it (what a generated answer copies follows the words the question matched: a value after its key).
+PIN_BEFORE = 2
+PIN_AFTER = 24
+
+
+@dataclass
+class Pinned:
+    """Keys that stay selected for a request (per batch row and KV head), cluster-sorted indices."""
+
+    rows: torch.Tensor  # [B, H, P] int64 the pinned keys
+    valid: torch.Tensor  # [B, H, P] bool (rows may pin fewer than P)
+    mask: torch.Tensor  # [B, H, Nc] bool: pinned, so the lookup's ranges skip them
+
+
+def pin_keys(p: torch.Tensor, index, q_weight, budget) -> Pinned:
+    """The keys a user input pins: those within PIN_BEFORE / PIN_AFTER context positions of the keys
+    of most exact attention, about `budget` per (row, KV head) (an int, or [B, 1, 1] per row).
+
+    p [B, H, G, T, Nc]: the exact attention probability of every clustered key (cluster-sorted)
+    for each query token of the input. A key's weight is its mean over the input's tokens, max over
+    the query heads of the group; a position's is the largest weight within its neighbourhood.
+    """
+    if index.positions is None:
+        raise ValueError(
+            "this index has no key positions, which pin reads: build the cache again with this version of "
+            "hf_squeeze (SqueezedCache.from_context), or use pin=0"
+        )
+    batch, heads, _, tokens, n = p.shape
+    if q_weight is None:
+        w = torch.full((batch, tokens), 1.0 / tokens, device=p.device)
+    else:
+        w = q_weight.float() / q_weight.float().sum(-1, keepdim=True).clamp_min(1.0)
+    per_key = torch.einsum("bhgtn,bt->bhgn", p, w).amax(2)  # [B, H, Nc], cluster-sorted
+    positions = index.positions.long()[None].expand(batch, -1, -1)
+    by_position = torch.zeros_like(per_key).scatter(-1, positions, per_key)
+    # position i takes the largest weight of positions i - PIN_AFTER .. i + PIN_BEFORE
+    padded = torch.nn.functional.pad(by_position, (PIN_AFTER, PIN_BEFORE), value=-1.0)
+    pooled = padded.unfold(-1, PIN_AFTER + PIN_BEFORE + 1, 1).amax(-1)
+    budget = torch.as_tensor(budget, device=p.device).reshape(-1, 1, 1)
+    most = int(budget.max())
+    order = pooled.topk(min(most, n), dim=-1).indices  # positions, best first
+    valid = (torch.arange(order.shape[-1], device=p.device) < budget).expand_as(order)
+    rank = torch.empty_like(positions).scatter_(-1, positions, torch.arange(n, device=p.device).expand_as(positions))
+    rows = rank.gather(-1, order)
+    mask = torch.zeros(batch, heads, n, dtype=torch.bool, device=p.device).scatter(-1, rows, valid)
+    return Pinned(rows, valid, mask)
 
 
 def rest_parts(q: torch.Tensor, index, scaling: float, selection: Selection):

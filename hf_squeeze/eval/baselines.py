@@ -147,15 +147,17 @@ class EvalAttention(SparseAttention):
         return self.attend_reference(query, key, value, attention_mask, scaling)
 
     def select_ranges(self, q, scaling, q_weight):
-        selection = self.policy(self, q, scaling, q_weight)
-        read = selection.lengths.sum(-1).double().mean(-1) / self.index.clustered_tokens  # [B]
-        scored = selection.scored.double().mean(-1)
+        return self.policy(self, q, scaling, q_weight)
+
+    def count_reads(self, keys, scored):
+        super().count_reads(keys, scored)
+        read = keys.double().mean(-1) / self.index.clustered_tokens  # [B]
+        scored = scored.double().mean(-1)
         if self.row_read is None:
             self.row_read, self.row_scored = read, scored
         else:
             self.row_read, self.row_scored = self.row_read + read, self.row_scored + scored
         self.row_selections += 1
-        return selection
 
 
 class EvalCache(SqueezedCache):

@@ -28,7 +28,7 @@ from .methods import QUEST_PAGE, Method
 def group_key(method: Method) -> tuple:
     """Methods with the same key share an index and a selection policy, and can share a batch."""
     if method.family == "squeezed":
-        return ("squeezed", method.hierarchical, method.selection, method.rest)
+        return ("squeezed", method.hierarchical, method.selection, method.rest, method.exact_prefill, bool(method.pin))
     return (method.family,)
 
 
@@ -40,7 +40,7 @@ def _row_rules(rules_per_method: list[list[SelectionRule]], rows: int, device) -
             merged.append(SelectionRule(exact=True))
             continue
         fields = {}
-        for name in ("threshold", "budget", "coarse_threshold", "coarse_budget"):
+        for name in ("threshold", "budget", "coarse_threshold", "coarse_budget", "pin_budget"):
             values = [getattr(r, name) for r in layer_rules]
             if all(v is None for v in values):
                 continue
@@ -48,7 +48,8 @@ def _row_rules(rules_per_method: list[list[SelectionRule]], rows: int, device) -
                 raise ValueError(f"methods of one batch mix {name} and other rules")
             dtype = torch.long if "budget" in name else torch.float32
             fields[name] = torch.tensor(values, dtype=dtype, device=device).repeat_interleave(rows)[:, None, None]
-        merged.append(SelectionRule(**fields, estimate_rest=layer_rules[0].estimate_rest))
+        first = layer_rules[0]
+        merged.append(SelectionRule(**fields, estimate_rest=first.estimate_rest, exact_prefill=first.exact_prefill))
     return merged
 
 
@@ -119,10 +120,8 @@ class ContextCaches:
         elif family == "squeezed":
             m0 = methods[0]
             layers = self._squeezed(m0.hierarchical)
-            config = dataclasses.replace(config, selection=m0.selection, hierarchical=m0.hierarchical,
-                                         rest="estimate" if m0.rest else "drop")
-            per_method = [calibrate(layers, self.queries, self.scalings, dataclasses.replace(config, keep=m.keep))
-                          for m in methods]
+            config = m0.config(config)
+            per_method = [calibrate(layers, self.queries, self.scalings, m.config(config)) for m in methods]
             rules = _row_rules(per_method, rows, device)
         else:
             budgets = [[SelectionRule(budget=self._budget(m.keep))] * n_layers for m in methods]

@@ -11,6 +11,7 @@ observation window and the question itself, identically; they are outside the bu
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ class Method:
     selection / hierarchical: the squeezed variant ("topk" or "threshold"; flat or two-level).
     rest: squeezed, with the clusters left out estimated (SqueezeConfig.rest="estimate"; "+rest" in
         its name): its value means are metadata too, as many as the centroids.
+    exact_prefill / pin: squeezed, SqueezeConfig.prefill="exact" ("+exact") and SqueezeConfig.pin
+        ("+pin0.05": part of keep). The input's prefill reads every key once per request; the budget
+        counts what each generated token reads.
     """
 
     family: str
@@ -38,6 +42,8 @@ class Method:
     selection: str = "topk"
     hierarchical: bool = False
     rest: bool = False
+    exact_prefill: bool = False
+    pin: float = 0.0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -45,16 +51,23 @@ class Method:
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"method {self.family}: keep={self.keep} must lie in (0, 1]")
         if self.family == "squeezed":
-            SqueezeConfig(keep=self.keep, selection=self.selection, hierarchical=self.hierarchical)
-        elif self.rest:
-            raise ValueError(f"method {self.family}: only squeezed methods estimate the rest")
+            self.config()
+        elif self.rest or self.exact_prefill or self.pin:
+            raise ValueError(f"method {self.family}: only squeezed methods take +rest, +exact or +pin")
+
+    def config(self, base: SqueezeConfig | None = None) -> SqueezeConfig:
+        """A squeezed method's configuration (on top of `base`)."""
+        return dataclasses.replace(base or SqueezeConfig(), keep=self.keep, selection=self.selection,
+                                   hierarchical=self.hierarchical, rest="estimate" if self.rest else "drop",
+                                   prefill="exact" if self.exact_prefill else "lookup", pin=self.pin)
 
     @property
     def name(self) -> str:
         if self.family == "full":
             return "full"
         if self.family == "squeezed":
-            return f"{'hier' if self.hierarchical else 'flat'}-{self.selection}{'+rest' if self.rest else ''}-{self.keep:g}"
+            options = "+rest" * self.rest + "+exact" * self.exact_prefill + (f"+pin{self.pin:g}" if self.pin else "")
+            return f"{'hier' if self.hierarchical else 'flat'}-{self.selection}{options}-{self.keep:g}"
         return f"{self.family}-{self.keep:g}"
 
     @property
@@ -102,7 +115,7 @@ def default_methods(keeps=KEEPS) -> list[Method]:
     return methods
 
 
-_SPEC = re.compile(r"^(full|flat|hier|quest|streaming|oracle)(?:-(topk|threshold))?(\+rest)?(?:([-@])([0-9.]+))?$")
+_SPEC = re.compile(r"^(full|flat|hier|quest|streaming|oracle)(?:-(topk|threshold))?((?:\+(?:rest|exact|pin[0-9.]+))*)(?:([-@])([0-9.]+))?$")
 
 
 def parse_methods(spec: str | None) -> list[Method]:
@@ -120,10 +133,10 @@ def parse_methods(spec: str | None) -> list[Method]:
         if not match:
             raise ValueError(
                 f"cannot read method {item!r}: use full, flat-topk-KEEP, flat-threshold-KEEP, hier-topk-KEEP, "
-                "hier-threshold-KEEP (+rest after topk/threshold: flat-topk+rest-KEEP), quest-KEEP, streaming-KEEP, "
+                "hier-threshold-KEEP (options after topk/threshold: +rest, +exact, +pinFRACTION: flat-topk+exact+pin0.05-KEEP), quest-KEEP, streaming-KEEP, "
                 "oracle-KEEP, or @BUDGET instead of -KEEP"
             )
-        kind, selection, rest, sep, value = match.groups()
+        kind, selection, options, sep, value = match.groups()
         if kind == "full":
             methods.append(Method("full"))
             continue
@@ -133,8 +146,11 @@ def parse_methods(spec: str | None) -> list[Method]:
         family = kind
         if kind in ("flat", "hier"):
             family = "squeezed"
-            kwargs = dict(selection=selection or "topk", hierarchical=kind == "hier", rest=bool(rest))
-        elif selection or rest:
+            opts = options.split("+")[1:]
+            pins = [float(o[3:]) for o in opts if o.startswith("pin")]
+            kwargs = dict(selection=selection or "topk", hierarchical=kind == "hier", rest="rest" in opts,
+                          exact_prefill="exact" in opts, pin=pins[0] if pins else 0.0)
+        elif selection or options:
             raise ValueError(f"method {item!r}: only flat/hier take a selection (topk or threshold) or +rest")
         methods.append(at_budget(family, float(value), **kwargs) if sep == "@" else Method(family, float(value), **kwargs))
     names = [m.name for m in methods]
