@@ -23,7 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .devices import on_device
-from .selection import Pinned, SelectionRule, expand_ranges, lookup, pin_keys, rest_parts
+from .selection import Pinned, SelectionRule, expand_ranges, key_weights, lookup, pin_keys, rest_parts
 
 _READ_ALL = SelectionRule(exact=True)
 
@@ -188,8 +188,25 @@ class SparseAttention:
         return lookup(q, self.index, scaling, self.rule, q_weight)
 
     def reads_all(self, tokens: int) -> bool:
-        """Whether this step reads every key: a user input's prefill under `exact_prefill`."""
+        """Whether this step reads every key: a step of several query tokens (a user input's
+        prefill) under `exact_prefill`."""
         return tokens > 1 and self.rule.exact_prefill and not self.rule.exact
+
+    def pins_now(self, tokens: int) -> bool:
+        """Whether this step pins keys: the request's first input, read exactly."""
+        return self.reads_all(tokens) and self.rule.pin_budget is not None and self.pinned is None
+
+    def pin(self, q, scaling, q_weight, dyn_key, dyn_value_mask) -> None:
+        """Pin the keys around those of most exact attention from the input's queries q [B, H, G, T, D]
+        (`selection.pin_keys`); `dyn_value_mask`: the dynamic keys' mask, as for `partial_attention`."""
+        index = self.index
+        lse_dense = torch.einsum("bhgtd,hnd->bhgtn", q, index.dense_keys.float()).mul(scaling).logsumexp(-1)
+        s = torch.einsum("bhgtd,bhnd->bhgtn", q, dyn_key.float()) * scaling
+        if dyn_value_mask is not None:
+            s = s.masked_fill(~dyn_value_mask, float("-inf"))
+        lse_rest = torch.logaddexp(lse_dense, s.logsumexp(-1))
+        weights = key_weights(q, index, scaling, q_weight, lse_rest)
+        self.pinned = pin_keys(weights, index, self.rule.pin_budget)
 
     def attend(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """Exact attention over the selected fixed keys + sinks + window + all dynamic tokens.
@@ -204,8 +221,11 @@ class SparseAttention:
         return self.attend_reference(query, key, value, attention_mask, scaling)
 
     def attend_kernels(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
+        tokens = query.shape[2]
+        read_all = self.reads_all(tokens)
+        rule = _READ_ALL if read_all else self.rule
         # A two-level view sizes its fine-level room for one coarse budget (forks may read another).
-        coarse_budget = None if self.rule.exact or self.index.coarse_counts is None else self.rule.coarse_budget
+        coarse_budget = None if rule.exact or self.index.coarse_counts is None else rule.coarse_budget
         view = self.kernel_views.get((query.device, coarse_budget))
         if view is None:
             view = kernels.kernel_index(self.index, coarse_budget=coarse_budget)
@@ -221,10 +241,19 @@ class SparseAttention:
         self.kernel_keys = self.kernel_keys.to(query.device)
         self.kernel_fine_scored = self.kernel_fine_scored.to(query.device)
         self.count_selections(query.shape[0] * self.index.keys.shape[0])
-        return kernels.attend(
-            query, key, value, view, self.rule, scaling, key_valid, q_valid, self.kernel_keys,
-            scored=self.kernel_fine_scored,
+        pinned = None if read_all else self.pinned
+        if pinned is not None:  # read besides the lookup's keys (an overlap is counted twice)
+            self.kernel_keys += pinned.count.sum()
+        out = kernels.attend(
+            query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
+            scored=self.kernel_fine_scored, pinned=pinned,
         )
+        if self.pins_now(tokens):
+            batch, q_heads, _, dim = query.shape
+            q = query.view(batch, self.index.keys.shape[0], q_heads // self.index.keys.shape[0], tokens, dim).float()
+            dyn_mask, q_weight = dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
+            self.pin(q, scaling, q_weight, key, dyn_mask)
+        return out
 
     def count_selections(self, selections: int, times: int = 1):
         """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
@@ -256,8 +285,8 @@ class SparseAttention:
         head_ids = torch.arange(heads, device=query.device)[None, :, None]
         pinned = None if read_all else self.pinned
         if pinned is not None:  # pinned keys are read once, as their own part
-            valid = valid & ~pinned.mask.gather(-1, rows)
-            rows, valid = torch.cat([rows, pinned.rows], -1), torch.cat([valid, pinned.valid], -1)
+            valid = valid & (pinned.mask.gather(-1, rows) == 0)
+            rows, valid = torch.cat([rows, pinned.rows.long()], -1), torch.cat([valid, pinned.valid], -1)
         parts = [
             partial_attention(
                 q,
@@ -273,8 +302,8 @@ class SparseAttention:
             centroids, means, bias = rest_parts(q, index, scaling, selection)
             parts.append(partial_attention(q, centroids, means, None, scaling, bias))
         out = merge_partials(parts)
-        if read_all and self.rule.pin_budget is not None:
-            self.pinned = self.pin(q, scaling, q_weight, torch.logsumexp(torch.stack([lse for _, lse in parts]), 0))
+        if self.pins_now(tokens):
+            self.pin(q, scaling, q_weight, key, dyn_mask)
 
         self.count_reads(valid.sum(-1) if pinned is not None else selection.lengths.sum(-1), selection.scored)
         return out.view(batch, q_heads, tokens, dim).transpose(1, 2).to(query.dtype).contiguous()
@@ -286,12 +315,6 @@ class SparseAttention:
         self.read_fraction_sum = self.read_fraction_sum.to(read.device) + read.sum()
         self.scored_sum = self.scored_sum.to(read.device) + scored.double().sum()
         self.selections += keys.numel()
-
-    def pin(self, q, scaling, q_weight, lse) -> Pinned:
-        """The keys this request pins (see `selection.pin_keys`), from the input's queries
-        q [B, H, G, T, D] and the log normaliser of their exact attention lse [B, H, G, T]."""
-        s = torch.einsum("bhgtd,hnd->bhgtn", q, self.index.keys.float()) * scaling
-        return pin_keys(torch.exp(s - lse.unsqueeze(-1)), self.index, q_weight, self.rule.pin_budget)
 
     def read_and_scored(self) -> tuple[float, float]:
         """Totals since the last reset: clustered-key fractions read, centroids scored (host sync)."""

@@ -24,9 +24,9 @@ def budget_rules(layers: int, clustered_tokens: int, config: SqueezeConfig) -> l
         return [SelectionRule(exact=True)] * layers
     if config.selection != "topk":
         raise ValueError(f"selection={config.selection!r} is calibrated on the observation window: use calibrate()")
-    budget = max(1, round((config.keep - config.pin) * clustered_tokens))  # pinned keys are part of keep
+    budget = max(1, round(config.lookup_keep * clustered_tokens))  # pinned keys are part of keep
     coarse_budget = max(1, round(config.coarse_keep * clustered_tokens)) if config.hierarchical else None
-    pin_budget = max(1, round(config.pin * clustered_tokens)) if config.pin > 0 else None
+    pin_budget = max(1, round(config.keep * config.pin * clustered_tokens)) if config.pin > 0 else None
     return [SelectionRule(budget=budget, coarse_budget=coarse_budget, pin_budget=pin_budget, **_extras(config))] * layers
 
 
@@ -62,8 +62,10 @@ def calibrate(indices, window_queries: list[torch.Tensor], scalings: list[float]
             cands.append(score_fine(q, index, scaling, None, coarse_kept, s1))
     else:
         cands = [score_flat(q, index, scaling, None)[0] for q, index, scaling in zip(steps, indices, scalings)]
-    thresholds = _thresholds(cands, totals, config.keep, config)
-    return [SelectionRule(threshold=t, coarse_threshold=t1, **_extras(config)) for t, t1 in zip(thresholds, coarse_thresholds)]
+    thresholds = _thresholds(cands, totals, config.lookup_keep, config)
+    pin_budget = max(1, round(config.keep * config.pin * clustered)) if config.pin > 0 else None
+    return [SelectionRule(threshold=t, coarse_threshold=t1, pin_budget=pin_budget, **_extras(config))
+            for t, t1 in zip(thresholds, coarse_thresholds)]
 
 
 def _thresholds(cands, totals: list[int], keep: float, config: SqueezeConfig) -> list[float]:

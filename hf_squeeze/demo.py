@@ -71,9 +71,13 @@ def answer(model, tokenizer, prompt: torch.Tensor, cache, max_new_tokens: int = 
     return tokenizer.decode(out[0, prompt.numel():], skip_special_tokens=True).strip()
 
 
-def run_demo(model, tokenizer, tokens: int = 2000, config: SqueezeConfig | None = None, print_fn=print) -> list[dict]:
+DEMO_TOKENS = 2000
+DEMO_CONFIG = SqueezeConfig(keep=0.2)  # the defaults of the method, at keep 0.2
+
+
+def run_demo(model, tokenizer, tokens: int = DEMO_TOKENS, config: SqueezeConfig | None = None, print_fn=print) -> list[dict]:
     """Build a squeezed cache over the document once, then answer every question both ways."""
-    config = config or SqueezeConfig(keep=0.2)
+    config = config or DEMO_CONFIG
     text = document(tokenizer, tokens)
     context, _ = chat_prompt_ids(tokenizer, text, "")
     start = time.perf_counter()

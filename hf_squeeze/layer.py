@@ -173,6 +173,7 @@ class SqueezedLayer(CacheLayerMixin):
         self.length, self.device_length = 0, None
         self.is_initialized = False
         self.attention.pending, self.attention.key_valid = False, None
+        self.attention.pinned = None
         self.attention.reset_stats()
 
     def crop(self, tokens_to_remove: int):
@@ -195,15 +196,28 @@ class SqueezedLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int):
         if self.is_initialized:
             self._store(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0))
+        self._select_pins(torch.arange(self._pinned_rows()).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor):
         if self.is_initialized:
             self._store(self.keys[indices], self.values[indices])
+        self._select_pins(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         if self.is_initialized:
             beam_idx = beam_idx.to(self.keys.device)
             self._store(self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx))
+        self._select_pins(beam_idx)
+
+    def _pinned_rows(self) -> int:
+        pinned = self.attention.pinned
+        return 0 if pinned is None else pinned.rows.shape[0]
+
+    def _select_pins(self, rows: torch.Tensor):
+        """Batch rows moved, repeated or dropped: their pinned keys follow them."""
+        pinned = self.attention.pinned
+        if pinned is not None:
+            self.attention.pinned = pinned.index_rows(torch.as_tensor(rows, device=pinned.rows.device))
 
     def offload(self):
         raise NotImplementedError("SqueezedCache does not support offloading")

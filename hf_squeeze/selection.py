@@ -213,45 +213,68 @@ PIN_AFTER = 24
 
 @dataclass
 class Pinned:
-    """Keys that stay selected for a request (per batch row and KV head), cluster-sorted indices."""
+    """Keys that stay selected for a request, per (batch row, KV head): cluster-sorted indices, in
+    the forms the torch path and the kernels read."""
 
-    rows: torch.Tensor  # [B, H, P] int64 the pinned keys
-    valid: torch.Tensor  # [B, H, P] bool (rows may pin fewer than P)
-    mask: torch.Tensor  # [B, H, Nc] bool: pinned, so the lookup's ranges skip them
+    rows: torch.Tensor  # [B, H, P] int32 the pinned keys (the first `count` of each row)
+    count: torch.Tensor  # [B, H] int32
+    mask: torch.Tensor  # [B, H, Nc] int8: 1 where pinned, so the lookup's ranges skip the key
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.arange(self.rows.shape[-1], device=self.rows.device) < self.count.unsqueeze(-1)
+
+    def index_rows(self, rows: torch.Tensor) -> "Pinned":
+        """The pins of batch rows `rows` (beam search, batch repeats)."""
+        return Pinned(self.rows[rows].contiguous(), self.count[rows].contiguous(), self.mask[rows].contiguous())
 
 
-def pin_keys(p: torch.Tensor, index, q_weight, budget) -> Pinned:
-    """The keys a user input pins: those within PIN_BEFORE / PIN_AFTER context positions of the keys
-    of most exact attention, about `budget` per (row, KV head) (an int, or [B, 1, 1] per row).
+def key_weights(q, index, scaling: float, q_weight, lse_rest: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Per clustered key (cluster-sorted), its exact attention probability averaged over the input's
+    query tokens (weights `q_weight` [B, T] or uniform), max over the query heads of a group: [B, H, Nc].
 
-    p [B, H, G, T, Nc]: the exact attention probability of every clustered key (cluster-sorted)
-    for each query token of the input. A key's weight is its mean over the input's tokens, max over
-    the query heads of the group; a position's is the largest weight within its neighbourhood.
+    q [B, H, G, T, D]; lse_rest [B, H, G, T]: log sum exp of the scores outside the clustered keys
+    (sinks, window, dynamic tokens). Query tokens go `chunk` at a time: memory B H G chunk Nc.
     """
+    batch, heads, group, tokens, _ = q.shape
+    if q_weight is None:
+        w = torch.full((batch, tokens), 1.0 / tokens, device=q.device)
+    else:
+        w = q_weight.float() / q_weight.float().sum(-1, keepdim=True).clamp_min(1.0)
+    keys = index.keys.float()
+    total = torch.zeros(batch, heads, group, keys.shape[1], device=q.device)
+    for t in range(0, tokens, chunk):
+        s = torch.einsum("bhgtd,hnd->bhgtn", q[:, :, :, t : t + chunk], keys) * scaling
+        lse = torch.logaddexp(torch.logsumexp(s, -1), lse_rest[:, :, :, t : t + chunk])
+        total += torch.einsum("bhgtn,bt->bhgn", torch.exp(s - lse.unsqueeze(-1)), w[:, t : t + chunk])
+    return total.amax(2)
+
+
+def pin_keys(weights: torch.Tensor, index, budget) -> Pinned:
+    """The keys a user input pins: those within PIN_BEFORE / PIN_AFTER context positions of the keys
+    of most weight (`key_weights` [B, H, Nc]), about `budget` per (row, KV head) (an int, or
+    [B, 1, 1] per row). A position's weight is the largest within its neighbourhood."""
     if index.positions is None:
         raise ValueError(
             "this index has no key positions, which pin reads: build the cache again with this version of "
-            "hf_squeeze (SqueezedCache.from_context), or use pin=0"
+            "hf_squeeze (SqueezedCache.from_context), or use SqueezeConfig(pin=0)"
         )
-    batch, heads, _, tokens, n = p.shape
-    if q_weight is None:
-        w = torch.full((batch, tokens), 1.0 / tokens, device=p.device)
-    else:
-        w = q_weight.float() / q_weight.float().sum(-1, keepdim=True).clamp_min(1.0)
-    per_key = torch.einsum("bhgtn,bt->bhgn", p, w).amax(2)  # [B, H, Nc], cluster-sorted
+    batch, heads, n = weights.shape
     positions = index.positions.long()[None].expand(batch, -1, -1)
-    by_position = torch.zeros_like(per_key).scatter(-1, positions, per_key)
+    by_position = torch.zeros_like(weights).scatter(-1, positions, weights)
     # position i takes the largest weight of positions i - PIN_AFTER .. i + PIN_BEFORE
     padded = torch.nn.functional.pad(by_position, (PIN_AFTER, PIN_BEFORE), value=-1.0)
     pooled = padded.unfold(-1, PIN_AFTER + PIN_BEFORE + 1, 1).amax(-1)
-    budget = torch.as_tensor(budget, device=p.device).reshape(-1, 1, 1)
-    most = int(budget.max())
-    order = pooled.topk(min(most, n), dim=-1).indices  # positions, best first
-    valid = (torch.arange(order.shape[-1], device=p.device) < budget).expand_as(order)
-    rank = torch.empty_like(positions).scatter_(-1, positions, torch.arange(n, device=p.device).expand_as(positions))
+    budget = torch.as_tensor(budget, device=weights.device).reshape(-1, 1, 1)
+    # positions, best first; equal weights (a neighbourhood shares one) in context order, so a row's
+    # pins do not depend on the rows beside it
+    order = pooled.sort(dim=-1, descending=True, stable=True).indices[..., : min(int(budget.max()), n)]
+    count = budget.clamp(max=order.shape[-1]).expand(batch, heads, 1).squeeze(-1)
+    valid = torch.arange(order.shape[-1], device=weights.device) < count.unsqueeze(-1)
+    rank = torch.empty_like(positions).scatter_(-1, positions, torch.arange(n, device=weights.device).expand_as(positions))
     rows = rank.gather(-1, order)
-    mask = torch.zeros(batch, heads, n, dtype=torch.bool, device=p.device).scatter(-1, rows, valid)
-    return Pinned(rows, valid, mask)
+    mask = torch.zeros(batch, heads, n, dtype=torch.int8, device=weights.device).scatter(-1, rows, valid.to(torch.int8))
+    return Pinned(rows.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), mask)
 
 
 def rest_parts(q: torch.Tensor, index, scaling: float, selection: Selection):

@@ -89,6 +89,10 @@ def saved(llama, context, tmp_path):
     return cache, cache.save(tmp_path / "ctx.squeeze")
 
 
+# The paper's online step (a lookup for the input's prefill too, nothing pinned): for tests of the
+# lookup's own machinery, whose reads must track `keep` at every step.
+PAPER = dict(prefill="lookup", pin=0.0)
+
 QUESTION = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(2))
 
 

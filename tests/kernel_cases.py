@@ -85,7 +85,7 @@ def make_hier_index(heads=2, dim=32, dense=10, dtype=torch.float32, seed=0) -> L
         parts["coarse_offsets"].append(torch.cat([torch.zeros(1, dtype=torch.long), children.cumsum(0)]))
     model_dtype = ("keys", "values", "dense_keys", "dense_values")
     return LayerIndex(
-        **{k: torch.stack(v).to(dtype if k in model_dtype else v[0].dtype).to(DEVICE) for k, v in parts.items()}
+        **{k: torch.stack(v).to(dtype if k in model_dtype else v[0].dtype).to(DEVICE) for k, v in parts.items() if v}
     )
 
 

@@ -14,7 +14,7 @@ from hf_squeeze.attention import (
     partial_attention,
 )
 
-from .conftest import QUESTION, full_prompt, generate, tiny_model
+from .conftest import PAPER, QUESTION, full_prompt, generate, tiny_model
 
 
 def reference_attention(q, k, v, mask, scaling):
@@ -96,9 +96,12 @@ def test_training_gradients_match_sdpa():
     assert torch.allclose(losses[0][1], losses[1][1], atol=1e-5)
 
 
-def test_sparse_attention_equals_dense_attention_over_the_selected_keys(llama, context):
-    """One decode step, checked against dense attention with a mask over the kept clusters."""
-    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+@pytest.mark.parametrize("pin", [0.0, 0.5])
+def test_sparse_attention_equals_dense_attention_over_the_selected_keys(llama, context, pin):
+    """One decode step, checked against dense attention with a mask over the kept clusters (and the
+    keys the question pinned, read once)."""
+    config = SqueezeConfig(keep=0.2, pin=pin, prefill="exact" if pin else "lookup")
+    cache = SqueezedCache.from_context(llama, context, config, progress=False)
     request = cache.fork()
     with torch.no_grad():
         llama(QUESTION[None], **cache_kwargs(llama, request))
@@ -114,6 +117,12 @@ def test_sparse_attention_equals_dense_attention_over_the_selected_keys(llama, c
     for h in range(2):
         for start, length in zip(selection.starts[0, h].tolist(), selection.lengths[0, h].tolist()):
             kept[h, start : start + length] = True
+    pinned = layer.attention.pinned
+    assert (pinned is None) == (pin == 0)
+    if pin:
+        assert int(pinned.count.min()) == layer.rule.pin_budget > 0
+        assert (pinned.mask[0].bool() & ~kept).any()  # pins add keys the lookup left out
+        kept = kept | pinned.mask[0].bool()
     all_k = torch.cat([index.keys, index.dense_keys, keys[0]], 1)[None]
     all_v = torch.cat([index.values, index.dense_values, values[0]], 1)[None]
     mask = torch.cat([kept, torch.ones(2, all_k.shape[2] - index.clustered_tokens, dtype=torch.bool)], 1)
@@ -122,10 +131,33 @@ def test_sparse_attention_equals_dense_attention_over_the_selected_keys(llama, c
     assert 0 < kept.float().mean() < 1  # a partial selection, so the check is not vacuous
 
 
+def test_an_exact_prefill_gives_full_attention_and_pins_what_it_attended(llama, context):
+    """prefill="exact": the question's prefill reads every key (its logits are full attention's);
+    the keys it pins are the neighbourhoods of the keys it attended most."""
+    full = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=1.0), progress=False)
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2, pin=0.5), progress=False)
+    request = cache.fork()
+    with torch.no_grad():
+        expected = llama(QUESTION[None], **cache_kwargs(llama, full.fork())).logits
+        got = llama(QUESTION[None], **cache_kwargs(llama, request)).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    layer = request.layers[1]
+    index, pinned = layer.index, layer.attention.pinned
+    assert pinned.rows.shape == (1, 2, layer.rule.pin_budget)
+    assert int(pinned.mask.sum()) == 2 * layer.rule.pin_budget  # distinct keys
+    assert index.positions.shape == index.keys.shape[:2]
+    # a decode step after it reads about `keep` of the keys
+    read_before, _ = layer.attention.read_and_scored()
+    with torch.no_grad():
+        llama(torch.tensor([[5]]), **cache_kwargs(llama, request))
+    read_after, _ = layer.attention.read_and_scored()
+    assert read_after - read_before <= 2 * (0.2 + 0.05)  # two heads, a cluster of overshoot at most
+
+
 def test_hierarchical_scores_fewer_centroids(tiny, context):
     results = {}
     for hierarchical in (False, True):
-        config = SqueezeConfig(keep=0.1, hierarchical=hierarchical, selection="topk")
+        config = SqueezeConfig(keep=0.1, hierarchical=hierarchical, selection="topk", **PAPER)
         request = SqueezedCache.from_context(tiny, context, config, progress=False).fork()
         generate(tiny, full_prompt(context), request)
         results[hierarchical] = request.stats()

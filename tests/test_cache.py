@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs
 
-from .conftest import QUESTION, full_prompt, generate
+from .conftest import PAPER, QUESTION, full_prompt, generate
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_two_caches_in_two_threads(llama, context):
 
 def test_fork_with_another_keep(llama, context):
     """One top-k index read at several budgets; the shared fixed part is not copied."""
-    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3), progress=False)
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3, **PAPER), progress=False)
     read = {}
     for keep in (0.1, 0.3, 0.6):
         fork = cache.fork(keep=keep)
@@ -144,6 +144,9 @@ def test_fork_with_another_keep(llama, context):
         assert abs(read[keep] - keep) < 0.05, (keep, read[keep])
     with pytest.raises(ValueError, match="keep"):
         cache.fork(keep=1.5)
+    pinned = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3, pin=0.5), progress=False)
+    rule = pinned.fork(keep=0.1).layers[0].rule  # the pinned share follows keep
+    assert abs(rule.pin_budget - 0.05 * pinned.fixed.layers[0].clustered_tokens) <= 1 and rule.exact_prefill
     threshold = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3, selection="threshold"), progress=False)
     with pytest.raises(ValueError, match="needs selection='topk'"):
         threshold.fork(keep=0.1)

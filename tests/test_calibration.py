@@ -5,7 +5,7 @@ import pytest
 import hf_squeeze.attention as attention_module
 from hf_squeeze import SqueezeConfig, SqueezedCache
 
-from .conftest import full_prompt, generate
+from .conftest import PAPER, full_prompt, generate
 
 
 def count_gathered(monkeypatch):
@@ -26,7 +26,8 @@ def count_gathered(monkeypatch):
 @pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("keep", [0.1, 0.2])
 def test_attended_fraction_tracks_keep(tiny, context, keep, selection, monkeypatch):
-    cache = SqueezedCache.from_context(tiny, context, SqueezeConfig(keep=keep, selection=selection), progress=False)
+    config = SqueezeConfig(keep=keep, selection=selection, **PAPER)
+    cache = SqueezedCache.from_context(tiny, context, config, progress=False)
     seen = count_gathered(monkeypatch)
     request = cache.fork()
     generate(tiny, full_prompt(context), request, max_new_tokens=20)
@@ -42,8 +43,12 @@ def test_budget_rules():
     coarse level); keep=1 reads everything; thresholds are refused here (they need queries)."""
     from hf_squeeze.calibration import budget_rules
 
-    rules = budget_rules(3, 1000, SqueezeConfig(keep=0.1, hierarchical=True, coarse_margin=2.5))
+    rules = budget_rules(3, 1000, SqueezeConfig(keep=0.1, hierarchical=True, coarse_margin=2.5, **PAPER))
     assert len(rules) == 3 and rules[0].budget == 100 and rules[0].coarse_budget == 250 and not rules[0].exact
+    assert rules[0].pin_budget is None and not rules[0].exact_prefill
+    # the default: half of keep pinned by the input's exact prefill, the lookup takes the other half
+    pinned = budget_rules(3, 1000, SqueezeConfig(keep=0.1, pin=0.3))[0]
+    assert (pinned.budget, pinned.pin_budget, pinned.exact_prefill) == (70, 30, True)
     assert budget_rules(2, 1000, SqueezeConfig(keep=1.0))[0].exact
     with pytest.raises(ValueError, match="calibrated on the observation window"):
         budget_rules(2, 1000, SqueezeConfig(keep=0.1, selection="threshold"))

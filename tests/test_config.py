@@ -18,6 +18,10 @@ from hf_squeeze import SqueezeConfig
         ("kmeans_iters", 0),
         ("prefill_chunk", 0),
         ("hierarchical", "yes"),
+        ("rest", "guess"),
+        ("prefill", "dense"),
+        ("pin", 1.0),
+        ("pin", -0.1),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
@@ -43,3 +47,19 @@ def test_cluster_counts():
 def test_keep_outside_the_unit_interval(keep):
     with pytest.raises(ValueError, match=r"SqueezeConfig\.keep=.*\(0, 1\]"):
         SqueezeConfig(keep=keep)
+
+
+@pytest.mark.parametrize("settings, why", [
+    (dict(prefill="lookup"), "prefill='exact'"),
+    (dict(rest="estimate"), "set pin=0"),
+])
+def test_pinned_keys_need_an_exact_prefill_and_no_rest_estimate(settings, why):
+    with pytest.raises(ValueError, match=rf"SqueezeConfig\.pin=.*{why}"):
+        SqueezeConfig(**settings)
+    SqueezeConfig(pin=0.0, **settings)  # the paper's lookup, and the estimated rest, without pins
+
+
+def test_defaults_pin_half_of_keep():
+    config = SqueezeConfig(keep=0.2)
+    assert (config.prefill, config.pin, config.rest) == ("exact", 0.5, "drop")
+    assert config.lookup_keep == pytest.approx(0.1)

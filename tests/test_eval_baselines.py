@@ -83,23 +83,37 @@ def test_budget_accounting():
     names = [m.name for m in parse_methods("full,flat-threshold-0.1,hier-topk@0.33,streaming@0.125")]
     assert names == ["full", "flat-threshold-0.1", "hier-topk-0.3", "streaming-0.125"]
     assert len(default_methods()) == 37
+    pinned = parse_methods("flat-topk+exact+pin0.5-0.1,flat-topk+rest@0.125,flat-topk-0.1")
+    assert [m.name for m in pinned] == ["flat-topk+exact+pin0.5-0.1", "flat-topk+rest-0.075", "flat-topk-0.1"]
+    assert pinned[0].config().pin == 0.5 and pinned[0].config().prefill == "exact" and pinned[0].budget == 0.125
+    assert pinned[2].config().pin == 0.0 and pinned[2].config().prefill == "lookup"  # the paper's method
+    with pytest.raises(ValueError, match="only squeezed"):
+        Method("oracle", 0.1, pin=0.5)
     with pytest.raises(ValueError, match="cannot read method"):
         parse_methods("squeezy-0.3")
     with pytest.raises(ValueError, match="metadata alone"):
         at_budget("quest", 0.05)
 
 
-@pytest.mark.parametrize("label", ["flat-topk", "flat-threshold", "hier-topk", "quest", "oracle", "streaming"])
+@pytest.mark.parametrize("label", ["flat-topk", "flat-threshold", "hier-topk", "flat-topk+exact+pin0.5", "quest", "oracle",
+                                   "streaming"])
 def test_rows_with_different_rules_answer_as_alone(tiny, context, label):
     """One batch carrying several keeps (per-row rules) gives each row what its own cache gives."""
     methods = parse_methods(",".join(f"{label}-{k}" for k in (0.5, 0.2)))
     caches = ContextCaches(tiny, context, progress=False)
     question = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
     rows = question.shape[0]
+    step = torch.tensor([[7], [9]])
+
+    def logits(ids, cache):  # the question's prefill, then one decode step (where pinned keys are read)
+        kwargs = cache_kwargs(tiny, cache)
+        first = tiny(ids, **kwargs).logits
+        return torch.cat([first, tiny(step.repeat(ids.shape[0] // rows, 1), **kwargs).logits], 1)
+
     with torch.no_grad():
-        batched = tiny(question.repeat(len(methods), 1), **cache_kwargs(tiny, caches.cache(methods, rows=rows).fork())).logits
+        batched = logits(question.repeat(len(methods), 1), caches.cache(methods, rows=rows).fork())
         for k, method in enumerate(methods):
-            alone = tiny(question, **cache_kwargs(tiny, caches.cache([method], rows=rows).fork())).logits
+            alone = logits(question, caches.cache([method], rows=rows).fork())
             torch.testing.assert_close(batched[k * rows : (k + 1) * rows], alone, atol=1e-5, rtol=1e-5)
         if label != "streaming":  # different keeps read different keys: the rows must differ
             assert not torch.allclose(batched[:rows], batched[rows:], atol=1e-4)

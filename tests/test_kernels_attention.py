@@ -11,6 +11,7 @@ import torch
 from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs, kernels
 from hf_squeeze.attention import SparseAttention
 from hf_squeeze.kernels import naive
+from hf_squeeze.selection import Pinned
 
 from .kernel_cases import (
     DEVICE,
@@ -25,10 +26,11 @@ from .kernel_cases import (
 )
 
 
-def run_kernels(index, rule, query, dyn_k, dyn_v, mask=None, splits=1):
+def run_kernels(index, rule, query, dyn_k, dyn_v, mask=None, splits=1, pinned=None):
     """The kernels' output, written into a NaN-poisoned buffer, and the reference's."""
     scaling = query.shape[-1] ** -0.5
-    expected = naive.attention(query, dyn_k, dyn_v, index, rule, scaling, mask)
+    expected = naive.attention(query, dyn_k, dyn_v, index, rule, scaling, mask,
+                               None if pinned is None else pinned.mask.bool())
     key_valid = q_valid = None
     if mask is not None:
         tokens, dyn_len = query.shape[2], dyn_k.shape[2]
@@ -38,7 +40,7 @@ def run_kernels(index, rule, query, dyn_k, dyn_v, mask=None, splits=1):
     out = poisoned(query)
     stats = torch.zeros(1, dtype=torch.int64, device=query.device)
     got = kernels.attend(query, dyn_k, dyn_v, kernels.kernel_index(index), rule, scaling, key_valid, q_valid, stats,
-                         splits, out)
+                         splits, out, pinned=pinned)
     assert got.data_ptr() == out.data_ptr()
     return got.float(), expected.float()
 
@@ -53,6 +55,41 @@ def test_decode_matches_the_reference(dtype, kind, group, dim, splits):
     query, dyn_k, dyn_v = make_inputs(index, group, tokens=1, dyn_len=37)
     got, expected = run_kernels(index, FLAT_RULES[kind], query, dyn_k, dyn_v, splits=splits)
     assert_close(got, expected, dtype)
+
+
+def random_pins(index, batch, most, seed=3) -> Pinned:
+    """Random pinned keys: a different number per (row, head), some inside kept clusters."""
+    g = torch.Generator().manual_seed(seed)
+    heads, n = index.keys.shape[:2]
+    rows = torch.stack([torch.stack([torch.randperm(n, generator=g)[:most] for _ in range(heads)]) for _ in range(batch)])
+    count = torch.randint(0, most + 1, (batch, heads), generator=g)
+    count[0, 0] = most
+    valid = torch.arange(most) < count[..., None]
+    mask = torch.zeros(batch, heads, n, dtype=torch.int8).scatter(-1, rows, valid.to(torch.int8))
+    return Pinned(rows.to(torch.int32).to(DEVICE), count.to(torch.int32).to(DEVICE), mask.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype,kind,group,splits", [
+    (torch.float32, "budget", 3, 1), (torch.float32, "threshold", 4, 3), (torch.float32, "none", 7, 2),
+    (torch.bfloat16, "budget", 3, 4),
+])
+def test_decode_reads_pinned_keys_once(dtype, kind, group, splits):
+    """Pinned keys (SqueezeConfig.pin) join the kept clusters' keys; those in both are read once."""
+    index = make_index(dtype=dtype)
+    query, dyn_k, dyn_v = make_inputs(index, group, tokens=1, dyn_len=21)
+    pinned = random_pins(index, batch=2, most=70)
+    got, expected = run_kernels(index, FLAT_RULES[kind], query, dyn_k, dyn_v, splits=splits, pinned=pinned)
+    assert_close(got, expected, dtype)
+    without, _ = run_kernels(index, FLAT_RULES[kind], query, dyn_k, dyn_v, splits=splits)
+    assert (got - without).abs().max() > 1e-3  # the pins changed what was read
+
+
+def test_two_level_decode_reads_pinned_keys_once():
+    index = make_hier_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=9)
+    got, expected = run_kernels(index, TWO_LEVEL_RULES["budget"], query, dyn_k, dyn_v, splits=2,
+                                pinned=random_pins(index, batch=2, most=50))
+    assert_close(got, expected, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

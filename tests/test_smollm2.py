@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs
-from hf_squeeze.demo import Fact, answer, chat_prompt_ids, document
+from hf_squeeze.demo import DEMO_CONFIG, DEMO_TOKENS, FACTS, Fact, answer, chat_prompt_ids, document
 
 FACT = Fact("The secret passcode for the blue vault is 7351.", "What is the secret passcode for the blue vault?", "7351")
 
@@ -86,7 +86,7 @@ def test_per_layer_threshold_spreads_the_budget_evenly(smollm2, prompt):
     context, question = prompt
     spread = {}
     for scope in ("global", "layer"):
-        config = SqueezeConfig(keep=0.2, selection="threshold", threshold_scope=scope)
+        config = SqueezeConfig(keep=0.2, selection="threshold", threshold_scope=scope, prefill="lookup", pin=0.0)
         request = SqueezedCache.from_context(model, context, config, progress=False).fork()
         with torch.no_grad():
             model(question[None], **cache_kwargs(model, request))
@@ -112,3 +112,21 @@ def test_requests_on_the_real_model(smollm2, prompt, exact_cache, name):
     wrong[0, 700] = tokenizer.eos_token_id
     with pytest.raises(ValueError, match="differs at token 700"):
         model.generate(wrong, **{name: exact_cache.fork()}, max_new_tokens=2)
+
+
+def test_the_demo_answers_every_question_for_five_clusterings(smollm2):
+    """`make demo` at its default: every planted fact found, whatever the K-means seed (0-4)."""
+    model, tokenizer = smollm2
+    text = document(tokenizer, DEMO_TOKENS)
+    context, _ = chat_prompt_ids(tokenizer, text, "")
+    prompts = [torch.cat([context, chat_prompt_ids(tokenizer, text, fact.question)[1]]) for fact in FACTS]
+    for fact, prompt in zip(FACTS, prompts):
+        dense = answer(model, tokenizer, prompt, DynamicCache())
+        assert fact.answer.lower() in dense.lower(), f"the dense model itself misses {fact.answer!r}: {dense!r}"
+    for seed in range(5):
+        cache = SqueezedCache.from_context(model, context, dataclasses.replace(DEMO_CONFIG, seed=seed), progress=False)
+        for fact, prompt in zip(FACTS, prompts):
+            request = cache.fork()
+            got = answer(model, tokenizer, prompt, request)
+            assert fact.answer.lower() in got.lower(), (seed, fact.question, got)
+            assert request.layers[0].attention.pinned is not None  # the default pins

@@ -33,8 +33,8 @@ class Method:
     rest: squeezed, with the clusters left out estimated (SqueezeConfig.rest="estimate"; "+rest" in
         its name): its value means are metadata too, as many as the centroids.
     exact_prefill / pin: squeezed, SqueezeConfig.prefill="exact" ("+exact") and SqueezeConfig.pin
-        ("+pin0.05": part of keep). The input's prefill reads every key once per request; the budget
-        counts what each generated token reads.
+        ("+pin0.5": the share of keep pinned). The input's prefill reads every key once per request;
+        the budget counts what each generated token reads. Without them, the paper's lookup.
     """
 
     family: str

@@ -77,10 +77,12 @@ def attend(
     splits: int | None = None,
     out: torch.Tensor | None = None,
     scored: torch.Tensor | None = None,
+    pinned=None,
 ) -> torch.Tensor:
     """Squeezed attention of `query` [B, Hq, T, D] -> [B, T, Hq, D], lookup and attention on the
-    device with no host synchronisation. `stats` [1] int64 accumulates the keys read; `scored`
-    [1] int64 (two-level index) the fine centroids scored."""
+    device with no host synchronisation. `stats` [1] int64 accumulates the keys the lookup keeps;
+    `scored` [1] int64 (two-level index) the fine centroids scored; `pinned` (decode): a request's
+    pinned keys (`selection.Pinned`), read besides the lookup's."""
     if query.stride(-1) != 1:
         query = query.contiguous()
     dyn_keys, dyn_values = dyn_keys.contiguous(), dyn_values.contiguous()
@@ -92,4 +94,5 @@ def attend(
     logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 else None
     work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored)
     capacity = gather_capacity(kindex, budget)
-    return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity)
+    return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity,
+                            pinned)

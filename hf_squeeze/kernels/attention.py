@@ -111,14 +111,15 @@ def _split_range(total, SPLITS: tl.constexpr):
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr,
-    sel_start_ptr, sel_len_ptr, nsel_ptr, kvalid_ptr,
+    sel_start_ptr, sel_len_ptr, nsel_ptr, kvalid_ptr, pin_rows_ptr, pin_count_ptr, pin_mask_ptr,
     out_ptr, po_ptr, plse_ptr,
-    scaling, H, G, PC, NC, SW, LD,
+    scaling, H, G, PC, NC, SW, LD, NP,
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One query token: kept keys read where they are, then the dense part and the dynamic keys."""
+    """One query token: kept keys read where they are (skipping pinned ones), the pinned keys, then
+    the dense part and the dynamic keys."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -131,22 +132,34 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
-    # Steps: pieces of kept clusters, BLOCK_N // PIECE at a time; then dense and dynamic chunks.
+    # Steps: pieces of kept clusters, BLOCK_N // PIECE at a time; pinned keys; dense and dynamic chunks.
     n_pieces = tl.load(nsel_ptr + bh)
     n_sel = tl.cdiv(n_pieces, BLOCK_N // PIECE)
+    n_pinned = 0
+    if HAS_PINS:
+        n_pinned = tl.load(pin_count_ptr + bh)
+    n_pin = tl.cdiv(n_pinned, BLOCK_N)
     n_dense = tl.cdiv(SW, BLOCK_N)
-    start, end = _split_range(n_sel + n_dense + tl.cdiv(LD, BLOCK_N), SPLITS)
+    start, end = _split_range(n_sel + n_pin + n_dense + tl.cdiv(LD, BLOCK_N), SPLITS)
     for i in range(start, tl.minimum(end, n_sel)):
         piece = i * (BLOCK_N // PIECE) + n // PIECE
         within = n % PIECE
         first = tl.load(sel_start_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
         length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
         valid = within < length
+        if HAS_PINS:  # a pinned key is read below, once
+            valid = valid & (tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0)
         offsets = (h * NC + first + within)[:, None] * D + d[None, :]
         m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_pin)):
+        j = (i - n_sel) * BLOCK_N + n
+        valid = j < n_pinned
+        key = tl.load(pin_rows_ptr + bh * NP + j, mask=valid, other=0)
+        offsets = (h * NC + key)[:, None] * D + d[None, :]
+        m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
     m_i, l_i, acc = _dense_and_dynamic(
-        q, r * 0, start, end, n_sel, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, 1, sy_b, sy_h, sy_n,
-        m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
+        q, r * 0, start, end, n_sel + n_pin, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, 1,
+        sy_b, sy_h, sy_n, m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
     )
     _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, G,
             so_b, so_t, so_h, D, SPLITS)
@@ -276,11 +289,13 @@ def sparse_attention(
     splits: int | None = None,
     out: torch.Tensor | None = None,
     capacity: int | None = None,
+    pinned=None,
 ) -> torch.Tensor:
     """query [B, Hq, T, D]; dyn_keys/values [B, H, Ld, D] (the dynamic part, causal, the queries
     are its last T tokens); key_valid [B, Ld] bool/int or None -> out [B, T, Hq, D] (query dtype).
     `splits` programs share each row block's work (default: enough to fill the GPU); `capacity`
     bounds the kept keys per head (prefill gather buffer; default: all clustered keys).
+    `pinned` (a `selection.Pinned`, decode only): keys read besides the kept ranges, which skip them.
     """
     if dyn_keys.stride() != dyn_values.stride():
         raise ValueError("dynamic keys and values must have the same layout")
@@ -310,13 +325,18 @@ def sparse_attention(
     else:
         po = plse = out
     grid = (batch * heads, m_blocks, splits)
+    if pinned is not None and tokens != 1:
+        raise ValueError("pinned keys are read by decode steps (one query token); a prefill reads every key")
     if tokens == 1:
+        pins = (pinned.rows, pinned.count, pinned.mask) if pinned is not None else (out, out, out)
         _decode_kernel[grid](
             query, kindex.keys, kindex.values, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
-            work.starts, work.lengths, work.nsel, kvalid, out, po, plse,
+            work.starts, work.lengths, work.nsel, kvalid, *pins, out, po, plse,
             scaling, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
+            pinned.rows.shape[-1] if pinned is not None else 0,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
-            D=dim, BLOCK_M=block_m, BLOCK_N=DECODE_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits, **common,
+            D=dim, BLOCK_M=block_m, BLOCK_N=DECODE_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits,
+            HAS_PINS=pinned is not None, **common,
             num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
         )
     else:

@@ -101,10 +101,11 @@ def kept_pieces(kept: torch.Tensor, index, piece_rows: int):
 
 
 # ---- sparse attention (kernels/attention.py) -------------------------------------------------------
-def attention(query, dyn_keys, dyn_values, index, rule, scaling: float, mask=None) -> torch.Tensor:
-    """Squeezed attention as one softmax: query [B, Hq, T, D] over the keys of the kept clusters, the
-    sinks and window (`dense_keys`), and the dynamic keys [B, H, Ld, D] under `mask` (boolean
-    [B, 1, T, Ld], True = attend; None: causal, aligned to the end). Returns [B, T, Hq, D]."""
+def attention(query, dyn_keys, dyn_values, index, rule, scaling: float, mask=None, pinned=None) -> torch.Tensor:
+    """Squeezed attention as one softmax: query [B, Hq, T, D] over the keys of the kept clusters and
+    the `pinned` keys ([B, H, Nc] bool or None), the sinks and window (`dense_keys`), and the
+    dynamic keys [B, H, Ld, D] under `mask` (boolean [B, 1, T, Ld], True = attend; None: causal,
+    aligned to the end). Returns [B, T, Hq, D]."""
     batch, q_heads, tokens, dim = query.shape
     heads = index.keys.shape[0]
     q_valid = None
@@ -114,6 +115,8 @@ def attention(query, dyn_keys, dyn_values, index, rule, scaling: float, mask=Non
     kept = lookup(query, index, scaling, rule, q_valid)  # [B, H, C]
     cluster_of_key = torch.stack([torch.repeat_interleave(torch.arange(len(c), device=c.device), c) for c in index.counts])
     key_kept = kept.gather(2, cluster_of_key[None].expand(batch, -1, -1))  # [B, H, Nc]
+    if pinned is not None:
+        key_kept = key_kept | pinned
     if mask is None:
         dyn_len = dyn_keys.shape[2]
         mask = torch.ones(tokens, dyn_len, dtype=torch.bool, device=query.device).tril(dyn_len - tokens)[None, None]
