@@ -21,6 +21,11 @@ Estimators (s = q . c * scale, per key of cluster j with N_j keys):
 - bound: s_j + scale |q| r_j                    (r_j: largest distance of a key to its centroid: an
   upper bound on the best key's score, as in LycheeCluster's pruning)
 
+Clusterings (`--clusterings`; only the centroid estimate is measured for the non-default ones):
+cosine (the paper's spherical K-means), euclidean, query-cosine / query-euclidean (keys mapped by a
+factor of the second moment of the observation window's queries), outliers-X (a share X of the
+clusters are single keys: those farthest from their cluster's mean).
+
     PYTHONPATH=. python3 benchmarks/estimator_recall.py --model smollm2 --tokens 4096 --out $OUT
 """
 
