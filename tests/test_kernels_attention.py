@@ -155,8 +155,12 @@ def test_forks_share_the_kernel_view_and_match_the_torch_path(llama, context, mo
     outputs = {}
     for mode in ("0", "1" if DEVICE == "cpu" else "auto"):
         monkeypatch.setenv("HF_SQUEEZE_KERNELS", mode)
-        with torch.no_grad():
-            outputs[mode] = model(question[None], **cache_kwargs(model, cache.fork())).logits
+        request = cache.fork()
+        with torch.no_grad():  # the question's prefill (exact, pins keys), then a step that reads the pins
+            first = model(question[None], **cache_kwargs(model, request)).logits
+            step = model(question[None, -1:], **cache_kwargs(model, request)).logits
+        assert request.layers[0].attention.pinned is not None
+        outputs[mode] = torch.cat([first, step], 1)
     views = cache.layers[0].attention.kernel_views
     assert len(views) == 1
     view = next(iter(views.values()))
