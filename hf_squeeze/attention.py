@@ -193,19 +193,24 @@ class SparseAttention:
         return tokens > 1 and self.rule.exact_prefill and not self.rule.exact
 
     def pins_now(self, tokens: int) -> bool:
-        """Whether this step pins keys: the request's first input, read exactly."""
-        return self.reads_all(tokens) and self.rule.pin_budget is not None and self.pinned is None
+        """Whether this step (re)pins keys: a step of input read exactly (a prefill, every chunk of a
+        chunked one, a step of assisted generation)."""
+        return self.reads_all(tokens) and self.rule.pin_budget is not None
 
-    def pin(self, q, scaling, q_weight, dyn_key, dyn_value_mask) -> None:
-        """Pin the keys around those of most exact attention from the input's queries q [B, H, G, T, D]
-        (`selection.pin_keys`); `dyn_value_mask`: the dynamic keys' mask, as for `partial_attention`."""
+    def pin(self, q, scaling, q_valid, dyn_key, dyn_mask) -> None:
+        """Pin the keys around those of most exact attention of the request's input so far, adding the
+        attention of queries q [B, H, G, T, D] (real tokens `q_valid` [B, T] or all) to that of its
+        earlier input steps (`selection.pin_keys`); `dyn_mask`: the dynamic keys' mask, as for
+        `partial_attention`."""
         index = self.index
         lse_dense = torch.einsum("bhgtd,hnd->bhgtn", q, index.dense_keys.float()).mul(scaling).logsumexp(-1)
         s = torch.einsum("bhgtd,bhnd->bhgtn", q, dyn_key.float()) * scaling
-        if dyn_value_mask is not None:
-            s = s.masked_fill(~dyn_value_mask, float("-inf"))
+        if dyn_mask is not None:
+            s = s.masked_fill(~dyn_mask, float("-inf"))
         lse_rest = torch.logaddexp(lse_dense, s.logsumexp(-1))
-        weights = key_weights(q, index, scaling, q_weight, lse_rest)
+        weights = key_weights(q, index, scaling, q_valid, lse_rest)
+        if self.pinned is not None:
+            weights = weights + self.pinned.weights
         self.pinned = pin_keys(weights, index, self.rule.pin_budget)
 
     def attend(self, query, key, value, attention_mask, scaling) -> torch.Tensor:

@@ -48,7 +48,9 @@ class SqueezeConfig:
             around those that drew most of the input's exact attention (the question's evidence and
             the text that follows it, which centroids rank far too low when a key differs from its
             cluster's mean) stay read by every generated token of the request; the lookup fills the
-            rest of `keep`. 0 pins nothing (the paper). Measured in EVAL.md ("Pinned keys").
+            rest of `keep`. Every input step read exactly (each chunk of a chunked prefill) adds its
+            attention, and the pins follow the input so far. 0 pins nothing (the paper). Measured in
+            EVAL.md (its section on the default).
         kmeans_iters: Lloyd iterations of K-means.
         seed: seed of the K-means initialisation.
         prefill_chunk: tokens per forward pass when the fixed context is prefilled.

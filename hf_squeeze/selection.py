@@ -219,6 +219,7 @@ class Pinned:
     rows: torch.Tensor  # [B, H, P] int32 the pinned keys (the first `count` of each row)
     count: torch.Tensor  # [B, H] int32
     mask: torch.Tensor  # [B, H, Nc] int8: 1 where pinned, so the lookup's ranges skip the key
+    weights: torch.Tensor  # [B, H, G, Nc] float32: the input's attention that chose them (`key_weights`)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -226,42 +227,41 @@ class Pinned:
 
     def index_rows(self, rows: torch.Tensor) -> "Pinned":
         """The pins of batch rows `rows` (beam search, batch repeats)."""
-        return Pinned(self.rows[rows].contiguous(), self.count[rows].contiguous(), self.mask[rows].contiguous())
+        return Pinned(*(t[rows].contiguous() for t in (self.rows, self.count, self.mask, self.weights)))
 
 
-def key_weights(q, index, scaling: float, q_weight, lse_rest: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """Per clustered key (cluster-sorted), its exact attention probability averaged over the input's
-    query tokens (weights `q_weight` [B, T] or uniform), max over the query heads of a group: [B, H, Nc].
+def key_weights(q, index, scaling: float, q_valid, lse_rest: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Per clustered key (cluster-sorted), its exact attention probability summed over the input's
+    real query tokens (`q_valid` [B, T], or all), per query head: [B, H, G, Nc].
 
     q [B, H, G, T, D]; lse_rest [B, H, G, T]: log sum exp of the scores outside the clustered keys
     (sinks, window, dynamic tokens). Query tokens go `chunk` at a time: memory B H G chunk Nc.
     """
     batch, heads, group, tokens, _ = q.shape
-    if q_weight is None:
-        w = torch.full((batch, tokens), 1.0 / tokens, device=q.device)
-    else:
-        w = q_weight.float() / q_weight.float().sum(-1, keepdim=True).clamp_min(1.0)
+    w = torch.ones(batch, tokens, device=q.device) if q_valid is None else q_valid.float()
     keys = index.keys.float()
     total = torch.zeros(batch, heads, group, keys.shape[1], device=q.device)
     for t in range(0, tokens, chunk):
         s = torch.einsum("bhgtd,hnd->bhgtn", q[:, :, :, t : t + chunk], keys) * scaling
         lse = torch.logaddexp(torch.logsumexp(s, -1), lse_rest[:, :, :, t : t + chunk])
         total += torch.einsum("bhgtn,bt->bhgn", torch.exp(s - lse.unsqueeze(-1)), w[:, t : t + chunk])
-    return total.amax(2)
+    return total
 
 
 def pin_keys(weights: torch.Tensor, index, budget) -> Pinned:
     """The keys a user input pins: those within PIN_BEFORE / PIN_AFTER context positions of the keys
-    of most weight (`key_weights` [B, H, Nc]), about `budget` per (row, KV head) (an int, or
-    [B, 1, 1] per row). A position's weight is the largest within its neighbourhood."""
+    of most weight (`key_weights` [B, H, G, Nc] summed over every input step of the request so far;
+    a key's weight is the largest over the query heads of its group), about `budget` per (row, KV
+    head) (an int, or [B, 1, 1] per row). A position's weight is the largest within its neighbourhood."""
     if index.positions is None:
         raise ValueError(
             "this index has no key positions, which pin reads: build the cache again with this version of "
             "hf_squeeze (SqueezedCache.from_context), or use SqueezeConfig(pin=0)"
         )
-    batch, heads, n = weights.shape
+    per_key = weights.amax(2)
+    batch, heads, n = per_key.shape
     positions = index.positions.long()[None].expand(batch, -1, -1)
-    by_position = torch.zeros_like(weights).scatter(-1, positions, weights)
+    by_position = torch.zeros_like(per_key).scatter(-1, positions, per_key)
     # position i takes the largest weight of positions i - PIN_AFTER .. i + PIN_BEFORE
     padded = torch.nn.functional.pad(by_position, (PIN_AFTER, PIN_BEFORE), value=-1.0)
     pooled = padded.unfold(-1, PIN_AFTER + PIN_BEFORE + 1, 1).amax(-1)
@@ -274,7 +274,7 @@ def pin_keys(weights: torch.Tensor, index, budget) -> Pinned:
     rank = torch.empty_like(positions).scatter_(-1, positions, torch.arange(n, device=weights.device).expand_as(positions))
     rows = rank.gather(-1, order)
     mask = torch.zeros(batch, heads, n, dtype=torch.int8, device=weights.device).scatter(-1, rows, valid.to(torch.int8))
-    return Pinned(rows.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), mask)
+    return Pinned(rows.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), mask, weights)
 
 
 def rest_parts(q: torch.Tensor, index, scaling: float, selection: Selection):

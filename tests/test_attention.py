@@ -154,6 +154,24 @@ def test_an_exact_prefill_gives_full_attention_and_pins_what_it_attended(llama, 
     assert read_after - read_before <= 2 * (0.2 + 0.05)  # two heads, a cluster of overshoot at most
 
 
+def test_a_chunked_input_pins_from_the_whole_input(llama, context):
+    """Pins add up the exact attention of every input step of a request: a chunked prefill weighs the
+    keys as one prefill does (the tiny model's near-uniform attention makes the pins themselves
+    depend on rounding, so the weights are compared)."""
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    whole, chunked = cache.fork(), cache.fork()
+    with torch.no_grad():
+        llama(QUESTION[None], **cache_kwargs(llama, whole))
+        llama(QUESTION[None, :5], **cache_kwargs(llama, chunked))
+        first = chunked.layers[1].attention.pinned.weights.clone()
+        llama(QUESTION[None, 5:], **cache_kwargs(llama, chunked))
+    for a, b in zip(whole.layers, chunked.layers):
+        torch.testing.assert_close(b.attention.pinned.weights, a.attention.pinned.weights, atol=1e-5, rtol=1e-4)
+        assert int(b.attention.pinned.count.min()) == b.rule.pin_budget
+    total = whole.layers[1].attention.pinned.weights.sum(-1)  # each real token adds at most 1 per head
+    assert (total > first.sum(-1)).all() and (total <= QUESTION.numel()).all()
+
+
 def test_hierarchical_scores_fewer_centroids(tiny, context):
     results = {}
     for hierarchical in (False, True):

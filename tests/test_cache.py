@@ -105,6 +105,7 @@ def test_sampling_and_several_return_sequences(llama, context):
     torch.manual_seed(3)
     assert generate(llama, ids, request, do_sample=True, num_return_sequences=3).shape[0] == 3
     assert request.layers[0].keys.shape[0] == 3
+    assert request.layers[0].attention.pinned.rows.shape[0] == 3  # every sequence reads its pins
 
 
 def test_beam_search_at_keep_1_equals_dense(llama, context):
@@ -112,6 +113,11 @@ def test_beam_search_at_keep_1_equals_dense(llama, context):
     ids = full_prompt(context)
     a = generate(llama, ids, cache.fork(), num_beams=3, max_new_tokens=6)
     assert torch.equal(a, generate(llama, ids, DynamicCache(), num_beams=3, max_new_tokens=6))
+    # at keep 0.2 the beams carry the question's pins through every reordering
+    request = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False).fork()
+    assert generate(llama, ids, request, num_beams=3, max_new_tokens=6).shape[0] == 1
+    pinned = request.layers[0].attention.pinned
+    assert pinned.rows.shape[0] == 3 and all(torch.equal(pinned.mask[0], m) for m in pinned.mask)
 
 
 def test_two_caches_in_two_threads(llama, context):

@@ -66,7 +66,8 @@ def random_pins(index, batch, most, seed=3) -> Pinned:
     count[0, 0] = most
     valid = torch.arange(most) < count[..., None]
     mask = torch.zeros(batch, heads, n, dtype=torch.int8).scatter(-1, rows, valid.to(torch.int8))
-    return Pinned(rows.to(torch.int32).to(DEVICE), count.to(torch.int32).to(DEVICE), mask.to(DEVICE))
+    weights = torch.zeros(*mask.shape[:2], 1, mask.shape[2]).to(DEVICE)  # what chose them: not read by the kernels
+    return Pinned(rows.to(torch.int32).to(DEVICE), count.to(torch.int32).to(DEVICE), mask.to(DEVICE), weights)
 
 
 @pytest.mark.parametrize("dtype,kind,group,splits", [
