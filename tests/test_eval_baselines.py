@@ -8,6 +8,7 @@ from hf_squeeze.eval import baselines
 from hf_squeeze.eval.contexts import ContextCaches
 from hf_squeeze.eval.methods import Method, at_budget, default_methods, parse_methods
 from hf_squeeze.selection import SelectionRule
+from .kernel_cases import DEVICE
 
 
 def random_kv(heads=2, n=300, dim=8, seed=0):
@@ -129,3 +130,24 @@ def test_full_reads_everything(tiny, context):
     torch.testing.assert_close(squeezed, reference, atol=1e-4, rtol=1e-4)
     read, _ = cache.row_stats()
     assert read == [1.0]
+
+
+def test_a_squeezed_method_alone_takes_the_kernel_path(tiny, context, monkeypatch):
+    """attention="kernels": a squeezed method in its own batch reads through the Triton kernels (the
+    interpreter here) and answers as the torch path does, its reads still counted per row."""
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1" if DEVICE == "cpu" else "auto")
+    method = parse_methods("flat-topk+exact+pin0.5-0.2")[0]
+    caches = ContextCaches(tiny, context, progress=False)
+    question = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    step = torch.tensor([[7], [9]])
+    results = {}
+    for kernels in (False, True):
+        request = caches.cache([method], rows=2, kernels=kernels).fork()
+        with torch.no_grad():
+            first = tiny(question, **cache_kwargs(tiny, request)).logits
+            results[kernels] = torch.cat([first, tiny(step, **cache_kwargs(tiny, request)).logits], 1)
+        served = int(request.layers[0].attention.kernel_keys.sum()) > 0
+        assert served == kernels
+        read, _ = request.row_stats()
+        assert len(read) == 2 and all(0 < r < 1 for r in read)
+    torch.testing.assert_close(results[True], results[False], atol=1e-4, rtol=1e-4)

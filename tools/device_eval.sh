@@ -70,9 +70,10 @@ case ${1:?command} in
       methods=$(python3 -c "import json; print(','.join(json.load(open('$RUNS/$run/run.json'))['methods']))")
       contexts=$(python3 -c "import json; print(json.load(open('$RUNS/$run/run.json'))['contexts_per_task'])")
       dtype=$(python3 -c "import json; print(json.load(open('$RUNS/$run/run.json')).get('dtype', 'float32'))")
+      attention=$(python3 -c "import json; print(json.load(open('$RUNS/$run/run.json')).get('attention', 'reference'))")
       # shellcheck disable=SC2086
       timeout $((seconds + 120)) python3 -m hf_squeeze.cli eval --out "$RUNS/$run" --device "${EVAL_DEVICE:-cuda}" --workers "$workers" \
-        --time-limit "$seconds" --contexts "$contexts" --methods "$methods" --dtype "$dtype" $args > "$RUNS/$run.log" 2>&1 &
+        --time-limit "$seconds" --contexts "$contexts" --methods "$methods" --dtype "$dtype" --attention "$attention" $args > "$RUNS/$run.log" 2>&1 &
     done
     sleep "${FIRST_LOOK:-120}"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv; progress
     wait

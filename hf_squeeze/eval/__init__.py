@@ -39,7 +39,7 @@ def _interleave(samples: list[ruler.Sample]) -> list[ruler.Sample]:
 
 def prepare(folder, tokenizer, *, model: str, max_seq_length: int, tasks="all", contexts_per_task: int = 10,
             questions_per_context: int = 4, methods=None, max_new_tokens: dict | None = None, seed: int = 42,
-            progress: bool = True, dtype=torch.float32) -> tuple[RunSpec, list[ruler.Sample]]:
+            progress: bool = True, dtype=torch.float32, attention: str = "reference") -> tuple[RunSpec, list[ruler.Sample]]:
     """Create a run folder (its samples built once) or reopen one, checking it asks the same thing."""
     folder = Path(folder)
     methods = methods if isinstance(methods, list) else parse_methods(methods)
@@ -48,11 +48,11 @@ def prepare(folder, tokenizer, *, model: str, max_seq_length: int, tasks="all", 
     spec = RunSpec(model=model, max_seq_length=max_seq_length, tasks=ruler.task_names(tasks),
                    contexts_per_task=contexts_per_task, questions_per_context=questions_per_context,
                    methods=[m.name for m in methods], max_new_tokens=caps, seed=seed,
-                   dtype=str(dtype).removeprefix("torch."))
+                   dtype=str(dtype).removeprefix("torch."), attention=attention)
     if (folder / "run.json").is_file() and (folder / "samples.jsonl").is_file():
         old, samples = read_samples(folder)
         differ = [k for k in ("model", "max_seq_length", "tasks", "contexts_per_task", "questions_per_context",
-                              "max_new_tokens", "seed", "dtype") if getattr(old, k) != getattr(spec, k)]
+                              "max_new_tokens", "seed", "dtype", "attention") if getattr(old, k) != getattr(spec, k)]
         if differ:
             raise ValueError(
                 f"{folder} holds a run with other settings ({', '.join(f'{k}: {getattr(old, k)!r}' for k in differ)}); "
@@ -84,7 +84,8 @@ def _worker(rank, workers, folder, samples, methods, spec, device, counter, time
 def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, max_seq_length: int = 4096,
              tasks="all", contexts_per_task: int = 10, questions_per_context: int = 4, methods=None,
              max_new_tokens: dict | None = None, device: str = "cpu", dtype=torch.float32, workers: int = 1,
-             time_limit: float | None = None, seed: int = 42, progress: bool = True, loaded=None) -> dict:
+             time_limit: float | None = None, seed: int = 42, progress: bool = True, loaded=None,
+             attention: str = "reference") -> dict:
     """Run (or resume) an evaluation in `folder` and write its report; returns the report's summary.
 
     workers > 1 forks that many processes after loading the model once on the CPU; each moves it to
@@ -101,7 +102,8 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
         model_obj, tokenizer = loaded
     spec, samples = prepare(folder, tokenizer, model=model, max_seq_length=max_seq_length,
                             tasks=tasks, contexts_per_task=contexts_per_task, questions_per_context=questions_per_context,
-                            methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress, dtype=dtype)
+                            methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress, dtype=dtype,
+                            attention=attention)
     if workers <= 1:
         run_samples(model_obj.to(device), tokenizer, folder, samples, methods, spec, time_limit=time_limit,
                     progress=progress)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels as _kernels
 from ..attention import SparseAttention
 from ..cache import SqueezedCache, SqueezedLayer
 from ..index import LayerIndex
@@ -135,24 +136,37 @@ class EvalAttention(SparseAttention):
     so that several keeps of one method answer in one `generate` call.
     """
 
-    def __init__(self, index, rule, policy, extra=None):
+    def __init__(self, index, rule, policy, extra=None, kernels: bool = False):
         super().__init__(index, rule)
-        self.policy, self.extra = policy, extra
+        self.policy, self.extra, self.kernels = policy, extra, kernels
         self.row_read = self.row_scored = None
         self.row_selections = 0
 
     def attend(self, query, key, value, attention_mask, scaling):
-        # Always the torch reference path: it is the one whose selection is pluggable (the Triton
-        # kernels implement only the squeezed centroid lookup), and it computes the same attention.
-        return self.attend_reference(query, key, value, attention_mask, scaling)
+        # The torch reference path, whose selection is pluggable, unless this layer serves the method's
+        # own lookup with `kernels` (one rule for every row): then what users run, the Triton kernels
+        # where they can serve (a CUDA device), with the reads of a step shared out evenly over its rows.
+        if not self.kernels or _kernels.supports(self.index, query) is not None:
+            return self.attend_reference(query, key, value, attention_mask, scaling)
+        device = query.device
+        keys_before = self.kernel_keys.to(device).sum()
+        scored_before = self.kernel_scored + self.kernel_fine_scored.to(device).sum()
+        out = super().attend(query, key, value, attention_mask, scaling)
+        rows = query.shape[0] * self.index.keys.shape[0]
+        keys = (self.kernel_keys.sum() - keys_before).double() / rows
+        scored = (self.kernel_scored + self.kernel_fine_scored.sum() - scored_before).double() / rows
+        self.record_rows(keys.expand(query.shape[0]) / self.index.clustered_tokens, scored.expand(query.shape[0]))
+        return out
 
     def select_ranges(self, q, scaling, q_weight):
         return self.policy(self, q, scaling, q_weight)
 
     def count_reads(self, keys, scored):
         super().count_reads(keys, scored)
-        read = keys.double().mean(-1) / self.index.clustered_tokens  # [B]
-        scored = scored.double().mean(-1)
+        self.record_rows(keys.double().mean(-1) / self.index.clustered_tokens, scored.double().mean(-1))
+
+    def record_rows(self, read: torch.Tensor, scored: torch.Tensor):
+        """One step's reads per batch row [B]: the fraction of clustered keys, the centroids scored."""
         if self.row_read is None:
             self.row_read, self.row_scored = read, scored
         else:
@@ -164,17 +178,17 @@ class EvalCache(SqueezedCache):
     """A SqueezedCache whose layers read through `EvalAttention`. `extras`: per layer, what the policy
     needs (Quest's bounds)."""
 
-    def __init__(self, fixed, policy=centroid_policy, extras=None):
-        self.fixed, self.policy = fixed, policy
+    def __init__(self, fixed, policy=centroid_policy, extras=None, kernels: bool = False):
+        self.fixed, self.policy, self.kernels = fixed, policy, kernels
         self.extras = extras or [None] * len(fixed.layers)
         layers = [
-            SqueezedLayer(EvalAttention(index, rule, policy, extra), fixed.num_tokens)
+            SqueezedLayer(EvalAttention(index, rule, policy, extra, kernels), fixed.num_tokens)
             for index, rule, extra in zip(fixed.layers, fixed.rules, self.extras)
         ]
         super(SqueezedCache, self).__init__(layers=layers)
 
     def fork(self) -> "EvalCache":
-        return type(self)(self.fixed, self.policy, self.extras)
+        return type(self)(self.fixed, self.policy, self.extras, self.kernels)
 
     def row_stats(self) -> tuple[list[float], list[float]]:
         """Per batch row: the fraction of clustered keys read and the centroids scored, per selection."""

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, help="cap every task's generation length (RULER's by default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention", default="reference", choices=["reference", "kernels"],
+                   help="reference: the torch path for every method, methods sharing an index batched; kernels: "
+                        "each squeezed method in its own batch through the Triton kernels (what users run)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the device (each holds the model)")
     p.add_argument("--time-limit", type=float, help="seconds after which no new answer is started")
     p.add_argument("--prepare-only", action="store_true", help="build the samples into --out and stop")
@@ -64,13 +67,14 @@ def cmd_eval(args) -> int:
         tokenizer = load_tokenizer(args.model, model_file=args.model_file)
         spec, samples = prepare(args.out, tokenizer, model=args.model, max_seq_length=args.length, tasks=args.tasks,
                                 contexts_per_task=args.contexts, questions_per_context=args.questions,
-                                methods=methods, max_new_tokens=caps, dtype=getattr(torch, args.dtype))
+                                methods=methods, max_new_tokens=caps, dtype=getattr(torch, args.dtype),
+                                attention=args.attention)
         print(f"{len(samples)} contexts, {ruler.question_count(samples)} questions written to {args.out}")
         return 0
     result = run_eval(args.out, model=args.model, model_file=args.model_file, max_seq_length=args.length,
                       tasks=args.tasks, contexts_per_task=args.contexts, questions_per_context=args.questions,
                       methods=methods, max_new_tokens=caps, device=args.device, dtype=getattr(torch, args.dtype),
-                      workers=args.workers, time_limit=args.time_limit)
+                      workers=args.workers, time_limit=args.time_limit, attention=args.attention)
     from .report import markdown
 
     for summary in result["summaries"]:

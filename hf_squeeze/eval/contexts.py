@@ -101,10 +101,11 @@ class ContextCaches:
         ])
 
     @torch.no_grad()
-    def cache(self, methods: list[Method], rows: int = 1) -> baselines.EvalCache:
+    def cache(self, methods: list[Method], rows: int = 1, kernels: bool = False) -> baselines.EvalCache:
         """One cache for methods of one group (see `group_key`), `rows` batch rows per method, method-major.
 
-        Fork it per request. A single method gives a plain per-method cache (rows of one rule).
+        Fork it per request. A single method gives a plain per-method cache (rows of one rule); with
+        `kernels`, a single squeezed method reads through the Triton kernels where they can serve.
         """
         keys = {group_key(m) for m in methods}
         if len(keys) != 1:
@@ -122,7 +123,7 @@ class ContextCaches:
             layers = self._squeezed(m0.hierarchical)
             config = m0.config(config)
             per_method = [calibrate(layers, self.queries, self.scalings, m.config(config)) for m in methods]
-            rules = _row_rules(per_method, rows, device)
+            rules = per_method[0] if len(methods) == 1 else _row_rules(per_method, rows, device)
         else:
             budgets = [[SelectionRule(budget=self._budget(m.keep))] * n_layers for m in methods]
             rules = _row_rules(budgets, rows, device)
@@ -136,4 +137,5 @@ class ContextCaches:
                 else:
                     policy = baselines.streaming_policy
         fixed = FixedContext(tuple(layers), tuple(rules), config, self.ids, self.fingerprint)
-        return baselines.EvalCache(fixed, policy, extras)
+        kernels = kernels and family == "squeezed" and len(methods) == 1
+        return baselines.EvalCache(fixed, policy, extras, kernels)

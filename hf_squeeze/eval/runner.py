@@ -41,6 +41,9 @@ class RunSpec:
     max_new_tokens: dict[str, int]  # per task family; RULER's lengths unless capped
     seed: int = 42
     dtype: str = "float32"  # of the model's weights and activations
+    # "reference": every method on the torch path, methods sharing an index batched together;
+    # "kernels": each squeezed method in its own batch through the Triton kernels (what users run).
+    attention: str = "reference"
 
 
 def write_samples(folder: Path, spec: RunSpec, samples: list[ruler.Sample]) -> None:
@@ -161,16 +164,18 @@ def evaluate_sample(model, tokenizer, sample: ruler.Sample, methods: list[Method
     build_seconds = time.perf_counter() - start
     score = ruler.metric(sample.family)
     max_new = spec.max_new_tokens.get(sample.family, sample.tokens_to_generate)
+    kernels = spec.attention == "kernels"
     groups = {}
     for m in todo:
-        groups.setdefault(group_key(m), []).append(m)
+        key = (m.name,) if kernels and m.family == "squeezed" else group_key(m)
+        groups.setdefault(key, []).append(m)
     written = 0
     n_q = len(question_ids)
     for group in groups.values():
         if deadline is not None and time.monotonic() > deadline:
             break
         start = time.perf_counter()
-        request = caches.cache(group, rows=n_q).fork()
+        request = caches.cache(group, rows=n_q, kernels=kernels).fork()
         answers, lengths = answer_questions(model, tokenizer, context_ids, question_ids * len(group), request, max_new)
         _sync(model.device)
         seconds = time.perf_counter() - start
