@@ -43,7 +43,7 @@ import triton
 from hf_squeeze import kernels
 from common import gpu_time
 from hf_squeeze.index import LayerIndex
-from hf_squeeze.selection import SelectionRule
+from hf_squeeze.selection import Pinned, SelectionRule
 
 L1_MARGIN = 2.0  # SqueezeConfig.coarse_margin: the coarse level keeps this times `keep` of the keys
 SMOKE = False  # --smoke: CPU interpreter, wall-clock times
@@ -124,6 +124,14 @@ def dense_time(q, k, v) -> dict[str, float]:
     return times
 
 
+def random_pins(heads: int, rows: int, count: int, device) -> Pinned:
+    """`count` pinned keys per KV head, spread over the cluster-sorted layout as real pins are."""
+    order = torch.stack([torch.randperm(rows, device=device)[:count] for _ in range(heads)])[None]
+    mask = torch.zeros(1, heads, rows, dtype=torch.int8, device=device).scatter(-1, order, 1)
+    return Pinned(order.to(torch.int32).contiguous(), torch.full((1, heads), count, dtype=torch.int32, device=device),
+                  mask, torch.zeros(1, heads, 1, rows, device=device))
+
+
 def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense_cache, mode):
     heads, rows, dim = index.keys.shape
     q_heads = heads * args.group
@@ -139,12 +147,17 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     if kindex.hierarchical:  # the view's fine room is bounded for the coarse budget
         coarse_budget = max(1, round(min(1.0, L1_MARGIN * keep) * rows))
         kindex = kernels.kernel_index(index, coarse_budget=coarse_budget)
+    pinned = None
+    if mode == "pinned-decode":  # the default's decode: half of keep pinned (random keys), half looked up
+        pinned = random_pins(heads, rows, max(1, round(keep / 2 * rows)), dev)
+        keep = keep / 2
     rule = SelectionRule(budget=max(1, round(keep * rows)), coarse_budget=coarse_budget)
     stats = torch.zeros(1, dtype=torch.int64, device=dev)
     scored = torch.zeros(1, dtype=torch.int64, device=dev)
 
     def ours():
-        return kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, scored=scored)
+        return kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, scored=scored,
+                              pinned=pinned)
 
     logw = kernels.query_weights(None, 1, query_tokens, dev) if query_tokens > 1 else None
 
@@ -156,6 +169,9 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     scored.zero_()
     ours()
     kept = int(stats)  # keys read from the clustered part, over all KV heads
+    if pinned is not None:  # the pinned keys too (one read each: an upper bound where they overlap)
+        kept += int(pinned.count.sum())
+        keep = keep * 2
     # centroids scored per KV head: all (flat), or all coarse ones + the fine ones under the kept
     clusters = index.counts.shape[1]
     fine_scored = int(scored) / heads if kindex.hierarchical else clusters
@@ -180,7 +196,8 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     needed += (fine_scored + kindex.coarse_clusters) * heads * dim * elem
     return dict(
         context=tokens_ctx,
-        mode=("hier-" if kindex.hierarchical else "") + ("decode" if query_tokens == 1 else f"prefill{query_tokens}"),
+        mode=("hier-" if kindex.hierarchical else "") + ("pinned-" if pinned is not None else "")
+        + ("decode" if query_tokens == 1 else f"prefill{query_tokens}"),
         keep=keep,
         kept_fraction=kept / (heads * rows),
         fine_scored_fraction=fine_scored / clusters,
@@ -247,7 +264,8 @@ def main():
     p.add_argument("--centroid-ratio", type=float, default=0.05)
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--decode-input", type=int, default=64, help="user-input tokens before the decode step")
-    p.add_argument("--modes", default="decode,prefill", help="any of decode, prefill, hier-decode, hier-prefill")
+    p.add_argument("--modes", default="decode,pinned-decode,prefill",
+                   help="any of decode, pinned-decode (half of keep pinned), prefill, hier-decode, hier-prefill")
     p.add_argument("--coarse-ratio", type=float, default=0.01, help="coarse clusters per key in the hier modes")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of one case")
@@ -258,7 +276,7 @@ def main():
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")
-    unknown = set(modes) - {"decode", "prefill", "hier-decode", "hier-prefill"}
+    unknown = set(modes) - {"decode", "pinned-decode", "prefill", "hier-decode", "hier-prefill"}
     if unknown:
         p.error(f"unknown modes {sorted(unknown)}")
     out = Path(args.out)
@@ -290,7 +308,7 @@ def main():
             kind = "hier" if mode.startswith("hier-") else "flat"
             if kind not in views:
                 views[kind] = kernels.kernel_index(index if kind == "hier" else flat_view(index))
-            tokens = mode.removeprefix("hier-")
+            tokens = mode.removeprefix("hier-").removeprefix("pinned-")
             q_tokens, dyn = (1, args.decode_input + 1) if tokens == "decode" else (args.prefill_tokens, args.prefill_tokens)
             for keep in [float(k) for k in args.keeps.split(",")]:
                 try:
