@@ -88,6 +88,7 @@ def run_demo(model, tokenizer, tokens: int = DEMO_TOKENS, config: SqueezeConfig 
         f"fixed context: {s['fixed_tokens']} tokens, {s['layers']} layers x {s['kv_heads']} KV heads, "
         f"{s['clusters']} clusters per head, keep={config.keep} ({config.selection}); built in {built:.1f}s"
     )
+    reads_all = ", the question's prefill reading all" if config.prefill == "exact" and config.keep < 1 else ""
     rows = []
     for fact in FACTS:
         _, user = chat_prompt_ids(tokenizer, text, fact.question)
@@ -114,7 +115,7 @@ def run_demo(model, tokenizer, tokens: int = DEMO_TOKENS, config: SqueezeConfig 
         print_fn(
             f"\nQ: {fact.question}  (expected: {fact.answer})\n"
             f"  squeezed: {squeezed!r}  [{'ok' if row['squeezed_correct'] else 'wrong'}; "
-            f"attended {row['attended_fraction']:.3f} of clustered keys; {squeezed_s:.1f}s]\n"
+            f"read {row['attended_fraction']:.3f} of the clustered keys per step{reads_all}; {squeezed_s:.1f}s]\n"
             f"  dense:    {dense!r}  [{'ok' if row['dense_correct'] else 'wrong'}; {dense_s:.1f}s with a full prefill]"
         )
     return rows
