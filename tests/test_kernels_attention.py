@@ -94,7 +94,7 @@ def test_two_level_decode_reads_pinned_keys_once():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["budget", "threshold"])
+@pytest.mark.parametrize("kind", ["budget", "threshold", "all"])  # all: the keys read in place, no gather
 @pytest.mark.parametrize("group,tokens", [(3, 9), (4, 33)])
 def test_prefill_matches_the_reference(dtype, kind, group, tokens):
     index = make_index(dtype=dtype)
@@ -120,6 +120,7 @@ def test_padding_masks_keys_and_query_tokens(tokens):
     (torch.bfloat16, "budget", 3, 1),
     (torch.float32, "budget", 3, 9),
     (torch.bfloat16, "threshold", 4, 7),
+    (torch.float32, "all", 3, 9),
 ])
 def test_two_level_index_matches_the_reference(dtype, kind, group, tokens):
     """Lookup over a two-level index then sparse attention, with left padding for the prefills."""

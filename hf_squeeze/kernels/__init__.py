@@ -95,4 +95,4 @@ def attend(
     work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored)
     capacity = gather_capacity(kindex, budget)
     return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity,
-                            pinned)
+                            pinned, read_all=rule.exact)

@@ -195,12 +195,13 @@ def _gather_kernel(
 def _prefill_kernel(
     q_ptr, gk_ptr, gv_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr, nkeys_ptr, kvalid_ptr,
     out_ptr, po_ptr, plse_ptr,
-    scaling, H, G, T, SW, LD, CAP,
+    scaling, H, G, T, SW, LD, CAP, sg_b,
     sq_b, sq_h, sq_t, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """A block of query rows over the gathered kept keys, the dense part and the dynamic keys."""
+    """A block of query rows over the gathered kept keys (rows b * sg_b + h * CAP + i; sg_b = 0 when
+    every key is read, in place), the dense part and the dynamic keys."""
     bh = tl.program_id(0)
     mb = tl.program_id(1)
     b = bh // H
@@ -229,7 +230,7 @@ def _prefill_kernel(
     for i in range(start, tl.minimum(end, n_kept)):
         rows = i * BLOCK_N + n
         valid = rows < n_keys
-        offsets = (bh * CAP + rows)[:, None] * D + d[None, :]
+        offsets = (b * sg_b + h * CAP + rows)[:, None] * D + d[None, :]
         m_i, l_i, acc = _step_rows(q, gk_ptr, gv_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
     m_i, l_i, acc = _dense_and_dynamic(
         q, t, start, end, n_kept, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, T, sy_b, sy_h, sy_n,
@@ -290,12 +291,15 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     capacity: int | None = None,
     pinned=None,
+    read_all: bool = False,
 ) -> torch.Tensor:
     """query [B, Hq, T, D]; dyn_keys/values [B, H, Ld, D] (the dynamic part, causal, the queries
     are its last T tokens); key_valid [B, Ld] bool/int or None -> out [B, T, Hq, D] (query dtype).
     `splits` programs share each row block's work (default: enough to fill the GPU); `capacity`
     bounds the kept keys per head (prefill gather buffer; default: all clustered keys).
     `pinned` (a `selection.Pinned`, decode only): keys read besides the kept ranges, which skip them.
+    `read_all`: `work` keeps every cluster (an exact rule), so a prefill reads the keys in place
+    instead of gathering a copy of the whole context.
     """
     if dyn_keys.stride() != dyn_values.stride():
         raise ValueError("dynamic keys and values must have the same layout")
@@ -340,19 +344,24 @@ def sparse_attention(
             num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
         )
     else:
-        cap = capacity or kindex.clustered_tokens
-        gk = torch.empty(batch * heads, cap, dim, device=dev, dtype=kindex.keys.dtype)
-        gv = torch.empty_like(gk)
-        gather_splits = _default_splits(dev, batch * heads, max_splits=64)
-        _gather_kernel[(batch * heads, 1, gather_splits)](
-            kindex.keys, kindex.values, work.starts, work.lengths, work.positions, work.nsel, gk, gv,
-            heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
-            D=dim, BLOCK_N=GATHER_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=gather_splits,
-        )
+        if read_all:  # every cluster kept, in cluster order: the kept keys are the index's, in place
+            cap, batch_stride = kindex.clustered_tokens, 0
+            gk, gv = kindex.keys, kindex.values
+        else:
+            cap = capacity or kindex.clustered_tokens
+            batch_stride = heads * cap
+            gk = torch.empty(batch * heads, cap, dim, device=dev, dtype=kindex.keys.dtype)
+            gv = torch.empty_like(gk)
+            gather_splits = _default_splits(dev, batch * heads, max_splits=64)
+            _gather_kernel[(batch * heads, 1, gather_splits)](
+                kindex.keys, kindex.values, work.starts, work.lengths, work.positions, work.nsel, gk, gv,
+                heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
+                D=dim, BLOCK_N=GATHER_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=gather_splits,
+            )
         _prefill_kernel[grid](
             query, gk, gv, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values, work.nkeys, kvalid,
             out, po, plse,
-            scaling, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap,
+            scaling, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
             query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, **common,
             num_warps=8 if block_m >= 128 else 4, num_stages=3,
