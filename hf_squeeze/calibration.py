@@ -26,13 +26,13 @@ def budget_rules(layers: int, clustered_tokens: int, config: SqueezeConfig) -> l
         raise ValueError(f"selection={config.selection!r} is calibrated on the observation window: use calibrate()")
     budget = max(1, round(config.lookup_keep * clustered_tokens))  # pinned keys are part of keep
     coarse_budget = max(1, round(config.coarse_keep * clustered_tokens)) if config.hierarchical else None
+    return [SelectionRule(budget=budget, coarse_budget=coarse_budget, **_extras(config, clustered_tokens))] * layers
+
+
+def _extras(config: SqueezeConfig, clustered_tokens: int) -> dict:
+    """The rule's fields that do not depend on the layer: the rest, the input's prefill, the pins."""
     pin_budget = max(1, round(config.keep * config.pin * clustered_tokens)) if config.pin > 0 else None
-    return [SelectionRule(budget=budget, coarse_budget=coarse_budget, pin_budget=pin_budget, **_extras(config))] * layers
-
-
-def _extras(config: SqueezeConfig) -> dict:
-    """The rule's fields that do not depend on the layer."""
-    return dict(estimate_rest=config.rest == "estimate", exact_prefill=config.prefill == "exact")
+    return dict(estimate_rest=config.rest == "estimate", exact_prefill=config.prefill == "exact", pin_budget=pin_budget)
 
 
 def calibrate(indices, window_queries: list[torch.Tensor], scalings: list[float], config: SqueezeConfig) -> list[SelectionRule]:
@@ -63,8 +63,7 @@ def calibrate(indices, window_queries: list[torch.Tensor], scalings: list[float]
     else:
         cands = [score_flat(q, index, scaling, None)[0] for q, index, scaling in zip(steps, indices, scalings)]
     thresholds = _thresholds(cands, totals, config.lookup_keep, config)
-    pin_budget = max(1, round(config.keep * config.pin * clustered)) if config.pin > 0 else None
-    return [SelectionRule(threshold=t, coarse_threshold=t1, pin_budget=pin_budget, **_extras(config))
+    return [SelectionRule(threshold=t, coarse_threshold=t1, **_extras(config, clustered))
             for t, t1 in zip(thresholds, coarse_thresholds)]
 
 

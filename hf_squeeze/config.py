@@ -39,7 +39,8 @@ class SqueezeConfig:
             paper); "estimate" adds each one as N_j keys equal to its centroid carrying its mean
             value (attention weight N_j exp(q . c_j), value mean_j), so that the keys left out still
             share the softmax's mass. It reads the clusters' value means besides the centroids
-            (another C x D: the same as the centroids in the keys-only accounting of a budget).
+            (another C x D, built with the index only for rest="estimate": the same as the centroids in
+            the keys-only accounting of a budget).
         prefill: how the user input's prefill reads the fixed context. "exact" (default) reads every
             key once per request, so that the input's attention over the context (where a question
             finds its facts) is exact; generated tokens use the lookup. "lookup" (the paper) selects

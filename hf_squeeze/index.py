@@ -154,13 +154,15 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
     clustered = slice(config.sinks, key.shape[1] - config.window)
     dense = torch.cat([torch.arange(config.sinks), torch.arange(clustered.stop, key.shape[1])]).to(key.device)
     heads = torch.arange(key.shape[0], device=key.device)[:, None]
-    value_means, _ = cluster_means(value[:, clustered], label, centroids.shape[1])
+    # The clusters' mean values, read only by rest="estimate": not built (nor stored) otherwise.
+    estimate = config.rest == "estimate"
+    value_means = cluster_means(value[:, clustered], label, centroids.shape[1])[0] if estimate else None
     extra = {}
     if parent is not None:
         k1 = config.num_coarse_clusters(clustered.stop - clustered.start)
         # A coarse centroid is the mean of the raw keys under it: the count-weighted mean of its children.
         key_sums, _ = cluster_sums(centroids * counts.unsqueeze(-1), parent, k1)
-        value_sums, _ = cluster_sums(value_means * counts.unsqueeze(-1), parent, k1)
+        value_sums = cluster_sums(value_means * counts.unsqueeze(-1), parent, k1)[0] if estimate else None
         coarse_counts = torch.zeros(key.shape[0], k1, dtype=torch.long, device=key.device)
         coarse_counts.scatter_add_(1, parent, counts)
         # Renumber fine clusters so that the children of each coarse cluster are contiguous.
@@ -169,10 +171,11 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
         rank[heads, fine_order] = torch.arange(fine_order.shape[1], device=key.device).expand_as(fine_order)
         label = rank.gather(1, label)
         centroids, counts = centroids[heads, fine_order], counts[heads, fine_order]
-        value_means = value_means[heads, fine_order]
         coarse_centroids = key_sums / coarse_counts.clamp_min(1).unsqueeze(-1)
-        extra = dict(coarse_centroids=coarse_centroids, coarse_counts=coarse_counts, coarse_offsets=coarse_offsets,
-                     coarse_value_means=(value_sums / coarse_counts.clamp_min(1).unsqueeze(-1)).contiguous())
+        extra = dict(coarse_centroids=coarse_centroids, coarse_counts=coarse_counts, coarse_offsets=coarse_offsets)
+        if estimate:
+            value_means = value_means[heads, fine_order]
+            extra["coarse_value_means"] = (value_sums / coarse_counts.clamp_min(1).unsqueeze(-1)).contiguous()
     order, offsets = _sort_by_cluster(label, centroids.shape[1])
     return LayerIndex(
         keys=key[:, clustered][heads, order].contiguous(),
@@ -182,7 +185,7 @@ def _layer_index(key, value, label, centroids, counts, parent, config) -> LayerI
         offsets=offsets,
         dense_keys=key[:, dense].contiguous(),
         dense_values=value[:, dense].contiguous(),
-        value_means=value_means.contiguous(),
+        value_means=value_means.contiguous() if estimate else None,
         positions=order.to(torch.int32).contiguous(),
         **extra,
     )

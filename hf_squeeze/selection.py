@@ -239,10 +239,10 @@ def key_weights(q, index, scaling: float, q_valid, lse_rest: torch.Tensor, chunk
     """
     batch, heads, group, tokens, _ = q.shape
     w = torch.ones(batch, tokens, device=q.device) if q_valid is None else q_valid.float()
-    keys = index.keys.float()
+    keys = index.keys  # in the model's dtype: no float copy of the context (scores come out in float32)
     total = torch.zeros(batch, heads, group, keys.shape[1], device=q.device)
     for t in range(0, tokens, chunk):
-        s = torch.einsum("bhgtd,hnd->bhgtn", q[:, :, :, t : t + chunk], keys) * scaling
+        s = torch.einsum("bhgtd,hnd->bhgtn", q[:, :, :, t : t + chunk].to(keys.dtype), keys).float() * scaling
         lse = torch.logaddexp(torch.logsumexp(s, -1), lse_rest[:, :, :, t : t + chunk])
         total += torch.einsum("bhgtn,bt->bhgn", torch.exp(s - lse.unsqueeze(-1)), w[:, t : t + chunk])
     return total

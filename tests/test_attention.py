@@ -131,6 +131,30 @@ def test_sparse_attention_equals_dense_attention_over_the_selected_keys(llama, c
     assert 0 < kept.float().mean() < 1  # a partial selection, so the check is not vacuous
 
 
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_an_estimated_rest_is_exact_when_every_cluster_is_one_key(tokens):
+    """rest="estimate": a cluster left out counts as N_j keys equal to its centroid carrying its mean
+    value, so with clusters of one key attention is exact whatever the lookup keeps."""
+    import dataclasses
+
+    from hf_squeeze.attention import SparseAttention
+    from hf_squeeze.eval.baselines import oracle_index
+    from hf_squeeze.selection import SelectionRule
+
+    g = torch.Generator().manual_seed(0)
+    key, value = torch.randn(2, 300, 16, generator=g), torch.randn(2, 300, 16, generator=g)
+    index = oracle_index(key, value, 4, 10)
+    index = dataclasses.replace(index, value_means=index.values.float())
+    q = torch.randn(1, 6, tokens, 16, generator=g)
+    dyn_k, dyn_v = torch.randn(1, 2, tokens + 3, 16, generator=g), torch.randn(1, 2, tokens + 3, 16, generator=g)
+    full = exact_attention(q, torch.cat([key[None], dyn_k], 2), torch.cat([value[None], dyn_v], 2),
+                           causal_mask(tokens, 300 + tokens + 3, "cpu")[None, None], 0.25)
+    dropped = SparseAttention(index, SelectionRule(budget=20)).attend_reference(q, dyn_k, dyn_v, None, 0.25)
+    estimated = SparseAttention(index, SelectionRule(budget=20, estimate_rest=True)).attend_reference(q, dyn_k, dyn_v, None, 0.25)
+    torch.testing.assert_close(estimated, full, atol=1e-5, rtol=1e-5)
+    assert (dropped - full).abs().max() > 1e-2  # the check is not vacuous
+
+
 def test_an_exact_prefill_gives_full_attention_and_pins_what_it_attended(llama, context):
     """prefill="exact": the question's prefill reads every key (its logits are full attention's);
     the keys it pins are the neighbourhoods of the keys it attended most."""

@@ -85,7 +85,8 @@ class ContextCaches:
         return max(1, round(keep * self.clustered_tokens))
 
     def _squeezed(self, hierarchical: bool):
-        config = dataclasses.replace(self.base, hierarchical=hierarchical)
+        # one index for every squeezed method, with the value means that rest="estimate" reads
+        config = dataclasses.replace(self.base, hierarchical=hierarchical, rest="estimate", pin=0.0)
         return self._once(("index", hierarchical), lambda: build_indices(self.keys, self.values, config))
 
     def _pages(self):
