@@ -162,6 +162,7 @@ class SparseAttention:
         self.pending = False  # set by the layer's update, cleared here: see SqueezedCache.update
         self.key_valid = None  # in fixed-capacity mode: the written dynamic slots [1, capacity]
         self.pinned: Pinned | None = None  # the keys this request's input pinned (SqueezeConfig.pin)
+        self._bound = (None, None)  # (rule, read_bound under it)
         self.reset_stats()
 
     def reset_stats(self):
@@ -170,7 +171,7 @@ class SparseAttention:
         self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
         self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
         self.kernel_fine_scored = torch.zeros(1, dtype=torch.int64)  # two-level: fine centroids scored
-        self.last_selections = 0
+        self.last_selections, self.last_kernel = 0, False  # the last step's selections, its path
         self.selections = 0
 
     def forward(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -186,6 +187,21 @@ class SparseAttention:
         select the same ranges by other rules over the same machinery.
         """
         return lookup(q, self.index, scaling, self.rule, q_weight)
+
+    def read_bound(self) -> int | None:
+        """The most clustered keys one selection under this layer's rule reads per (batch row, KV
+        head): its budget plus the largest cluster but one (the cluster that crosses the budget is
+        read whole), every key under an exact rule; None where no budget bounds it (thresholds). Found once per rule (a host sync),
+        so that the torch path's later steps wait for nothing and a CUDA graph can capture them."""
+        if self._bound[0] is not self.rule:
+            bound = None
+            if self.rule.exact:
+                bound = self.index.clustered_tokens
+            elif self.rule.budget is not None:
+                budget = int(torch.as_tensor(self.rule.budget).max())
+                bound = min(budget + int(self.index.counts.max()) - 1, self.index.clustered_tokens)
+            self._bound = (self.rule, bound)
+        return self._bound[1]
 
     def reads_all(self, tokens: int) -> bool:
         """Whether this step reads every key: a step of several query tokens (a user input's
@@ -268,7 +284,15 @@ class SparseAttention:
         # are counted on the device, in kernel_fine_scored)
         first = self.index.counts if self.index.coarse_counts is None else self.index.coarse_counts
         self.kernel_scored += selections * first.shape[1] * times
-        self.last_selections = selections
+        self.last_selections, self.last_kernel = selections, True
+
+    def count_replays(self, times: int) -> None:
+        """A CUDA graph of a decode step replayed `times` more times ran this layer's last step again
+        without its Python: add that step's host-side counts (the device counters add themselves)."""
+        if self.last_kernel:
+            self.count_selections(self.last_selections, times)
+        else:
+            self.selections += self.last_selections * times
 
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         index = self.index
@@ -286,7 +310,7 @@ class SparseAttention:
             selection = lookup(q, index, scaling, _READ_ALL, q_weight)
         else:
             selection = self.select_ranges(q, scaling, q_weight)
-        rows, valid = expand_ranges(selection.starts, selection.lengths)
+        rows, valid = expand_ranges(selection.starts, selection.lengths, None if read_all else self.read_bound())
         head_ids = torch.arange(heads, device=query.device)[None, :, None]
         pinned = None if read_all else self.pinned
         if pinned is not None:  # pinned keys are read once, as their own part
@@ -317,9 +341,11 @@ class SparseAttention:
         """Statistics of one step of the reference path: clustered keys read and centroids scored,
         per (batch row, KV head) [B, H]."""
         read = keys.double() / self.index.clustered_tokens
-        self.read_fraction_sum = self.read_fraction_sum.to(read.device) + read.sum()
-        self.scored_sum = self.scored_sum.to(read.device) + scored.double().sum()
+        # in place, so that a replayed CUDA graph of the step adds too (see `count_replays`)
+        self.read_fraction_sum = self.read_fraction_sum.to(read.device).add_(read.sum())
+        self.scored_sum = self.scored_sum.to(read.device).add_(scored.double().sum())
         self.selections += keys.numel()
+        self.last_selections, self.last_kernel = keys.numel(), False
 
     def read_and_scored(self) -> tuple[float, float]:
         """Totals since the last reset: clustered-key fractions read, centroids scored (host sync)."""

@@ -56,6 +56,8 @@ def generate_greedy(
     past_key_values=None,
     cuda_graph: bool | None = None,
     times: GenerationTimes | None = None,
+    stop_tokens=None,
+    check_every: int = 16,
 ) -> torch.Tensor:
     """Greedy decoding of `max_new_tokens` tokens after `input_ids` [1, L] (the full prompt).
 
@@ -64,9 +66,11 @@ def generate_greedy(
     `StaticCache` holding a prefix of the prompt (or nothing) with room for the whole output.
     `cuda_graph` (default: on one CUDA device) captures the decode step; False runs the same step
     eagerly (same results; for CPUs, checks, and models spread over several GPUs, whose steps one
-    graph cannot capture). Generation does not stop at an end-of-sequence
-    token (stopping would need the host to look at every token): cut the output after it.
-    Returns [1, L + max_new_tokens]; `times`, if given, receives the timings.
+    graph cannot capture). `stop_tokens` (token ids, e.g. the end-of-sequence ones): the host looks
+    at the output every `check_every` tokens (one synchronisation each) and stops once one of them
+    was produced; tokens after it are whatever greedy decoding produced: cut the output after it.
+    Returns [1, L + n], n = max_new_tokens unless a stop token ended it earlier; `times`, if given,
+    receives the timings.
     """
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("generate_greedy got two caches, `cache` and `past_key_values`: pass one of them")
@@ -80,6 +84,11 @@ def generate_greedy(
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    stops = None
+    if stop_tokens is not None:
+        stops = torch.as_tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens), device=input_ids.device)
     device = input_ids.device
     gpus = _gpus(model, device)
     if cuda_graph is None:
@@ -100,10 +109,21 @@ def generate_greedy(
     if squeezed:
         check_request(model, cache, input_ids, {})
     with cache.serving() if squeezed else contextlib.nullcontext():
-        return _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus)
+        return _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus, _Stop(stops, check_every))
 
 
-def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus) -> torch.Tensor:
+@dataclass
+class _Stop:
+    """When decoding may end early: once one of `tokens` was produced, looked at every `every` tokens."""
+
+    tokens: torch.Tensor | None
+    every: int
+
+    def reached(self, out: torch.Tensor, produced: int) -> bool:
+        return self.tokens is not None and bool(torch.isin(out[:, :produced], self.tokens).any())
+
+
+def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus, stop: _Stop) -> torch.Tensor:
     device = input_ids.device
     reserve = getattr(cache, "reserve", None)
     past = int(cache.get_seq_length())
@@ -123,20 +143,23 @@ def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus) 
     out = torch.empty(1, max_new_tokens, dtype=torch.long, device=device)
     out[:, :1] = logits[:, -1].argmax(-1, keepdim=True)
     times.prefill = synchronized_clock(gpus) - start
-    if max_new_tokens > 1:
+    produced = 1
+    if max_new_tokens > 1 and not stop.reached(out, 1):
         if reserve is not None:
             reserve(int(cache.get_seq_length()) - past + max_new_tokens - 1)
         try:
-            _decode(model, cache, out, prompt, cuda_graph, times, gpus)
+            produced = _decode(model, cache, out, prompt, cuda_graph, times, gpus, stop)
         finally:
             if reserve is not None:
                 cache.release()
-    return torch.cat([input_ids, out], dim=1)
+    return torch.cat([input_ids, out[:, :produced]], dim=1)
 
 
-def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, times: GenerationTimes, gpus) -> None:
-    """Fill out[:, 1:] one token at a time. Every tensor the step reads or writes is allocated here,
-    before the capture, so that replays see fresh values at the same addresses."""
+def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, times: GenerationTimes, gpus,
+            stop: _Stop) -> int:
+    """Fill out[:, 1:] one token at a time; returns how many tokens of `out` were produced. Every
+    tensor the step reads or writes is allocated here, before the capture, so that replays see
+    fresh values at the same addresses."""
     device = out.device
     token = out[:, :1].clone()
     position = torch.full((1, 1), prompt, dtype=torch.long, device=device)
@@ -153,10 +176,15 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
     steps = out.shape[1] - 1
     if not cuda_graph:
         start = synchronized_clock(gpus)
-        for _ in range(steps):
-            step()
-        times.decode, times.decode_tokens = synchronized_clock(gpus) - start, steps
-        return
+        done = 0
+        while done < steps:
+            for _ in range(min(stop.every, steps - done)):
+                step()
+            done = min(done + stop.every, steps)
+            if stop.reached(out, 1 + done):
+                break
+        times.decode, times.decode_tokens = synchronized_clock(gpus) - start, done
+        return 1 + done
 
     # The warm-up step is a real step (token 1): it compiles the kernels and builds the device
     # views of the index outside the capture. Capturing runs the Python of a step without running
@@ -167,20 +195,32 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream(device).wait_stream(side)
+    if steps == 1 or stop.reached(out, 2):
+        times.capture = synchronized_clock(gpus) - start
+        return 2
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
     times.capture = synchronized_clock(gpus) - start
     start = synchronized_clock(gpus)
-    for _ in range(steps - 1):
-        graph.replay()
-    times.decode, times.decode_tokens = synchronized_clock(gpus) - start, steps - 1
-    _count_replays(cache, steps - 2)
+    replays = 0  # tokens 2 ... 1 + replays are written
+    while replays < steps - 1:
+        for _ in range(min(stop.every, steps - 1 - replays)):
+            graph.replay()
+        replays = min(replays + stop.every, steps - 1)
+        if stop.reached(out, 2 + replays):
+            break
+    times.decode, times.decode_tokens = synchronized_clock(gpus) - start, replays
+    # the Python of a step ran twice (warm-up, capture) for 1 + replays steps run
+    _count_replays(cache, replays - 1)
+    return 2 + replays
 
 
 def _count_replays(cache, replays: int) -> None:
     """Host-side statistics of the squeezed layers see only the eager and captured steps."""
+    if replays <= 0:
+        return
     for layer in getattr(cache, "layers", []):
         attention = getattr(layer, "attention", None)
-        if attention is not None and attention.last_selections and replays > 0:
-            attention.count_selections(attention.last_selections, times=replays)
+        if attention is not None:
+            attention.count_replays(replays)

@@ -119,12 +119,16 @@ def select(logp: torch.Tensor, counts: torch.Tensor, threshold: float | None, bu
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn ranges into padded index lists, with work proportional to the selected items.
 
     starts, lengths [..., M] -> (indices [..., L], valid [..., L]) where row r lists
-    starts[r, m] + i for i < lengths[r, m], m ascending, and L is the longest row.
+    starts[r, m] + i for i < lengths[r, m], m ascending. L is the longest row (found with one host
+    synchronisation), or `width` when the caller knows a bound: then nothing waits for the device
+    (a CUDA graph can capture it), and a row longer than `width` is an error of the caller's bound.
     """
+    if width is not None:
+        return _expand_ranges_static(starts, lengths, width)
     lead, m = starts.shape[:-1], starts.shape[-1]
     rows = math.prod(lead)
     starts, lengths = starts.reshape(rows, m), lengths.reshape(rows, m)
@@ -141,6 +145,21 @@ def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Te
     indices[segment // m, col] = starts.flatten()[segment] + within
     valid = torch.arange(width, device=starts.device) < per_row.unsqueeze(1)
     return indices.view(*lead, width), valid.view(*lead, width)
+
+
+def _expand_ranges_static(starts, lengths, width: int):
+    """`expand_ranges` into a known width: slot i of a row belongs to the first range that ends after
+    i (a binary search over the row's running lengths), so the shapes never depend on the data."""
+    lead, m = starts.shape[:-1], starts.shape[-1]
+    slots = torch.arange(width, device=starts.device).expand(*lead, width)
+    if m == 0:
+        return torch.zeros_like(slots), torch.zeros_like(slots, dtype=torch.bool)
+    ends = lengths.cumsum(-1)
+    seg = torch.searchsorted(ends, slots.contiguous(), right=True).clamp(max=m - 1)
+    begin = (ends - lengths).gather(-1, seg)
+    valid = slots < ends[..., -1:]
+    indices = torch.where(valid, starts.gather(-1, seg) + slots - begin, 0)
+    return indices, valid
 
 
 def _gather_heads(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ def count_gathered(monkeypatch):
     seen = {"rows": 0, "selections": 0}
     original = attention_module.expand_ranges
 
-    def counting(starts, lengths):
-        rows, valid = original(starts, lengths)
+    def counting(starts, lengths, width=None):
+        rows, valid = original(starts, lengths, width)
         seen["rows"] += int(valid.sum())
         seen["selections"] += valid.shape[0] * valid.shape[1]
         return rows, valid

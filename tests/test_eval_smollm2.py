@@ -78,3 +78,25 @@ def test_tiny_slice_runs_resumes_and_reports(smollm2, tmp_path):
     assert "| flat-topk-0.3 | 0.325 |" in (folder / "results.md").read_text()
     spec = json.loads((folder / "run.json").read_text())
     assert spec["max_seq_length"] == LENGTH
+
+
+def test_greedy_decode_answers_as_generate(smollm2, tmp_path):
+    """decode="greedy" (one generate_greedy call per answer: CUDA graphs on a GPU, eager here) gives
+    the answers and the reads of the batched model.generate path."""
+    model, tokenizer = smollm2
+    methods = "full,flat-topk-0.3,flat-topk+exact+pin0.5-0.1,quest@0.125,oracle@0.125"
+    kwargs = dict(model="smollm2", max_seq_length=LENGTH, tasks="niah_multikey_1,vt", contexts_per_task=1,
+                  questions_per_context=2, methods=methods, max_new_tokens={f: 6 for f in ruler.FAMILIES},
+                  progress=False, loaded=(model, tokenizer))
+    rows = {}
+    for decode in ("generate", "greedy"):
+        run_eval(tmp_path / decode, decode=decode, **kwargs)
+        rows[decode] = {(r["sample"], r["method"]): r for r in read_results(tmp_path / decode)}
+    assert rows["generate"].keys() == rows["greedy"].keys() and len(rows["greedy"]) == 2 * 5
+    for key, batched in rows["generate"].items():
+        alone = rows["greedy"][key]
+        assert [q["pred"] for q in alone["questions"]] == [q["pred"] for q in batched["questions"]], key
+        assert alone["batch_rows"] == 1
+        assert alone["read_fraction"] == pytest.approx(batched["read_fraction"], abs=0.03), key
+    with pytest.raises(ValueError, match="decode='fast'"):
+        run_eval(tmp_path / "bad", decode="fast", **kwargs)

@@ -78,3 +78,19 @@ def test_bad_requests(llama, context):
     fork = cache.fork()
     with pytest.raises(RuntimeError, match="needs a started request"):
         fork.reserve(10)
+
+
+@pytest.mark.parametrize("at", [0, 5])
+def test_greedy_stops_after_a_stop_token(tiny, context, at):
+    """stop_tokens: the host looks every `check_every` tokens and stops once one was produced; what
+    came before is what an unstopped run produces."""
+    cache = SqueezedCache.from_context(tiny, context, SqueezeConfig(keep=0.2), progress=False)
+    ids = torch.cat([context, QUESTION])[None]
+    full = generate_greedy(tiny, ids, cache.fork(), 20, cuda_graph=False)
+    new = full[0, ids.shape[1] :].tolist()
+    first = new.index(new[at])  # where that token first appears
+    got = generate_greedy(tiny, ids, cache.fork(), 20, cuda_graph=False, stop_tokens=[new[at], 10_000], check_every=4)
+    produced = 1 if first == 0 else 1 + min(19, -(-first // 4) * 4)
+    assert torch.equal(got, full[:, : ids.shape[1] + produced])
+    with pytest.raises(ValueError, match="check_every"):
+        generate_greedy(tiny, ids, cache.fork(), 20, cuda_graph=False, stop_tokens=[1], check_every=0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_squeeze import SqueezeConfig
+from hf_squeeze.attention import SparseAttention
 from hf_squeeze.index import build_indices
 from hf_squeeze.selection import (
     SelectionRule,
@@ -112,6 +113,38 @@ def test_expand_ranges_matches_python():
             expected = [s + i for s, n in zip(starts[b, h].tolist(), lengths[b, h].tolist()) for i in range(n)]
             assert indices[b, h][valid[b, h]].tolist() == expected
             assert int(valid[b, h].sum()) == len(expected)
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_expand_ranges_into_a_known_width(extra):
+    """With the width given (a CUDA graph cannot wait for the device) the lists are the same, padded."""
+    g = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, 100, (3, 2, 6), generator=g)
+    lengths = torch.randint(0, 4, (3, 2, 6), generator=g)
+    lengths[1, 0] = 0  # a row with nothing selected
+    indices, valid = expand_ranges(starts, lengths)
+    width = indices.shape[-1] + extra
+    got, got_valid = expand_ranges(starts, lengths, width)
+    assert got.shape == got_valid.shape == (3, 2, width)
+    assert torch.equal(got_valid[..., : indices.shape[-1]], valid) and not got_valid[..., indices.shape[-1] :].any()
+    assert torch.equal(got[got_valid], indices[valid])
+    empty, empty_valid = expand_ranges(starts[..., :0], lengths[..., :0], 4)
+    assert empty.shape == (3, 2, 4) and not empty_valid.any()
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+@pytest.mark.parametrize("budget", [1, 17, 60])
+def test_read_bound_holds_every_selection(hierarchical, budget):
+    """The static width of the torch path's gather: no selection under a budget reads more, and the
+    largest cluster can make it needed."""
+    index = random_index(hierarchical=hierarchical, seed=budget)
+    rule = SelectionRule(budget=budget, coarse_budget=4 * budget if hierarchical else None)
+    bound = SparseAttention(index, rule).read_bound()
+    assert bound == min(budget + int(index.counts.max()) - 1, index.clustered_tokens)
+    q = torch.randn(16, 2, 3, 2, 8, generator=torch.Generator().manual_seed(budget)) * 3
+    assert int(lookup(q, index, 0.35, rule).lengths.sum(-1).max()) <= bound
+    assert SparseAttention(index, SelectionRule(threshold=-3.0)).read_bound() is None
+    assert SparseAttention(index, SelectionRule(exact=True)).read_bound() == index.clustered_tokens
 
 
 def test_expand_ranges_with_no_candidates():

@@ -8,7 +8,8 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - Triton kernels (the default on CUDA) vs the torch reference path, flat and hierarchical index:
   keep=1 logits within 1e-4, same tokens at keep=1 and keep=0.2;
 - `generate_greedy` (decode step replayed as a CUDA graph): same tokens as `model.generate`, squeezed
-  and with a dense StaticCache;
+  and with a dense StaticCache; the evaluation's caches (full, the default, Quest, the oracle) give
+  the tokens and reads of the eager loop;
 - the GPU K-means builds the same index whatever layers share its batch (as on several GPUs).
 """
 
@@ -143,6 +144,22 @@ def main():
                   f"{same}/24 equal; capture {times.capture * 1e3:.1f} ms, {times.per_token * 1e3:.2f} ms/token")
             check(f"{m.dtype} keep={keep} CUDA graph tokens == eager loop", torch.equal(got, eager))
             check(f"{m.dtype} keep={keep} cache length after graph", fork.get_seq_length() == got.shape[1] - 1)
+    # The evaluation's caches under generate_greedy: the torch path of Quest and the oracle (its
+    # gather sized by the budget, so nothing waits for the device) and the kernels of full attention
+    # and the default replay as CUDA graphs with the tokens and the reads of the eager loop.
+    from hf_squeeze.eval.contexts import ContextCaches
+    from hf_squeeze.eval.methods import parse_methods
+
+    caches = ContextCaches(model, context)
+    for method in parse_methods("full,flat-topk+exact+pin0.5-0.1,quest@0.125,oracle@0.125"):
+        kernels = method.family in ("full", "squeezed")
+        graphed, eager = (caches.cache([method], kernels=kernels).fork() for _ in range(2))
+        got = generate_greedy(model, full, graphed, 24)
+        want = generate_greedy(model, full, eager, 24, cuda_graph=False)
+        reads = graphed.row_stats()[0][0], eager.row_stats()[0][0]
+        check(f"eval {method.name} CUDA graph tokens == eager loop", torch.equal(got, want))
+        check(f"eval {method.name} CUDA graph reads == eager loop", abs(reads[0] - reads[1]) < 1e-9,
+              f"read fraction {reads[0]:.4f} vs {reads[1]:.4f}")
     model.set_attn_implementation("sdpa")
     static = StaticCache(config=model.config, max_cache_len=full.shape[1] + 24)
     got = generate_greedy(model, full, static, 24)

@@ -5,8 +5,9 @@
 # /tmp/stage, which survives while the machine stays warm); the run folders (samples built
 # here with `hf-squeeze eval --prepare-only`) travel xz-compressed with the gguf wheel and the RULER
 # code (its haystack data is not needed once the samples exist). `run` evaluates the listed runs
-# side by side (several worker processes each: the torch path is bound by kernel launches, not by
-# the GPU), stops starting new work after SECONDS, and packs what was answered into $OUT. Runs
+# side by side (several worker processes each: a step is bound by kernel launches, not by the GPU;
+# answers decode through generate_greedy's CUDA graphs unless EVAL_DECODE=generate), stops starting
+# new work after SECONDS, and packs what was answered into $OUT. Runs
 # resume: the same command again continues where the last one stopped.
 #
 # Run from the repository root (the tree the command was sent with):
@@ -73,7 +74,8 @@ case ${1:?command} in
       attention=$(python3 -c "import json; print(json.load(open('$RUNS/$run/run.json')).get('attention', 'reference'))")
       # shellcheck disable=SC2086
       timeout $((seconds + 120)) python3 -m hf_squeeze.cli eval --out "$RUNS/$run" --device "${EVAL_DEVICE:-cuda}" --workers "$workers" \
-        --time-limit "$seconds" --contexts "$contexts" --methods "$methods" --dtype "$dtype" --attention "$attention" $args > "$RUNS/$run.log" 2>&1 &
+        --time-limit "$seconds" --contexts "$contexts" --methods "$methods" --dtype "$dtype" --attention "$attention" \
+        --decode "${EVAL_DECODE:-greedy}" $args > "$RUNS/$run.log" 2>&1 &
     done
     sleep "${FIRST_LOOK:-120}"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv; progress
     wait

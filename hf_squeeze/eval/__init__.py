@@ -67,7 +67,8 @@ def prepare(folder, tokenizer, *, model: str, max_seq_length: int, tasks="all", 
     return spec, _interleave(samples)
 
 
-def _worker(rank, workers, folder, samples, methods, spec, device, counter, time_limit, progress, model, tokenizer):
+def _worker(rank, workers, folder, samples, methods, spec, device, counter, time_limit, progress, model, tokenizer,
+            decode):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
     model = model.to(device)
 
@@ -78,19 +79,21 @@ def _worker(rank, workers, folder, samples, methods, spec, device, counter, time
         return i if i < len(samples) else None
 
     run_samples(model, tokenizer, folder, samples, methods, spec, claim=claim, worker=f"{os.getpid()}",
-                time_limit=time_limit, progress=progress)
+                time_limit=time_limit, progress=progress, decode=decode)
 
 
 def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, max_seq_length: int = 4096,
              tasks="all", contexts_per_task: int = 10, questions_per_context: int = 4, methods=None,
              max_new_tokens: dict | None = None, device: str = "cpu", dtype=torch.float32, workers: int = 1,
              time_limit: float | None = None, seed: int = 42, progress: bool = True, loaded=None,
-             attention: str = "reference") -> dict:
+             attention: str = "reference", decode: str = "generate") -> dict:
     """Run (or resume) an evaluation in `folder` and write its report; returns the report's summary.
 
     workers > 1 forks that many processes after loading the model once on the CPU; each moves it to
     `device` and takes contexts from a shared counter (the torch path is bound by kernel launches,
-    so one GPU serves several processes). `loaded`: an already loaded (model, tokenizer).
+    so one GPU serves several processes). `loaded`: an already loaded (model, tokenizer). `decode`:
+    "generate" (model.generate, methods sharing an index batched) or "greedy" (`generate_greedy` per
+    answer: CUDA graphs on a GPU; see `runner.evaluate_sample`).
     """
     from .models import load_model
 
@@ -106,13 +109,13 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
                             attention=attention)
     if workers <= 1:
         run_samples(model_obj.to(device), tokenizer, folder, samples, methods, spec, time_limit=time_limit,
-                    progress=progress)
+                    progress=progress, decode=decode)
     else:
         context = multiprocessing.get_context("fork")
         counter = context.Value("i", 0)
         procs = [
             context.Process(target=_worker, args=(rank, workers, folder, samples, methods, spec, device, counter,
-                                                  time_limit, progress, model_obj, tokenizer))
+                                                  time_limit, progress, model_obj, tokenizer, decode))
             for rank in range(workers)
         ]
         for p in procs:

@@ -166,12 +166,17 @@ class EvalAttention(SparseAttention):
         self.record_rows(keys.double().mean(-1) / self.index.clustered_tokens, scored.double().mean(-1))
 
     def record_rows(self, read: torch.Tensor, scored: torch.Tensor):
-        """One step's reads per batch row [B]: the fraction of clustered keys, the centroids scored."""
+        """One step's reads per batch row [B]: the fraction of clustered keys, the centroids scored
+        (added in place, so that a replayed CUDA graph of the step adds them again)."""
         if self.row_read is None:
-            self.row_read, self.row_scored = read, scored
-        else:
-            self.row_read, self.row_scored = self.row_read + read, self.row_scored + scored
+            self.row_read, self.row_scored = torch.zeros_like(read), torch.zeros_like(scored)
+        self.row_read.add_(read)
+        self.row_scored.add_(scored)
         self.row_selections += 1
+
+    def count_replays(self, times: int) -> None:
+        super().count_replays(times)
+        self.row_selections += times
 
 
 class EvalCache(SqueezedCache):

@@ -31,7 +31,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attention", default="reference", choices=["reference", "kernels"],
                    help="reference: the torch path for every method, methods sharing an index batched; kernels: "
-                        "each squeezed method in its own batch through the Triton kernels (what users run)")
+                        "each squeezed method and full attention in its own batch through the Triton kernels (what users run)")
+    p.add_argument("--decode", default="generate", choices=["generate", "greedy"],
+                   help="generate: model.generate, methods sharing an index batched; greedy: generate_greedy per "
+                        "answer, its decode a replayed CUDA graph on a GPU (same answers, far fewer launches)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the device (each holds the model)")
     p.add_argument("--time-limit", type=float, help="seconds after which no new answer is started")
     p.add_argument("--prepare-only", action="store_true", help="build the samples into --out and stop")
@@ -74,7 +77,8 @@ def cmd_eval(args) -> int:
     result = run_eval(args.out, model=args.model, model_file=args.model_file, max_seq_length=args.length,
                       tasks=args.tasks, contexts_per_task=args.contexts, questions_per_context=args.questions,
                       methods=methods, max_new_tokens=caps, device=args.device, dtype=getattr(torch, args.dtype),
-                      workers=args.workers, time_limit=args.time_limit, attention=args.attention)
+                      workers=args.workers, time_limit=args.time_limit, attention=args.attention,
+                      decode=args.decode)
     from .report import markdown
 
     for summary in result["summaries"]:

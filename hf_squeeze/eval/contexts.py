@@ -25,6 +25,10 @@ from . import baselines
 from .methods import QUEST_PAGE, Method
 
 
+# With `kernels`, these families read through the Triton kernels (full attention: every key).
+KERNEL_FAMILIES = ("squeezed", "full")
+
+
 def group_key(method: Method) -> tuple:
     """Methods with the same key share an index and a selection policy, and can share a batch."""
     if method.family == "squeezed":
@@ -106,7 +110,7 @@ class ContextCaches:
         """One cache for methods of one group (see `group_key`), `rows` batch rows per method, method-major.
 
         Fork it per request. A single method gives a plain per-method cache (rows of one rule); with
-        `kernels`, a single squeezed method reads through the Triton kernels where they can serve.
+        `kernels`, a single squeezed or full method reads through the Triton kernels where they can serve.
         """
         keys = {group_key(m) for m in methods}
         if len(keys) != 1:
@@ -138,5 +142,5 @@ class ContextCaches:
                 else:
                     policy = baselines.streaming_policy
         fixed = FixedContext(tuple(layers), tuple(rules), config, self.ids, self.fingerprint)
-        kernels = kernels and family == "squeezed" and len(methods) == 1
+        kernels = kernels and family in KERNEL_FAMILIES and len(methods) == 1
         return baselines.EvalCache(fixed, policy, extras, kernels)

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..generation import generate_greedy
 from ..integrations.generate import cache_kwargs
 from .. import ruler
-from .contexts import ContextCaches, group_key
+from .contexts import KERNEL_FAMILIES, ContextCaches, group_key
 from .methods import Method
 
 RUN_FILE = "run.json"
@@ -42,7 +43,8 @@ class RunSpec:
     seed: int = 42
     dtype: str = "float32"  # of the model's weights and activations
     # "reference": every method on the torch path, methods sharing an index batched together;
-    # "kernels": each squeezed method in its own batch through the Triton kernels (what users run).
+    # "kernels": each squeezed method (and full attention) in its own batch through the Triton kernels
+    # (what users run).
     attention: str = "reference"
 
 
@@ -136,6 +138,20 @@ def answer_questions(model, tokenizer, context_ids: list[int], questions: list[l
     return texts, lengths
 
 
+@torch.no_grad()
+def answer_greedy(model, tokenizer, context_ids: list[int], question: list[int], cache, max_new_tokens: int):
+    """One greedy answer through `generate_greedy` (its decode steps replayed as one CUDA graph on a
+    GPU), stopped at an end-of-sequence token. Returns the decoded answer and its number of tokens."""
+    ids = torch.tensor([context_ids + question], device=model.device)
+    eos = _eos_ids(model, tokenizer)
+    new = generate_greedy(model, ids, cache, max_new_tokens, stop_tokens=eos)[0, ids.shape[1] :].tolist()
+    for n, token in enumerate(new):
+        if token in eos:
+            new = new[: n + 1]
+            break
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -148,13 +164,46 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+DECODES = ("generate", "greedy")
+
+
+def _group_answers(model, tokenizer, caches, group, context_ids, question_ids, max_new, kernels, decode):
+    """Every method of `group` answers every question: per method, (texts, new tokens, reads, centroids
+    scored), one entry per question.
+
+    "generate": one `model.generate` call for the group, rows method-major then question (the torch
+    path is bound by kernel launches: a batch costs about what a row costs). "greedy": one
+    `generate_greedy` call per method and question (on a GPU each answer's decode is a replayed
+    CUDA graph, which leaves the launches behind)."""
+    n_q = len(question_ids)
+    if decode == "generate":
+        request = caches.cache(group, rows=n_q, kernels=kernels).fork()
+        texts, lengths = answer_questions(model, tokenizer, context_ids, question_ids * len(group), request, max_new)
+        reads, scored = request.row_stats()
+        rows = [slice(k * n_q, (k + 1) * n_q) for k in range(len(group))]
+        return [(texts[r], lengths[r], reads[r], scored[r]) for r in rows]
+    answers = []
+    for method in group:
+        cache = caches.cache([method], kernels=kernels)
+        texts, lengths, reads, scored = [], [], [], []
+        for question in question_ids:
+            request = cache.fork()
+            text, n = answer_greedy(model, tokenizer, context_ids, question, request, max_new)
+            read, score = request.row_stats()
+            texts.append(text), lengths.append(n), reads.append(read[0]), scored.append(score[0])
+        answers.append((texts, lengths, reads, scored))
+    return answers
+
+
 def evaluate_sample(model, tokenizer, sample: ruler.Sample, methods: list[Method], spec: RunSpec, writer: ResultWriter,
-                    done: set, deadline: float | None = None, bar=None) -> int:
+                    done: set, deadline: float | None = None, bar=None, decode: str = "generate") -> int:
     """Answer every question of `sample` with every method not yet done; returns (sample, method)s written.
 
-    The context is prefilled once; methods sharing an index answer in one batch (rows: method-major,
-    then question), which is what makes the torch path affordable on a GPU.
+    The context is prefilled once; methods sharing an index form a group (see `_group_answers` for
+    how a group answers, `decode`).
     """
+    if decode not in DECODES:
+        raise ValueError(f"decode={decode!r}: choose from {DECODES}")
     todo = [m for m in methods if (sample.id, m.name) not in done]
     if not todo:
         return 0
@@ -167,7 +216,7 @@ def evaluate_sample(model, tokenizer, sample: ruler.Sample, methods: list[Method
     kernels = spec.attention == "kernels"
     groups = {}
     for m in todo:
-        key = (m.name,) if kernels and m.family == "squeezed" else group_key(m)
+        key = (m.name,) if kernels and m.family in KERNEL_FAMILIES else group_key(m)
         groups.setdefault(key, []).append(m)
     written = 0
     n_q = len(question_ids)
@@ -175,14 +224,11 @@ def evaluate_sample(model, tokenizer, sample: ruler.Sample, methods: list[Method
         if deadline is not None and time.monotonic() > deadline:
             break
         start = time.perf_counter()
-        request = caches.cache(group, rows=n_q, kernels=kernels).fork()
-        answers, lengths = answer_questions(model, tokenizer, context_ids, question_ids * len(group), request, max_new)
+        answers = _group_answers(model, tokenizer, caches, group, context_ids, question_ids, max_new, kernels, decode)
         _sync(model.device)
         seconds = time.perf_counter() - start
-        reads, scored = request.row_stats()
-        for k, method in enumerate(group):
-            rows = slice(k * n_q, (k + 1) * n_q)
-            preds = [ruler.postprocess(a) for a in answers[rows]]
+        for method, (texts, lengths, reads, scored) in zip(group, answers):
+            preds = [ruler.postprocess(a) for a in texts]
             scores = score(preds, [q.answers for q in sample.questions])
             writer.write(dict(
                 sample=sample.id,
@@ -195,14 +241,14 @@ def evaluate_sample(model, tokenizer, sample: ruler.Sample, methods: list[Method
                 budget=method.budget,
                 context_tokens=len(context_ids),
                 clustered_tokens=caches.clustered_tokens,
-                read_fraction=sum(reads[rows]) / n_q,
-                centroids_scored=sum(scored[rows]) / n_q,
-                batch_rows=len(group) * n_q,
+                read_fraction=sum(reads) / n_q,
+                centroids_scored=sum(scored) / n_q,
+                batch_rows=len(group) * n_q if decode == "generate" else 1,
                 seconds=round(seconds, 3),
                 build_seconds=round(build_seconds, 3),
                 questions=[
                     dict(pred=p, answers=q.answers, score=sc, question_tokens=len(ids), new_tokens=n)
-                    for p, q, sc, ids, n in zip(preds, sample.questions, scores, question_ids, lengths[rows])
+                    for p, q, sc, ids, n in zip(preds, sample.questions, scores, question_ids, lengths)
                 ],
             ))
             done.add((sample.id, method.name))
@@ -214,7 +260,8 @@ def evaluate_sample(model, tokenizer, sample: ruler.Sample, methods: list[Method
 
 
 def run_samples(model, tokenizer, folder: Path, samples: list[ruler.Sample], methods: list[Method], spec: RunSpec,
-                *, claim=None, worker: str = "0", time_limit: float | None = None, progress: bool = True) -> int:
+                *, claim=None, worker: str = "0", time_limit: float | None = None, progress: bool = True,
+                decode: str = "generate") -> int:
     """Evaluate samples (all, or those `claim()` hands out) in this process; returns lines written."""
     folder = Path(folder)
     writer = ResultWriter(folder / f"results-{worker}.jsonl")
@@ -228,6 +275,6 @@ def run_samples(model, tokenizer, folder: Path, samples: list[ruler.Sample], met
     for i in order:
         if deadline is not None and time.monotonic() > deadline:
             break
-        written += evaluate_sample(model, tokenizer, samples[i], methods, spec, writer, done, deadline, bar)
+        written += evaluate_sample(model, tokenizer, samples[i], methods, spec, writer, done, deadline, bar, decode)
     bar.close()
     return written
