@@ -151,12 +151,13 @@ def _decode_kernel(
             valid = valid & (tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0)
         offsets = (h * NC + first + within)[:, None] * D + d[None, :]
         m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
-    for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_pin)):
-        j = (i - n_sel) * BLOCK_N + n
-        valid = j < n_pinned
-        key = tl.load(pin_rows_ptr + bh * NP + j, mask=valid, other=0)
-        offsets = (h * NC + key)[:, None] * D + d[None, :]
-        m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+    if HAS_PINS:  # (without pins the pointers are placeholders: no code may load from them)
+        for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_pin)):
+            j = (i - n_sel) * BLOCK_N + n
+            valid = j < n_pinned
+            key = tl.load(pin_rows_ptr + bh * NP + j, mask=valid, other=0)
+            offsets = (h * NC + key)[:, None] * D + d[None, :]
+            m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
     m_i, l_i, acc = _dense_and_dynamic(
         q, r * 0, start, end, n_sel + n_pin, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, 1,
         sy_b, sy_h, sy_n, m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,

@@ -1,0 +1,52 @@
+"""Compile the attention kernels for a GPU (sm_90) without one: `python -m tests.compile_kernels`.
+
+Run by tests/test_kernels_compile.py in a process of its own, since the test session's kernels are
+the interpreter's. Prints one line per variant compiled; exits non-zero on the first failure.
+"""
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (before the kernels are defined)
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from hf_squeeze.kernels.attention import _decode_kernel, _prefill_kernel
+
+SM90 = GPUTarget("cuda", 90, 32)
+BF16 = "*bf16"
+
+
+def compile_for_gpu(kernel, types: dict, constexprs: dict):
+    """Compile `kernel` for SM90: `types` per pointer or float argument (the others are int32)."""
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    source = triton.compiler.ASTSource(
+        fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
+    )
+    return triton.compile(source, target=SM90)
+
+
+def common_types(**extra):
+    types = {n: BF16 for n in ("q_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr", "yk_ptr", "yv_ptr", "out_ptr")}
+    types.update(po_ptr="*fp32", plse_ptr="*fp32", scaling="fp32", kvalid_ptr="*i8", **extra)
+    return types
+
+
+def variants():
+    for pins in (False, True):
+        # without pins the launcher passes the output (bf16) for the three pin pointers
+        pin_types = dict(pin_rows_ptr="*i32", pin_count_ptr="*i32", pin_mask_ptr="*i8") if pins else dict(
+            pin_rows_ptr=BF16, pin_count_ptr=BF16, pin_mask_ptr=BF16)
+        for kvalid in (False, True):
+            types = common_types(sel_start_ptr="*i32", sel_len_ptr="*i32", nsel_ptr="*i32", **pin_types)
+            yield f"decode pins={pins} kvalid={kvalid}", _decode_kernel, types, dict(
+                D=64, BLOCK_M=16, BLOCK_N=64, PIECE=32, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32")
+    yield "prefill", _prefill_kernel, common_types(gk_ptr=BF16, gv_ptr=BF16, nkeys_ptr="*i32"), dict(
+        D=64, BLOCK_M=64, BLOCK_N=64, SPLITS=1, HAS_KVALID=True, PRECISION="tf32")
+
+
+if __name__ == "__main__":
+    for name, kernel, types, constexprs in variants():
+        assert compile_for_gpu(kernel, types, constexprs).asm["ptx"], name
+        print(f"compiled {name}", flush=True)
