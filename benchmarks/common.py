@@ -17,6 +17,10 @@ SHAPES = {
     # Llama-3.1-8B: 32 layers, hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256.
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # Qwen2.5-0.5B's dimensions (the RULER runs' model, without its q/k/v biases): 24 layers, hidden
+    # 896, 14 query / 2 KV heads of 64, MLP 4864, vocab 151936.
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0),
     # A small model of the same family, for trying the script on a CPU.
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, rope_theta=500000.0),

@@ -3,7 +3,8 @@
 Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - float32, keep=1.0: same greedy tokens as a dense DynamicCache, logits within 1e-4;
 - bfloat16, keep=1.0: logits within bf16 tolerance of dense bf16 attention;
-- keep=0.2 flat / hierarchical / threshold: generation runs, attended fraction near keep;
+- keep=0.2 flat / hierarchical / threshold (the paper's step) and the default (exact question
+  prefill, pins): generation runs, attended fraction near what each reads;
 - a padded batch of questions; save -> load onto the GPU -> identical tokens;
 - Triton kernels (the default on CUDA) vs the torch reference path, flat and hierarchical index:
   keep=1 logits within 1e-4, same tokens at keep=1 and keep=0.2;
@@ -70,15 +71,22 @@ def main():
     err = ((la - lb).norm() / lb.norm()).item()
     check("bf16 keep=1 logits vs sdpa", err < 2e-2, f"relative error {err:.2e}")
 
-    for config in (SqueezeConfig(keep=0.2), SqueezeConfig(keep=0.2, hierarchical=True),
-                   SqueezeConfig(keep=0.2, selection="threshold")):
+    # The lookup alone (the paper's step: every selection reads about keep), then the default, whose
+    # question prefill reads every key once (1 of the 12 selections per head) and whose 11 decode
+    # steps read about keep (pinned keys included).
+    paper = dict(prefill="lookup", pin=0.0)
+    for config, expected in ((SqueezeConfig(keep=0.2, **paper), 0.2),
+                             (SqueezeConfig(keep=0.2, hierarchical=True, **paper), 0.2),
+                             (SqueezeConfig(keep=0.2, selection="threshold", **paper), 0.2),
+                             (SqueezeConfig(keep=0.2), (1 + 11 * 0.2) / 12)):
         for m in (model, half):
             request = SqueezedCache.from_context(m, context, config, progress=False).fork()
             out = m.generate(full, **cache_kwargs(m, request), **gen)
             s = request.stats()
-            check(f"{m.dtype} {config.selection} hierarchical={config.hierarchical}",
-                  out.shape[1] == full.shape[1] + 12 and abs(s["attended_fraction"] - 0.2) < 0.05,
-                  f"attended {s['attended_fraction']:.3f}, centroids scored {s['centroids_scored']:.1f}/{s['clusters']}")
+            name = f"{m.dtype} {config.selection} hierarchical={config.hierarchical} prefill={config.prefill} pin={config.pin}"
+            check(name, out.shape[1] == full.shape[1] + 12 and abs(s["attended_fraction"] - expected) < 0.05,
+                  f"attended {s['attended_fraction']:.3f} (expected {expected:.3f}), centroids scored "
+                  f"{s['centroids_scored']:.1f}/{s['clusters']}")
 
     from hf_squeeze import kernels
 
