@@ -178,6 +178,7 @@ class SparseAttention:
         """What the registered attention function calls: the checks every request passes, then `attend`."""
         check_guarded(module)
         self.pending = False
+        self.read_bound()  # found by the first (eager) step of a request, read by the later ones
         return self.attend(query, key, value, attention_mask, scaling)
 
     def select_ranges(self, q, scaling, q_weight):

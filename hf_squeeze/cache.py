@@ -159,8 +159,8 @@ class SqueezedCache(Cache):
 
     # ---- requests ----------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == 0:
-            self._claim_thread()
+        if layer_idx == 0 and not torch.compiler.is_compiling():  # a compiled step follows an eager prefill,
+            self._claim_thread()  # which claimed the cache
         # Layers run in order, so the previous layer (for layer 0: the last one, in the previous
         # forward pass) must have been read by the squeezed attention since its update.
         previous = self.layers[layer_idx - 1]

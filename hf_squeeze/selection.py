@@ -235,7 +235,7 @@ class Pinned:
     """Keys that stay selected for a request, per (batch row, KV head): cluster-sorted indices, in
     the forms the torch path and the kernels read."""
 
-    rows: torch.Tensor  # [B, H, P] int32 the pinned keys (the first `count` of each row)
+    rows: torch.Tensor  # [B, H, P] int32 the pinned keys, ascending (the first `count` of each row)
     count: torch.Tensor  # [B, H] int32
     mask: torch.Tensor  # [B, H, Nc] int8: 1 where pinned, so the lookup's ranges skip the key
     weights: torch.Tensor  # [B, H, G, Nc] float32: the input's attention that chose them (`key_weights`)
@@ -293,6 +293,9 @@ def pin_keys(weights: torch.Tensor, index, budget) -> Pinned:
     rank = torch.empty_like(positions).scatter_(-1, positions, torch.arange(n, device=weights.device).expand_as(positions))
     rows = rank.gather(-1, order)
     mask = torch.zeros(batch, heads, n, dtype=torch.int8, device=weights.device).scatter(-1, rows, valid.to(torch.int8))
+    # in index order, so that the decode kernel's tiles read neighbouring rows (a cluster's keys are
+    # stored together); the rows past `count` are 0
+    rows = torch.where(valid, rows, n).sort(dim=-1).values.masked_fill(~valid, 0)
     return Pinned(rows.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), mask, weights)
 
 

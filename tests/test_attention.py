@@ -169,6 +169,9 @@ def test_an_exact_prefill_gives_full_attention_and_pins_what_it_attended(llama, 
     index, pinned = layer.index, layer.attention.pinned
     assert pinned.rows.shape == (1, 2, layer.rule.pin_budget)
     assert int(pinned.mask.sum()) == 2 * layer.rule.pin_budget  # distinct keys
+    rows = pinned.rows[0].long()
+    assert (rows[:, 1:] > rows[:, :-1]).all()  # in index order (neighbouring rows for the kernel's tiles)
+    assert torch.equal(pinned.mask[0].gather(-1, rows), torch.ones_like(rows, dtype=torch.int8))
     assert index.positions.shape == index.keys.shape[:2]
     # a decode step after it reads about `keep` of the keys
     read_before, _ = layer.attention.read_and_scored()
