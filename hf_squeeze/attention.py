@@ -135,6 +135,13 @@ def padding(attention_mask, tokens: int, dyn_len: int):
     return attention_mask, attention_mask[:, 0, t, dyn_len - tokens + t]
 
 
+def key_validity(attention_mask) -> torch.Tensor:
+    """The dynamic keys a step's last query token may read [B, Ld] (the real ones: padding excluded)."""
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    return attention_mask[:, 0, -1, :]
+
+
 def dynamic_mask(attention_mask, tokens: int, dyn_len: int, device):
     """Mask over the dynamic keys, broadcastable to [B, H, G, T, Ld], and the valid query tokens [B, T]."""
     if attention_mask is None:
@@ -162,6 +169,9 @@ class SparseAttention:
         self.pending = False  # set by the layer's update, cleared here: see SqueezedCache.update
         self.key_valid = None  # in fixed-capacity mode: the written dynamic slots [1, capacity]
         self.pinned: Pinned | None = None  # the keys this request's input pinned (SqueezeConfig.pin)
+        # Called with the step's attention mask after each step, by a layer whose capacity is planned
+        # (SqueezedLayer.plan): it fixes the capacity once the request's input was read.
+        self.after_read = None
         self._bound = (None, None)  # (rule, read_bound under it)
         self.reset_stats()
 
@@ -179,7 +189,22 @@ class SparseAttention:
         check_guarded(module)
         self.pending = False
         self.read_bound()  # found by the first (eager) step of a request, read by the later ones
-        return self.attend(query, key, value, attention_mask, scaling)
+        out = self.attend(query, key, value, attention_mask, scaling)
+        if self.after_read is not None:
+            self.after_read(attention_mask)
+        return out
+
+    def step_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decode step reads or writes in place: the index and its kernel views, the
+        request's pins, the statistics' counters. A compiled step replayed as a CUDA graph needs
+        them at fixed addresses (`SqueezedLayer.reserve` marks them)."""
+        tensors = list(self.index.tensors().values())
+        for view in self.kernel_views.values():
+            tensors += [t for t in vars(view).values() if isinstance(t, torch.Tensor)]
+        if self.pinned is not None:
+            tensors += [self.pinned.rows, self.pinned.count, self.pinned.mask, self.pinned.weights]
+        counters = (self.read_fraction_sum, self.scored_sum, self.kernel_keys, self.kernel_fine_scored)
+        return tensors + [t for t in counters if isinstance(t, torch.Tensor)]
 
     def select_ranges(self, q, scaling, q_weight):
         """The key ranges of the clustered context that queries `q` [B, H, G, T, D] read (a `Selection`).

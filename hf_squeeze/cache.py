@@ -113,6 +113,14 @@ class SqueezedCache(Cache):
         for layer in self.layers:
             layer.reserve(capacity)
 
+    def plan(self, capacity: int | None, input_tokens: int = 1, compileable: bool = False) -> None:
+        """Reserve `capacity` dynamic tokens per layer once the request's `input_tokens` were read
+        (see `SqueezedLayer.plan`): `generate` plans a request's decode this way. `compileable`:
+        the cache reports itself compileable meanwhile, so that transformers' compile path takes
+        the decode steps. None: back to ordinary updates."""
+        for layer in self.layers:
+            layer.plan(capacity, input_tokens, compileable)
+
     def release(self) -> None:
         """Back to ordinary updates after `reserve`, keeping the tokens written meanwhile."""
         for layer in self.layers:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .attention import SparseAttention, tagged
+from .attention import SparseAttention, key_validity, tagged
 from .index import LayerIndex
 from .selection import SelectionRule
 
@@ -21,7 +21,6 @@ class SqueezedLayer(CacheLayerMixin):
     context that its `SparseAttention` reads."""
 
     is_sliding = False
-    is_compileable = False
     is_croppable = True
 
     def __init__(self, attention: SparseAttention, fixed_tokens: int):
@@ -29,6 +28,29 @@ class SqueezedLayer(CacheLayerMixin):
         self.attention = attention
         self.fixed_tokens = fixed_tokens
         self.length, self.device_length = 0, None  # dynamic tokens; see `reserve`
+        self.planned = None  # see `plan`
+        self.compileable = False
+        self._pad_valid = None
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether transformers' `generate` may compile this request's decode steps (and replay them
+        as CUDA graphs): a planned capacity gives them fixed shapes; `plan` says if it is asked for."""
+        return self.compileable and (self.planned is not None or self.device_length is not None)
+
+    def plan(self, capacity: int | None, input_tokens: int = 1, compileable: bool = False) -> None:
+        """Fix the dynamic capacity at `capacity` tokens (`reserve`) once the request's input (its
+        first `input_tokens` dynamic tokens, in one step or in chunks) was read, so that every
+        later step has fixed shapes; None: no plan (ordinary updates). `compileable`: report the
+        layer as compileable meanwhile (`is_compileable`)."""
+        self.planned = None if capacity is None else (capacity, input_tokens)
+        self.compileable = compileable and capacity is not None
+        self.attention.after_read = None if capacity is None else self._reserve_planned
+
+    def _reserve_planned(self, attention_mask) -> None:
+        capacity, input_tokens = self.planned
+        if self.device_length is None and self.length >= input_tokens:
+            self.reserve(max(capacity, self.length), None if attention_mask is None else key_validity(attention_mask))
 
     @property
     def index(self) -> LayerIndex:
@@ -108,13 +130,15 @@ class SqueezedLayer(CacheLayerMixin):
         self.attention.key_valid = None
         return tagged(self.keys, self.attention), self.values
 
-    def reserve(self, capacity: int):
+    def reserve(self, capacity: int, valid: torch.Tensor | None = None):
         """Fix the dynamic part's capacity at `capacity` tokens and count its length on the device.
 
         Afterwards `update` takes one token at a time, writes it in place and returns the whole
-        buffers; attention masks the unwritten slots from the device length. Every step then has
-        the same shapes and launches, so it can be captured in a CUDA graph and replayed. Call
-        `release()` to read the length back and return to ordinary updates.
+        buffers; attention masks the unwritten slots from the device length, and the padding
+        among the tokens already cached (`valid` [B, length]: False where padding, as the last
+        step's attention mask said). Every step then has the same shapes and launches, so it can
+        be captured in a CUDA graph and replayed (its tensors are marked as fixed addresses for
+        torch.compile). Call `release()` to read the length back and return to ordinary updates.
         """
         if not self.is_initialized:
             raise RuntimeError("reserve() needs a started request: run the prompt through the model first")
@@ -125,12 +149,21 @@ class SqueezedLayer(CacheLayerMixin):
         self.capacity = capacity
         self.device_length = torch.full((1,), self.length, dtype=torch.int64, device=self.device)
         self._slots = torch.arange(capacity, device=self.device)
+        self._pad_valid = None
+        if valid is not None and not bool(valid.all()):
+            self._pad_valid = torch.ones(self.keys.shape[0], capacity, dtype=torch.bool, device=self.device)
+            self._pad_valid[:, : self.length] = valid[:, -self.length :]
+        if not torch.compiler.is_compiling():
+            held = [self._key_buffer, self._value_buffer, self.device_length, self._slots, self._pad_valid]
+            for tensor in held + self.attention.step_tensors():
+                if tensor is not None:
+                    torch._dynamo.mark_static_address(tensor)
 
     def release(self):
         """Leave reserved mode; the tokens written meanwhile become the dynamic part (one host sync)."""
         if self.device_length is not None:
             length = int(self.device_length)
-            self.device_length = None
+            self.device_length, self._pad_valid = None, None
             self._set_length(length)
 
     def _update_reserved(self, key_states, value_states):
@@ -149,10 +182,12 @@ class SqueezedLayer(CacheLayerMixin):
         return tagged(buffers[0], self.attention), buffers[1]
 
     def reserved_valid(self) -> torch.Tensor | None:
-        """In reserved mode, the written slots of the dynamic buffers [1, capacity] (else None)."""
+        """In reserved mode, the written slots of the dynamic buffers that are not padding [1 or B,
+        capacity] (else None)."""
         if self.device_length is None:
             return None
-        return (self._slots < self.device_length)[None]
+        written = (self._slots < self.device_length)[None]
+        return written if self._pad_valid is None else written & self._pad_valid
 
     def dynamic_length(self) -> int:
         return self.length if self.is_initialized else 0

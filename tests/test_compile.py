@@ -13,6 +13,7 @@ import torch._dynamo as dynamo
 from hf_squeeze import SqueezeConfig, SqueezedCache, cache_kwargs
 
 from .conftest import PAPER, full_prompt
+from .test_cache import padded_batch
 
 
 def started(model, context, config):
@@ -27,7 +28,8 @@ def started(model, context, config):
 
 @pytest.mark.parametrize("config", [SqueezeConfig(keep=0.2), SqueezeConfig(keep=0.2, **PAPER)],
                          ids=["default", "paper"])
-def test_a_reserved_decode_step_compiles_as_one_graph(tiny, context, config):
+def test_a_reserved_decode_step_compiles_as_one_graph(llama, context, config):
+    tiny = llama
     eager, token, position = started(tiny, context, config)
     compiled, _, _ = started(tiny, context, config)
 
@@ -44,3 +46,35 @@ def test_a_reserved_decode_step_compiles_as_one_graph(tiny, context, config):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             token, position = want[:, -1:].argmax(-1), position + 1
     assert int(compiled.layers[0].device_length) == int(eager.layers[0].device_length) > 0
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_generate_takes_transformers_compile_path(llama, context, sampling):
+    """model.generate with a fork and a compile_config plans the decode's capacity and reports the
+    cache compileable, so transformers compiles the decode step (forced here on the CPU, with a
+    backend that runs the traced graph as is): the tokens of the eager generate, for a padded batch (sampling: two
+    sequences per prompt); the fork is back to ordinary updates afterwards, holding every token but the last."""
+    from transformers import CompileConfig
+    from torch._dynamo.utils import counters
+
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    g = torch.Generator().manual_seed(3)
+    ids, mask = padded_batch(context, [torch.randint(3, 256, (n,), generator=g) for n in (9, 5)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=sampling,
+                  **(dict(top_k=20, num_return_sequences=2) if sampling else {}))
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    outputs = []
+    for options in (dict(disable_compile=True), dict(compile_config=compile_config)):
+        torch.manual_seed(0)
+        fork = cache.fork()
+        assert fork.is_compileable is False  # until generate plans the request
+        dynamo.reset()
+        counters.clear()
+        outputs.append(llama.generate(ids, **cache_kwargs(llama, fork), **kwargs, **options))
+        graphs = counters["stats"]["unique_graphs"]
+        # none when disabled; compiled: the first step, then (the 2D mask grows) one with a dynamic
+        # length, not one per step
+        assert graphs == 0 if "disable_compile" in options else 1 <= graphs <= 2
+        assert fork.layers[0].device_length is None and fork.get_seq_length() == outputs[-1].shape[1] - 1
+    assert torch.equal(outputs[0], outputs[1])

@@ -72,7 +72,43 @@ def generate(self, *args, **kwargs):
     input_ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
     check_request(self, cache, input_ids, kwargs)
     with cache.serving():
-        return type(self).generate(self, *args, **kwargs)
+        plan = decode_plan(self, cache, input_ids, kwargs)
+        capacity = None if plan is None else plan[0]
+        if plan is not None:
+            cache.plan(*plan)
+        try:
+            return type(self).generate(self, *args, **kwargs)
+        finally:
+            if capacity is not None:
+                cache.release()
+                cache.plan(None)
+
+
+def decode_plan(model, cache, input_ids, kwargs: dict) -> tuple[int, int, bool] | None:
+    """(the dynamic tokens a request writes, its input tokens after the context, whether it asked
+    for transformers' compile path), when its decode can run in fixed-capacity steps: one token per
+    step (greedy or sampling, any batch or number of sequences per prompt; not beam search,
+    assisted decoding or use_cache=False). Such a request's cache reserves them once the input is
+    read (`SqueezedCache.plan`): its steps then have fixed shapes and no host synchronisation.
+    Else None.
+
+    The cache reports itself compileable only to a request that passes a `compile_config` (or
+    whose generation config holds one): the compiled step with the Triton kernels is not yet
+    measured on a GPU, so a plain `generate` stays eager there, as measured."""
+    config = kwargs.get("generation_config") or model.generation_config
+    def setting(name):
+        return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+    if (setting("num_beams") or 1) > 1 or setting("use_cache") is False or any(
+            kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")):
+        return None
+    length = input_ids.shape[-1]
+    mask = kwargs.get("attention_mask")
+    new = length - cache.fixed.num_tokens if mask is None or mask.shape[-1] == length else length
+    max_new = setting("max_new_tokens")
+    if max_new is None:
+        max_new = (setting("max_length") or 20) - length
+    compile_asked = kwargs.get("compile_config") is not None or getattr(config, "compile_config", None) is not None
+    return max(new + max_new, new + 1), new, compile_asked and not setting("disable_compile")
 
 
 def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
