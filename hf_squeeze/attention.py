@@ -23,6 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .devices import on_device
+from .kernels.ops import Handle, attend_op
 from .selection import Pinned, SelectionRule, expand_ranges, key_weights, lookup, pin_keys, rest_parts
 
 _READ_ALL = SelectionRule(exact=True)
@@ -169,6 +170,7 @@ class SparseAttention:
         self.pending = False  # set by the layer's update, cleared here: see SqueezedCache.update
         self.key_valid = None  # in fixed-capacity mode: the written dynamic slots [1, capacity]
         self.pinned: Pinned | None = None  # the keys this request's input pinned (SqueezeConfig.pin)
+        self._op_handle = None  # the decode step's handle for compiled steps (`kernels.ops`)
         # Called with the step's attention mask after each step, by a layer whose capacity is planned
         # (SqueezedLayer.plan): it fixes the capacity once the request's input was read.
         self.after_read = None
@@ -200,7 +202,8 @@ class SparseAttention:
         them at fixed addresses (`SqueezedLayer.reserve` marks them)."""
         tensors = list(self.index.tensors().values())
         for view in self.kernel_views.values():
-            tensors += [t for t in vars(view).values() if isinstance(t, torch.Tensor)]
+            if isinstance(view, kernels.KernelIndex):
+                tensors += [t for t in vars(view).values() if isinstance(t, torch.Tensor)]
         if self.pinned is not None:
             tensors += [self.pinned.rows, self.pinned.count, self.pinned.mask, self.pinned.weights]
         counters = (self.read_fraction_sum, self.scored_sum, self.kernel_keys, self.kernel_fine_scored)
@@ -291,10 +294,24 @@ class SparseAttention:
         pinned = None if read_all else self.pinned
         if pinned is not None:  # read besides the lookup's keys (an overlap is counted twice)
             self.kernel_keys += pinned.count.sum()
-        out = kernels.attend(
-            query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
-            scored=self.kernel_fine_scored, pinned=pinned,
-        )
+        if torch.compiler.is_compiling():  # a compiled decode step: the kernels as one opaque operator
+            if read_all or q_valid is not None or self._op_handle is None:
+                raise RuntimeError(
+                    "torch.compile takes a squeezed model's decode steps (one token, after an eager prefill), not "
+                    "its input's prefill: run the prompt eagerly (generate does), then compile the steps after it"
+                )
+            out = attend_op(self._op_handle, query, key, value, key_valid, self.kernel_keys, self.kernel_fine_scored,
+                            pinned, scaling)
+        else:
+            # the handle of this layer's decode step, should a later step be compiled (forks share it)
+            handle_key = ("op", query.device, coarse_budget, id(self.rule))
+            if handle_key not in self.kernel_views:
+                self.kernel_views[handle_key] = Handle(self.kernel_views[query.device, coarse_budget], self.rule)
+            self._op_handle = self.kernel_views[handle_key]
+            out = kernels.attend(
+                query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
+                scored=self.kernel_fine_scored, pinned=pinned,
+            )
         if self.pins_now(tokens):
             batch, q_heads, _, dim = query.shape
             q = query.view(batch, self.index.keys.shape[0], q_heads // self.index.keys.shape[0], tokens, dim).float()

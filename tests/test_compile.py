@@ -26,10 +26,13 @@ def started(model, context, config):
     return fork, logits[:, -1:].argmax(-1), torch.tensor([[ids.shape[1]]])
 
 
-@pytest.mark.parametrize("config", [SqueezeConfig(keep=0.2), SqueezeConfig(keep=0.2, **PAPER)],
-                         ids=["default", "paper"])
-def test_a_reserved_decode_step_compiles_as_one_graph(llama, context, config):
+@pytest.mark.parametrize(("config", "path"), [(SqueezeConfig(keep=0.2), "torch"), (SqueezeConfig(keep=0.2, **PAPER), "torch"),
+                                              (SqueezeConfig(keep=0.2), "kernels")], ids=["default", "paper", "default-kernels"])
+def test_a_reserved_decode_step_compiles_as_one_graph(llama, context, config, path, monkeypatch):
+    """The torch path is traced op by op; the kernels (the interpreter here) enter the graph as one
+    custom operator, `hf_squeeze::attend` (kernels/ops.py)."""
     tiny = llama
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1" if path == "kernels" else "0")
     eager, token, position = started(tiny, context, config)
     compiled, _, _ = started(tiny, context, config)
 
@@ -46,6 +49,8 @@ def test_a_reserved_decode_step_compiles_as_one_graph(llama, context, config):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             token, position = want[:, -1:].argmax(-1), position + 1
     assert int(compiled.layers[0].device_length) == int(eager.layers[0].device_length) > 0
+    served = [int(fork.layers[0].attention.kernel_keys.sum()) for fork in (eager, compiled)]
+    assert (served[0] == served[1] > 0) if path == "kernels" else served == [0, 0]
 
 
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
