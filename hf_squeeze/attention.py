@@ -183,6 +183,7 @@ class SparseAttention:
         self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
         self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
         self.kernel_fine_scored = torch.zeros(1, dtype=torch.int64)  # two-level: fine centroids scored
+        self.compiled_steps = torch.zeros(1, dtype=torch.int64)  # steps run compiled (see `fold_compiled_steps`)
         self.last_selections, self.last_kernel = 0, False  # the last step's selections, its path
         self.selections = 0
 
@@ -206,7 +207,7 @@ class SparseAttention:
                 tensors += [t for t in vars(view).values() if isinstance(t, torch.Tensor)]
         if self.pinned is not None:
             tensors += [self.pinned.rows, self.pinned.count, self.pinned.mask, self.pinned.weights]
-        counters = (self.read_fraction_sum, self.scored_sum, self.kernel_keys, self.kernel_fine_scored)
+        counters = (self.read_fraction_sum, self.scored_sum, self.kernel_keys, self.kernel_fine_scored, self.compiled_steps)
         return tensors + [t for t in counters if isinstance(t, torch.Tensor)]
 
     def select_ranges(self, q, scaling, q_weight):
@@ -290,6 +291,7 @@ class SparseAttention:
             key_valid = mask[:, 0, -1, :]
         self.kernel_keys = self.kernel_keys.to(query.device)
         self.kernel_fine_scored = self.kernel_fine_scored.to(query.device)
+        self.compiled_steps = self.compiled_steps.to(query.device)
         self.count_selections(query.shape[0] * self.index.keys.shape[0])
         pinned = None if read_all else self.pinned
         if pinned is not None:  # read besides the lookup's keys (an overlap is counted twice)
@@ -321,7 +323,10 @@ class SparseAttention:
 
     def count_selections(self, selections: int, times: int = 1):
         """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
-        so the replay loop adds the other steps with `times`)."""
+        so the replay loop adds the other steps with `times`). A compiled step counts itself on
+        the device instead (`compiled_steps`; a host count would be a guard that changes every step)."""
+        if self._counted_on_device():
+            return
         self.selections += selections * times
         # all centroids of a flat index; of a two-level one all coarse ones (the fine ones scored
         # are counted on the device, in kernel_fine_scored)
@@ -387,11 +392,30 @@ class SparseAttention:
         # in place, so that a replayed CUDA graph of the step adds too (see `count_replays`)
         self.read_fraction_sum = self.read_fraction_sum.to(read.device).add_(read.sum())
         self.scored_sum = self.scored_sum.to(read.device).add_(scored.double().sum())
+        self.compiled_steps = self.compiled_steps.to(read.device)
+        if self._counted_on_device():
+            return
         self.selections += keys.numel()
         self.last_selections, self.last_kernel = keys.numel(), False
 
+    def _counted_on_device(self) -> bool:
+        """In a compiled step: count it on the device (its host counts are added by
+        `fold_compiled_steps`, as those of the request's last eager step) and say so."""
+        if not torch.compiler.is_compiling():
+            return False
+        self.compiled_steps.add_(1)
+        return True
+
+    def fold_compiled_steps(self) -> None:
+        """Add the host counts of the steps that ran compiled (one host sync)."""
+        steps = int(self.compiled_steps.sum())
+        if steps:
+            self.compiled_steps.zero_()
+            self.count_replays(steps)
+
     def read_and_scored(self) -> tuple[float, float]:
         """Totals since the last reset: clustered-key fractions read, centroids scored (host sync)."""
+        self.fold_compiled_steps()
         read = float(self.read_fraction_sum) + float(self.kernel_keys.sum()) / self.index.clustered_tokens
         scored = float(self.scored_sum) + self.kernel_scored + float(self.kernel_fine_scored.sum())
         return read, scored

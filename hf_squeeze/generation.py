@@ -58,6 +58,7 @@ def generate_greedy(
     times: GenerationTimes | None = None,
     stop_tokens=None,
     check_every: int = 16,
+    compile: bool | dict = False,
 ) -> torch.Tensor:
     """Greedy decoding of `max_new_tokens` tokens after `input_ids` [1, L] (the full prompt).
 
@@ -69,8 +70,12 @@ def generate_greedy(
     graph cannot capture). `stop_tokens` (token ids, e.g. the end-of-sequence ones): the host looks
     at the output every `check_every` tokens (one synchronisation each) and stops once one of them
     was produced; tokens after it are whatever greedy decoding produced: cut the output after it.
-    Returns [1, L + n], n = max_new_tokens unless a stop token ended it earlier; `times`, if given,
-    receives the timings.
+    `compile`: run the decode step through `torch.compile` (True, or a dict of its options; by
+    default fullgraph, static shapes, no CUDA graphs of its own) before it is captured: the compiler
+    fuses the model's small kernels (norms, rotary embedding, activations), the squeezed attention
+    enters its graph as one operator (`kernels.ops`). The compiled forward is kept on the model for
+    later calls. Returns [1, L + n], n = max_new_tokens unless a stop token ended it earlier;
+    `times`, if given, receives the timings.
     """
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("generate_greedy got two caches, `cache` and `past_key_values`: pass one of them")
@@ -109,7 +114,24 @@ def generate_greedy(
     if squeezed:
         check_request(model, cache, input_ids, {})
     with cache.serving() if squeezed else contextlib.nullcontext():
-        return _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus, _Stop(stops, check_every))
+        forward = compiled_forward(model, compile) if compile else model
+        return _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus, _Stop(stops, check_every),
+                         forward)
+
+
+_COMPILED = "_hf_squeeze_compiled_forward"
+
+
+def compiled_forward(model, options: bool | dict = True):
+    """`torch.compile(model)` with `options` (True: fullgraph, static shapes), made once per model
+    and options and kept on the model."""
+    options = dict(fullgraph=True, dynamic=False) if options is True else dict(options)
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    held = getattr(model, _COMPILED, None)
+    if held is None or held[0] != key:
+        held = (key, torch.compile(model, **options))
+        object.__setattr__(model, _COMPILED, held)  # not a submodule: nn.Module.__setattr__ would register it
+    return held[1]
 
 
 @dataclass
@@ -123,7 +145,7 @@ class _Stop:
         return self.tokens is not None and bool(torch.isin(out[:, :produced], self.tokens).any())
 
 
-def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus, stop: _Stop) -> torch.Tensor:
+def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus, stop: _Stop, forward) -> torch.Tensor:
     device = input_ids.device
     reserve = getattr(cache, "reserve", None)
     past = int(cache.get_seq_length())
@@ -148,14 +170,14 @@ def _generate(model, input_ids, cache, max_new_tokens, cuda_graph, times, gpus, 
         if reserve is not None:
             reserve(int(cache.get_seq_length()) - past + max_new_tokens - 1)
         try:
-            produced = _decode(model, cache, out, prompt, cuda_graph, times, gpus, stop)
+            produced = _decode(forward, model, cache, out, prompt, cuda_graph, times, gpus, stop)
         finally:
             if reserve is not None:
                 cache.release()
     return torch.cat([input_ids, out[:, :produced]], dim=1)
 
 
-def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, times: GenerationTimes, gpus,
+def _decode(forward, model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, times: GenerationTimes, gpus,
             stop: _Stop) -> int:
     """Fill out[:, 1:] one token at a time; returns how many tokens of `out` were produced. Every
     tensor the step reads or writes is allocated here, before the capture, so that replays see
@@ -166,7 +188,7 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
     slot = torch.ones(1, dtype=torch.long, device=device)
 
     def step():
-        logits = model(input_ids=token, position_ids=position, use_cache=True, **cache_kwargs(model, cache)).logits
+        logits = forward(input_ids=token, position_ids=position, use_cache=True, **cache_kwargs(model, cache)).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         out.index_copy_(1, slot, nxt)
         token.copy_(nxt)
@@ -211,8 +233,9 @@ def _decode(model, cache, out: torch.Tensor, prompt: int, cuda_graph: bool, time
         if stop.reached(out, 2 + replays):
             break
     times.decode, times.decode_tokens = synchronized_clock(gpus) - start, replays
-    # the Python of a step ran twice (warm-up, capture) for 1 + replays steps run
-    _count_replays(cache, replays - 1)
+    if forward is model:  # the Python of a step ran twice (warm-up, capture) for 1 + replays steps run
+        _count_replays(cache, replays - 1)
+    # (a compiled step counts itself on the device, in the graph too: SparseAttention.compiled_steps)
     return 2 + replays
 
 

@@ -83,3 +83,33 @@ def test_generate_takes_transformers_compile_path(llama, context, sampling):
         assert graphs == 0 if "disable_compile" in options else 1 <= graphs <= 2
         assert fork.layers[0].device_length is None and fork.get_seq_length() == outputs[-1].shape[1] - 1
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_generate_greedy_compiles_its_decode_step(llama, context):
+    """generate_greedy(compile=...): the decode step through torch.compile gives the tokens of the
+    uncompiled loop (a squeezed fork, then a dense StaticCache), compiled once for the model."""
+    from transformers import StaticCache
+
+    from hf_squeeze import generate_greedy
+    from hf_squeeze.generation import compiled_forward
+
+    options = dict(backend="aot_eager", fullgraph=True, dynamic=False)
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    ids = full_prompt(context)
+    dynamo.reset()
+    forks = cache.fork(), cache.fork()
+    want = generate_greedy(llama, ids, forks[0], 10, cuda_graph=False)
+    got = generate_greedy(llama, ids, forks[1], 10, cuda_graph=False, compile=options)
+    assert torch.equal(got, want)
+    # compiled steps count themselves on the device; the statistics are those of the eager loop
+    stats = [fork.stats() for fork in forks]
+    assert stats[0]["selections"] == stats[1]["selections"] == 10 * 2 * 2  # steps x layers x KV heads
+    assert stats[1]["attended_fraction"] == pytest.approx(stats[0]["attended_fraction"], abs=1e-9)
+    assert compiled_forward(llama, options) is compiled_forward(llama, options)  # kept on the model
+    llama.set_attn_implementation("sdpa")
+    try:
+        dense = [generate_greedy(llama, ids, StaticCache(config=llama.config, max_cache_len=ids.shape[1] + 10), 6,
+                                 cuda_graph=False, compile=flag) for flag in (False, options)]
+    finally:
+        llama.set_attn_implementation("squeezed")
+    assert torch.equal(dense[0], dense[1])

@@ -150,11 +150,14 @@ class EvalAttention(SparseAttention):
             return self.attend_reference(query, key, value, attention_mask, scaling)
         device = query.device
         keys_before = self.kernel_keys.to(device).sum()
-        scored_before = self.kernel_scored + self.kernel_fine_scored.to(device).sum()
+        fine_before = self.kernel_fine_scored.to(device).sum()
         out = super().attend(query, key, value, attention_mask, scaling)
         rows = query.shape[0] * self.index.keys.shape[0]
         keys = (self.kernel_keys.sum() - keys_before).double() / rows
-        scored = (self.kernel_scored + self.kernel_fine_scored.sum() - scored_before).double() / rows
+        # every centroid of a flat index (of a two-level one every coarse centroid), and the fine
+        # ones the kernels counted on the device
+        first = self.index.counts if self.index.coarse_counts is None else self.index.coarse_counts
+        scored = first.shape[1] + (self.kernel_fine_scored.sum() - fine_before).double() / rows
         self.record_rows(keys.expand(query.shape[0]) / self.index.clustered_tokens, scored.expand(query.shape[0]))
         return out
 
@@ -172,7 +175,8 @@ class EvalAttention(SparseAttention):
             self.row_read, self.row_scored = torch.zeros_like(read), torch.zeros_like(scored)
         self.row_read.add_(read)
         self.row_scored.add_(scored)
-        self.row_selections += 1
+        if not torch.compiler.is_compiling():  # a compiled step is counted by `fold_compiled_steps`
+            self.row_selections += 1
 
     def count_replays(self, times: int) -> None:
         super().count_replays(times)
@@ -197,6 +201,8 @@ class EvalCache(SqueezedCache):
 
     def row_stats(self) -> tuple[list[float], list[float]]:
         """Per batch row: the fraction of clustered keys read and the centroids scored, per selection."""
+        for layer in self.layers:
+            layer.attention.fold_compiled_steps()
         layers = [layer.attention for layer in self.layers if layer.attention.row_selections]
         if not layers:
             return [], []
