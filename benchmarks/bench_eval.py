@@ -6,7 +6,7 @@ answers run to `--new-tokens`), bf16, one process. Phases per method: building i
 shared prefill (calibration), the question's prefill (eager; the default reads every key and pins),
 the warm-up step and the CUDA graph capture, and the decode tokens (replays).
 
-    PYTHONPATH=. python benchmarks/bench_eval.py --context 8192 --out $OUT
+    PYTHONPATH=. python benchmarks/bench_eval.py --context 8192 --out $OUT [--compile]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--shape", default="qwen2.5-0.5b")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--compile", action="store_true", help="the decode step through torch.compile (eval --decode compiled)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -65,7 +66,7 @@ def main() -> None:
                 times = GenerationTimes()
                 ids = torch.tensor([context + question], device=device)
                 start = clock(device)
-                generate_greedy(model, ids, cache.fork(), args.new_tokens, times=times)
+                generate_greedy(model, ids, cache.fork(), args.new_tokens, times=times, compile=args.compile)
                 total = clock(device) - start
                 if attempt == 1 and k > 0:
                     rows.append(dict(method=method.name, context_build_s=build, cache_s=calibrate, answer_s=total,
@@ -75,7 +76,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_phases.json").write_text(json.dumps(rows, indent=1))
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, context {args.context}, "
-          f"question {args.question}, {args.new_tokens} new tokens; context prefill + indices: {rows[0]['context_build_s']:.2f} s")
+          f"question {args.question}, {args.new_tokens} new tokens, decode step {'compiled' if args.compile else 'eager'}; "
+          f"context prefill + indices: {rows[0]['context_build_s']:.2f} s")
     print("| method | cache build s | answer s | question prefill s | warm-up + capture s | decode ms/token |")
     print("|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["method"] for r in rows):

@@ -71,7 +71,7 @@ def generate_greedy(
     at the output every `check_every` tokens (one synchronisation each) and stops once one of them
     was produced; tokens after it are whatever greedy decoding produced: cut the output after it.
     `compile`: run the decode step through `torch.compile` (True, or a dict of its options; by
-    default fullgraph, static shapes, no CUDA graphs of its own) before it is captured: the compiler
+    default one graph, no CUDA graphs of its own) before it is captured: the compiler
     fuses the model's small kernels (norms, rotary embedding, activations), the squeezed attention
     enters its graph as one operator (`kernels.ops`). The compiled forward is kept on the model for
     later calls. Returns [1, L + n], n = max_new_tokens unless a stop token ended it earlier;
@@ -123,9 +123,10 @@ _COMPILED = "_hf_squeeze_compiled_forward"
 
 
 def compiled_forward(model, options: bool | dict = True):
-    """`torch.compile(model)` with `options` (True: fullgraph, static shapes), made once per model
-    and options and kept on the model."""
-    options = dict(fullgraph=True, dynamic=False) if options is True else dict(options)
+    """`torch.compile(model)` with `options` (True: one graph, shapes made dynamic where they change
+    between calls: another context's length, another request's input), made once per model and
+    options and kept on the model."""
+    options = dict(fullgraph=True) if options is True else dict(options)
     key = tuple(sorted((k, repr(v)) for k, v in options.items()))
     held = getattr(model, _COMPILED, None)
     if held is None or held[0] != key:

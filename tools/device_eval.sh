@@ -6,7 +6,8 @@
 # here with `hf-squeeze eval --prepare-only`) travel xz-compressed with the gguf wheel and the RULER
 # code (its haystack data is not needed once the samples exist). `run` evaluates the listed runs
 # side by side (several worker processes each: a step is bound by kernel launches, not by the GPU;
-# answers decode through generate_greedy's CUDA graphs unless EVAL_DECODE=generate), stops starting
+# answers decode through generate_greedy's CUDA graphs; EVAL_DECODE=compiled compiles the step
+# first, EVAL_DECODE=generate batches model.generate), stops starting
 # new work after SECONDS, and packs what was answered into $OUT. Runs
 # resume: the same command again continues where the last one stopped.
 #

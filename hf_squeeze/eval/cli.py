@@ -32,9 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--attention", default="reference", choices=["reference", "kernels"],
                    help="reference: the torch path for every method, methods sharing an index batched; kernels: "
                         "each squeezed method and full attention in its own batch through the Triton kernels (what users run)")
-    p.add_argument("--decode", default="generate", choices=["generate", "greedy"],
+    p.add_argument("--decode", default="generate", choices=["generate", "greedy", "compiled"],
                    help="generate: model.generate, methods sharing an index batched; greedy: generate_greedy per "
-                        "answer, its decode a replayed CUDA graph on a GPU (same answers, far fewer launches)")
+                        "answer, its decode a replayed CUDA graph on a GPU (same answers, far fewer launches); "
+                        "compiled: the same, its decode step through torch.compile first")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the device (each holds the model)")
     p.add_argument("--time-limit", type=float, help="seconds after which no new answer is started")
     p.add_argument("--prepare-only", action="store_true", help="build the samples into --out and stop")

@@ -139,12 +139,14 @@ def answer_questions(model, tokenizer, context_ids: list[int], questions: list[l
 
 
 @torch.no_grad()
-def answer_greedy(model, tokenizer, context_ids: list[int], question: list[int], cache, max_new_tokens: int):
+def answer_greedy(model, tokenizer, context_ids: list[int], question: list[int], cache, max_new_tokens: int,
+                  compile: bool = False):
     """One greedy answer through `generate_greedy` (its decode steps replayed as one CUDA graph on a
-    GPU), stopped at an end-of-sequence token. Returns the decoded answer and its number of tokens."""
+    GPU; `compile`: the step through torch.compile first), stopped at an end-of-sequence token.
+    Returns the decoded answer and its number of tokens."""
     ids = torch.tensor([context_ids + question], device=model.device)
     eos = _eos_ids(model, tokenizer)
-    new = generate_greedy(model, ids, cache, max_new_tokens, stop_tokens=eos)[0, ids.shape[1] :].tolist()
+    new = generate_greedy(model, ids, cache, max_new_tokens, stop_tokens=eos, compile=compile)[0, ids.shape[1] :].tolist()
     for n, token in enumerate(new):
         if token in eos:
             new = new[: n + 1]
@@ -164,7 +166,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-DECODES = ("generate", "greedy")
+DECODES = ("generate", "greedy", "compiled")
 
 
 def _group_answers(model, tokenizer, caches, group, context_ids, question_ids, max_new, kernels, decode):
@@ -174,7 +176,8 @@ def _group_answers(model, tokenizer, caches, group, context_ids, question_ids, m
     "generate": one `model.generate` call for the group, rows method-major then question (the torch
     path is bound by kernel launches: a batch costs about what a row costs). "greedy": one
     `generate_greedy` call per method and question (on a GPU each answer's decode is a replayed
-    CUDA graph, which leaves the launches behind)."""
+    CUDA graph, which leaves the launches behind); "compiled": the same with its decode step through
+    torch.compile (fewer, fused kernels per step)."""
     n_q = len(question_ids)
     if decode == "generate":
         request = caches.cache(group, rows=n_q, kernels=kernels).fork()
@@ -188,7 +191,7 @@ def _group_answers(model, tokenizer, caches, group, context_ids, question_ids, m
         texts, lengths, reads, scored = [], [], [], []
         for question in question_ids:
             request = cache.fork()
-            text, n = answer_greedy(model, tokenizer, context_ids, question, request, max_new)
+            text, n = answer_greedy(model, tokenizer, context_ids, question, request, max_new, decode == "compiled")
             read, score = request.row_stats()
             texts.append(text), lengths.append(n), reads.append(read[0]), scored.append(score[0])
         answers.append((texts, lengths, reads, scored))
