@@ -203,8 +203,7 @@ class SparseAttention:
         them at fixed addresses (`SqueezedLayer.reserve` marks them)."""
         tensors = list(self.index.tensors().values())
         for view in self.kernel_views.values():
-            if isinstance(view, kernels.KernelIndex):
-                tensors += [t for t in vars(view).values() if isinstance(t, torch.Tensor)]
+            tensors += [t for t in vars(view).values() if isinstance(t, torch.Tensor)]
         if self.pinned is not None:
             tensors += [self.pinned.rows, self.pinned.count, self.pinned.mask, self.pinned.weights]
         counters = (self.read_fraction_sum, self.scored_sum, self.kernel_keys, self.kernel_fine_scored, self.compiled_steps)
@@ -305,11 +304,11 @@ class SparseAttention:
             out = attend_op(self._op_handle, query, key, value, key_valid, self.kernel_keys, self.kernel_fine_scored,
                             pinned, scaling)
         else:
-            # the handle of this layer's decode step, should a later step be compiled (forks share it)
-            handle_key = ("op", query.device, coarse_budget, id(self.rule))
-            if handle_key not in self.kernel_views:
-                self.kernel_views[handle_key] = Handle(self.kernel_views[query.device, coarse_budget], self.rule)
-            self._op_handle = self.kernel_views[handle_key]
+            # the handle of this layer's decode step, should a later step be compiled (forks share it;
+            # it holds the rule, so the rule's id is not reused while it is there)
+            if id(self.rule) not in view.op_handles:
+                view.op_handles[id(self.rule)] = Handle(view, self.rule)
+            self._op_handle = view.op_handles[id(self.rule)]
             out = kernels.attend(
                 query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
                 scored=self.kernel_fine_scored, pinned=pinned,

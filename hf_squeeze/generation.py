@@ -14,6 +14,7 @@ already write in place at a position counted on the device).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ def generate_greedy(
     `compile`: run the decode step through `torch.compile` (True, or a dict of its options; by
     default one graph, no CUDA graphs of its own) before it is captured: the compiler
     fuses the model's small kernels (norms, rotary embedding, activations), the squeezed attention
-    enters its graph as one operator (`kernels.ops`). The compiled forward is kept on the model for
+    enters its graph as one operator (`kernels.ops`). The compiled forward is kept for the model's
     later calls. Returns [1, L + n], n = max_new_tokens unless a stop token ended it earlier;
     `times`, if given, receives the timings.
     """
@@ -119,19 +120,18 @@ def generate_greedy(
                          forward)
 
 
-_COMPILED = "_hf_squeeze_compiled_forward"
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def compiled_forward(model, options: bool | dict = True):
     """`torch.compile(model)` with `options` (True: one graph, shapes made dynamic where they change
     between calls: another context's length, another request's input), made once per model and
-    options and kept on the model."""
+    options (held beside the model, so that copies of the model do not share it)."""
     options = dict(fullgraph=True) if options is True else dict(options)
     key = tuple(sorted((k, repr(v)) for k, v in options.items()))
-    held = getattr(model, _COMPILED, None)
+    held = _compiled.get(model)
     if held is None or held[0] != key:
-        held = (key, torch.compile(model, **options))
-        object.__setattr__(model, _COMPILED, held)  # not a submodule: nn.Module.__setattr__ would register it
+        held = _compiled[model] = (key, torch.compile(model, **options))
     return held[1]
 
 

@@ -2,9 +2,10 @@
 `PYTHONPATH=. python3 tools/check_compile.py` (a diagnostic for the compile path of `generate`;
 tests/test_compile.py checks the torch path on the CPU).
 
-On a tiny random Llama (GQA 6/2), bf16, a reserved cache: dynamo's graphs and breaks over one
-decode step (the Triton kernels' launchers included), then the step compiled by inductor and
-replayed as a CUDA graph against the eager step, for the default and the paper's lookup.
+On a tiny random Llama (GQA 6/2), bf16, a reserved cache, for the default and the paper's lookup:
+dynamo's graphs and breaks over one decode step (the kernels enter as one custom operator), the step
+compiled by inductor against the eager step, then `generate_greedy(compile=True)` and
+`model.generate(compile_config=CompileConfig())` against their uncompiled tokens.
 """
 
 import sys
@@ -67,6 +68,26 @@ def main() -> int:
             except Exception as error:  # a diagnostic: say what failed and go on
                 print(f"{name}: inductor failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
                 failed += 1
+        # the two users' paths: generate_greedy(compile=True) (its own CUDA graph of the compiled
+        # step) and model.generate with a compile_config (transformers' compile path, CUDA graphs)
+        from transformers import CompileConfig
+
+        from hf_squeeze import generate_greedy
+
+        full = torch.cat([context, question])[None]
+        try:
+            want = generate_greedy(model, full, cache.fork(), 16)
+            got = generate_greedy(model, full, cache.fork(), 16, compile=True)
+            print(f"{name}: generate_greedy compiled == uncompiled: {torch.equal(got, want)}")
+            failed += not torch.equal(got, want)
+            kwargs = dict(max_new_tokens=16, do_sample=False)
+            want = model.generate(full, **cache_kwargs(model, cache.fork()), disable_compile=True, **kwargs)
+            got = model.generate(full, **cache_kwargs(model, cache.fork()), compile_config=CompileConfig(), **kwargs)
+            print(f"{name}: model.generate compiled == eager: {torch.equal(got, want)}")
+            failed += not torch.equal(got, want)
+        except Exception as error:
+            print(f"{name}: compiled generation failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            failed += 1
     return 1 if failed else 0
 
 

@@ -14,7 +14,7 @@ the kept coarse clusters become a list of fine centroids to score, the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,8 @@ class KernelIndex:
     # fine buffers and the selection's registers; without it they are sized for all C).
     coarse_bound_budget: int | None = None
     coarse_bound: int = 0
+    # Per selection rule, the handle of compiled steps over this view (`kernels.ops.Handle`).
+    op_handles: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def heads(self) -> int:

@@ -23,8 +23,8 @@ _next = itertools.count()
 
 
 class Handle:
-    """What an `attend_op` call reads besides its tensors: a layer's kernel view and rule. Keep it
-    alive as long as the view (the layer's shared `kernel_views` dict holds it)."""
+    """What an `attend_op` call reads besides its tensors: a layer's kernel view and rule. The view
+    holds its handles (`KernelIndex.op_handles`), so a handle lives as long as the view."""
 
     def __init__(self, view, rule):
         self.view, self.rule = view, rule
