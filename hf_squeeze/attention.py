@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
+from .counts import ReadCounts
 from .devices import on_device
 from .kernels.ops import Handle, attend_op
 from .selection import Pinned, SelectionRule, expand_ranges, key_weights, lookup, pin_keys, rest_parts
@@ -154,7 +155,7 @@ def dynamic_mask(attention_mask, tokens: int, dyn_len: int, device):
 
 
 # ---- one layer's squeezed attention ------------------------------------------------------------
-class SparseAttention:
+class SparseAttention(ReadCounts):
     """The online step of one layer: lookup over the layer's index, then exact attention over the
     selected keys, the sinks and window, and every dynamic token.
 
@@ -176,16 +177,6 @@ class SparseAttention:
         self.after_read = None
         self._bound = (None, None)  # (rule, read_bound under it)
         self.reset_stats()
-
-    def reset_stats(self):
-        self.read_fraction_sum = torch.zeros((), dtype=torch.float64)  # reference path
-        self.scored_sum = torch.zeros((), dtype=torch.float64)
-        self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
-        self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
-        self.kernel_fine_scored = torch.zeros(1, dtype=torch.int64)  # two-level: fine centroids scored
-        self.compiled_steps = torch.zeros(1, dtype=torch.int64)  # steps run compiled (see `fold_compiled_steps`)
-        self.last_selections, self.last_kernel = 0, False  # the last step's selections, its path
-        self.selections = 0
 
     def forward(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """What the registered attention function calls: the checks every request passes, then `attend`."""
@@ -320,27 +311,6 @@ class SparseAttention:
             self.pin(q, scaling, q_weight, key, dyn_mask)
         return out
 
-    def count_selections(self, selections: int, times: int = 1):
-        """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
-        so the replay loop adds the other steps with `times`). A compiled step counts itself on
-        the device instead (`compiled_steps`; a host count would be a guard that changes every step)."""
-        if self._counted_on_device():
-            return
-        self.selections += selections * times
-        # all centroids of a flat index; of a two-level one all coarse ones (the fine ones scored
-        # are counted on the device, in kernel_fine_scored)
-        first = self.index.counts if self.index.coarse_counts is None else self.index.coarse_counts
-        self.kernel_scored += selections * first.shape[1] * times
-        self.last_selections, self.last_kernel = selections, True
-
-    def count_replays(self, times: int) -> None:
-        """A CUDA graph of a decode step replayed `times` more times ran this layer's last step again
-        without its Python: add that step's host-side counts (the device counters add themselves)."""
-        if self.last_kernel:
-            self.count_selections(self.last_selections, times)
-        else:
-            self.selections += self.last_selections * times
-
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         index = self.index
         batch, q_heads, tokens, dim = query.shape
@@ -383,41 +353,6 @@ class SparseAttention:
 
         self.count_reads(valid.sum(-1) if pinned is not None else selection.lengths.sum(-1), selection.scored)
         return out.view(batch, q_heads, tokens, dim).transpose(1, 2).to(query.dtype).contiguous()
-
-    def count_reads(self, keys: torch.Tensor, scored: torch.Tensor) -> None:
-        """Statistics of one step of the reference path: clustered keys read and centroids scored,
-        per (batch row, KV head) [B, H]."""
-        read = keys.double() / self.index.clustered_tokens
-        # in place, so that a replayed CUDA graph of the step adds too (see `count_replays`)
-        self.read_fraction_sum = self.read_fraction_sum.to(read.device).add_(read.sum())
-        self.scored_sum = self.scored_sum.to(read.device).add_(scored.double().sum())
-        self.compiled_steps = self.compiled_steps.to(read.device)
-        if self._counted_on_device():
-            return
-        self.selections += keys.numel()
-        self.last_selections, self.last_kernel = keys.numel(), False
-
-    def _counted_on_device(self) -> bool:
-        """In a compiled step: count it on the device (its host counts are added by
-        `fold_compiled_steps`, as those of the request's last eager step) and say so."""
-        if not torch.compiler.is_compiling():
-            return False
-        self.compiled_steps.add_(1)
-        return True
-
-    def fold_compiled_steps(self) -> None:
-        """Add the host counts of the steps that ran compiled (one host sync)."""
-        steps = int(self.compiled_steps.sum())
-        if steps:
-            self.compiled_steps.zero_()
-            self.count_replays(steps)
-
-    def read_and_scored(self) -> tuple[float, float]:
-        """Totals since the last reset: clustered-key fractions read, centroids scored (host sync)."""
-        self.fold_compiled_steps()
-        read = float(self.read_fraction_sum) + float(self.kernel_keys.sum()) / self.index.clustered_tokens
-        scored = float(self.scored_sum) + self.kernel_scored + float(self.kernel_fine_scored.sum())
-        return read, scored
 
 
 class PrefillAttention:

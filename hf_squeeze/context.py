@@ -24,7 +24,7 @@ from .devices import reset_peaks, synchronized_clock
 from .index import build_indices
 from .integrations.fingerprint import model_fingerprint
 from .integrations.generate import cache_kwargs
-from .integrations.transformers import attention_modules, layer_devices
+from .integrations.transformers import attention_modules, kv_heads_held, layer_devices
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,7 +148,8 @@ def build_fixed_context(model, ids, config: SqueezeConfig, *, storage=None, prog
     if gpus:
         stats["prefill_peak_gpu_bytes"] = reset_peaks(gpus)
     start = time.perf_counter()
-    indices = build_indices(keys, values, config, device=devices, storage=storage, progress=progress)
+    indices = build_indices(keys, values, config, device=devices, storage=storage, progress=progress,
+                            heads_of=kv_heads_held(model, keys[0].shape[0]))
     del keys, values
     if storage is not None:  # calibrate where the index is: it needs only the centroids and queries
         queries = [q.to(storage) for q in queries]

@@ -100,6 +100,7 @@ def build_indices(
     device=None,
     storage=None,
     progress: bool = False,
+    heads_of: tuple[int, int] | None = None,
 ) -> list[LayerIndex]:
     """Build the index of every layer from its context keys/values [H, N, D] (post-RoPE keys).
 
@@ -107,7 +108,10 @@ def build_indices(
     for a model spread over several GPUs), a group of layers at a time, so keys may wait in CPU
     memory while the GPU clusters them. Each finished `LayerIndex` is moved to `storage` (default:
     where it was built); with storage="cpu" only one group of layers is on the GPU at any time,
-    which is how a context larger than GPU memory is indexed.
+    which is how a context larger than GPU memory is indexed. `heads_of`: (first head, heads of the
+    model) when `keys` hold a slice of the model's KV heads (a tensor-parallel rank's): each head
+    draws the random numbers of its place in the whole model, so a rank builds the index one
+    process builds for those heads.
     """
     if device is None:
         devices = [key.device for key in keys]
@@ -127,7 +131,8 @@ def build_indices(
     bar = tqdm(total=len(keys), desc="cluster keys", unit="layer", disable=not progress)
     # One random stream per (layer, head): a head's clusters do not depend on how layers are grouped,
     # so a model spread over several GPUs gets the index it would get on one.
-    seeds = head_seeds(len(keys) * heads, config.seed).view(len(keys), heads)
+    first, total = heads_of or (0, heads)
+    seeds = head_seeds(len(keys) * total, config.seed).view(len(keys), total)[:, first : first + heads]
     for group in _groups(devices, heads, num_clustered, dim):
         work = devices[group.start]
         with on_device(work):  # Triton launches on the current CUDA device

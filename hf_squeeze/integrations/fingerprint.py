@@ -78,9 +78,18 @@ def _weights(model) -> list[tuple[str, torch.Tensor]]:
 
 
 def _weights_sha256(named) -> str:
+    # A weight sharded over tensor-parallel ranks (a DTensor) is hashed whole, so that the fingerprint
+    # does not depend on how the model is split: its shards are gathered one weight at a time, in
+    # the same order on every rank (a collective), on this thread.
+    digests = {name: _tensor_digest(name, p.full_tensor()) for name, p in named if _is_distributed(p)}
+    local = [(name, p) for name, p in named if name not in digests]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: _tensor_digest(*item), named))
-    return hashlib.sha256(b"".join(digests)).hexdigest()
+        digests.update(zip((name for name, _ in local), pool.map(lambda item: _tensor_digest(*item), local)))
+    return hashlib.sha256(b"".join(digests[name] for name, _ in named)).hexdigest()
+
+
+def _is_distributed(tensor) -> bool:
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "placements")
 
 
 def model_fingerprint(model) -> dict:

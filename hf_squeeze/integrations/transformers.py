@@ -81,3 +81,17 @@ def check_model(model) -> None:
             f"{name}: found {len(modules)} attention modules for {expected} layers; hf_squeeze needs standard "
             "transformers attention modules (with layer_idx and num_key_value_groups)"
         )
+
+
+def kv_heads_held(model, local_heads: int) -> tuple[int, int]:
+    """(first KV head this process computes, KV heads of the model): (0, H) on one process; under
+    transformers' tensor parallelism (tp_plan) each rank holds a contiguous slice of the heads."""
+    total = model.config.num_key_value_heads
+    if local_heads == total:
+        return 0, total
+    if total % local_heads or not torch.distributed.is_initialized():
+        raise ValueError(
+            f"the model computes {local_heads} of its {total} KV heads outside a tensor-parallel group this "
+            "library knows (transformers' tp_plan over torch.distributed): load it whole, or with tp_plan='auto'"
+        )
+    return torch.distributed.get_rank() % (total // local_heads) * local_heads, total
