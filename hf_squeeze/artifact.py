@@ -27,7 +27,7 @@ from .config import SqueezeConfig
 from .context import FixedContext
 from .index import LayerIndex
 from .integrations.fingerprint import check_fingerprint
-from .integrations.transformers import layer_devices
+from .integrations.transformers import kv_heads_held, layer_devices
 from .selection import SelectionRule
 
 _PROGRESS_BYTES = 1 << 30
@@ -66,7 +66,16 @@ def context_sha256(ids: torch.Tensor) -> str:
 
 
 def save_fixed_context(fixed, path, progress: bool = True) -> Path:
+    """Write `fixed` to `path`. A tensor-parallel rank's fixed context (a slice of the KV heads) is
+    gathered over the ranks first and written whole by rank 0, so that one file serves any split."""
     path = Path(path)
+    held, total = fixed.layers[0].keys.shape[0], fixed.fingerprint.get("num_key_value_heads")
+    if total is not None and held != total:
+        fixed = _gathered(fixed, held, total)
+        if torch.distributed.get_rank() == 0:
+            save_fixed_context(fixed, path, progress)
+        torch.distributed.barrier()
+        return path
     progress = _show_progress([t for layer in fixed.layers for t in layer.tensors().values()], progress)
     tensors = {"context_ids": fixed.context_ids.cpu().long().contiguous()}
     for i, layer in enumerate(tqdm(fixed.layers, desc="copy to host", unit="layer", disable=not progress)):
@@ -92,6 +101,42 @@ def save_fixed_context(fixed, path, progress: bool = True) -> Path:
     save_file(tensors, tmp, metadata={_HEADER_KEY: text, _HEADER_SHA_KEY: _sha256(text)})
     tmp.replace(path)  # a crash mid-write never leaves a half-written file under the final name
     return path
+
+
+def _gathered(fixed, held: int, total: int):
+    """The whole fixed context, from the slices of the KV heads that the ranks of a tensor-parallel
+    model hold (rank r: heads r * held ...), gathered on every rank."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world * held != total:
+        raise ValueError(
+            f"this cache holds {held} of the model's {total} KV heads, but {world} processes cannot hold them all: "
+            "save from a tensor-parallel model whose ranks are every process (tp_plan over the whole world)"
+        )
+    if any(rule.threshold is not None or rule.coarse_threshold is not None for rule in fixed.rules):
+        raise ValueError(
+            "this cache's thresholds were calibrated on one rank's KV heads, so they do not hold for the others: "
+            "under tensor parallelism save caches built with SqueezeConfig(selection='topk') (the default)"
+        )
+
+    def gather(tensor):
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    layers = tuple(type(layer)(**{name: gather(t) for name, t in layer.tensors().items()}) for layer in fixed.layers)
+    return dataclasses.replace(fixed, layers=layers, kernel_views={})
+
+
+def _held_heads(model, total: int) -> slice:
+    """The KV heads of a saved cache that `model` computes: all of them, or a tensor-parallel rank's."""
+    ranks = getattr(model, "tp_size", None) or 1
+    if total % ranks:
+        raise ValueError(
+            f"the model runs on {ranks} tensor-parallel ranks, which cannot split its {total} KV heads evenly, so "
+            f"no rank holds whole heads of this cache: use a tensor-parallel size that divides {total}"
+        )
+    first, _ = kv_heads_held(model, total // ranks)
+    return slice(first, first + total // ranks)
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -172,12 +217,13 @@ def load_fixed_context(path, model, progress: bool = True) -> FixedContext:
         raise _bad_file(path, "its context ids do not match their recorded hash")
 
     devices = layer_devices(model)  # the fingerprint check guarantees one per saved layer
+    heads = _held_heads(model, header["fingerprint"]["num_key_value_heads"])
     field_names = {f.name for f in dataclasses.fields(LayerIndex)}
     layers = []
     where = ", ".join(sorted({str(d) for d in devices}))
     for i in tqdm(range(header["num_layers"]), desc=f"to {where}", unit="layer", disable=not progress):
         prefix = f"layers.{i}."
-        parts = {k[len(prefix):]: v.to(devices[i]) for k, v in tensors.items() if k.startswith(prefix)}
+        parts = {k[len(prefix):]: v[heads].to(devices[i]) for k, v in tensors.items() if k.startswith(prefix)}
         if not {"keys", "values", "centroids", "counts", "offsets", "dense_keys", "dense_values"} <= set(parts) \
                 or not set(parts) <= field_names:
             raise _bad_file(path, f"layer {i} is incomplete")

@@ -1,7 +1,9 @@
 """One rank of tests/test_tensor_parallel.py: `torchrun --nproc_per_node N tests/tp_worker.py MODEL_DIR OUT`.
 
 Loads the model with transformers' tensor parallelism (tp_plan="auto"; gloo on the CPU), builds a
-squeezed cache over a fixed context, generates, and writes what the test compares to OUT/rank-R.json.
+squeezed cache over a fixed context, generates, saves the cache (gathered: one file for any split),
+loads it back and the file one process saved (OUT/one.squeeze), generates with each, and writes what
+the test compares to OUT/rank-R.json. Without torchrun, `run` does the same in one process.
 """
 
 import json
@@ -20,15 +22,27 @@ CONTEXT = torch.randint(3, 256, (600,), generator=torch.Generator().manual_seed(
 QUESTION = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(2))
 
 
-def run(model_dir: str, **load) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="squeezed", **load).eval()
-    cache = SqueezedCache.from_context(model, CONTEXT, SqueezeConfig(keep=0.3), progress=False)
+def answer(model, cache) -> list[int]:
     ids = torch.cat([CONTEXT, QUESTION])[None]
     out = model.generate(ids, **cache_kwargs(model, cache.fork()), max_new_tokens=8, do_sample=False)
-    return dict(tokens=out[0, ids.shape[1]:].tolist(), kv_heads=cache.layers[0].index.keys.shape[0],
-                fingerprint=model_fingerprint(model)["weights_sha256"])
+    return out[0, ids.shape[1]:].tolist()
+
+
+def run(model_dir: str, out: str, name: str, **load) -> dict:
+    """Build, answer, save as OUT/NAME.squeeze; answer from the other saved files found in OUT."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="squeezed", **load).eval()
+    cache = SqueezedCache.from_context(model, CONTEXT, SqueezeConfig(keep=0.3), progress=False)
+    result = dict(tokens=answer(model, cache), kv_heads=cache.layers[0].index.keys.shape[0],
+                  fingerprint=model_fingerprint(model)["weights_sha256"])
+    saved = cache.save(Path(out) / f"{name}.squeeze", progress=False)
+    for path in sorted(Path(out).glob("*.squeeze")):
+        loaded = SqueezedCache.load(path, model, progress=False)
+        result[f"from {path.stem}"] = answer(model, loaded)
+        result[f"heads from {path.stem}"] = loaded.layers[0].index.keys.shape[0]
+    result["saved"] = str(saved)
+    return result
 
 
 if __name__ == "__main__":
-    result = run(sys.argv[1], tp_plan="auto")
+    result = run(sys.argv[1], sys.argv[2], "tp", tp_plan="auto")
     Path(sys.argv[2], f"rank-{os.environ['RANK']}.json").write_text(json.dumps(result))
