@@ -3,6 +3,7 @@ README shows them as they are."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,26 @@ def test_readme_shows_the_quickstart_as_it_is():
     code = (ROOT / "examples" / "quickstart.py").read_text()
     body = code.split('"""', 2)[2].strip()  # without the module docstring
     assert body in (ROOT / "README.md").read_text()
+
+
+def test_tensor_parallel(tmp_path):
+    """Two gloo ranks on the CPU (a tiny model with 4 KV heads): every rank answers alike, built and loaded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .conftest import TINY
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**dict(TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=4,
+                                        head_dim=16))).save_pretrained(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-m", "torch.distributed.run", "--standalone",
+         "--nproc_per_node", "2", str(ROOT / "examples" / "tensor_parallel.py"), str(tmp_path / "model"),
+         str(tmp_path), "--tokens", "600"],
+        capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = re.findall(r"rank \d (?:built|loaded): (\[[0-9, ]*\])", done.stdout)  # the ranks' lines interleave
+    assert len(answers) == 4 and len(set(answers)) == 1, done.stdout
+    assert (tmp_path / "context.squeeze").is_file() and "rank 0: 2 of 4 KV heads" in done.stdout
