@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (SHAPES, common_prefix, dense_attention_time, dense_caches, gpu_time, memory_start, peak_memory,
-                    random_model, run_eager, run_graph)
+                    random_model, run_compiled, run_eager, run_graph, run_graph_compiled)
 from hf_squeeze import SqueezedCache, SqueezeConfig
 
 
@@ -65,7 +65,7 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
     squeezed = SqueezedCache.from_context(model, context, config, progress=progress)
     build = dict(squeezed.build_stats)
     dynamic, static = dense_caches(squeezed, model, tokens + max(inputs) + new_tokens)
-    runners = {"eager": run_eager, "graph": run_graph}
+    runners = {"eager": run_eager, "graph": run_graph, "compiled": run_compiled, "graph-compiled": run_graph_compiled}
     results = []
     jobs = [(n, "dense", 1.0, m) for n in inputs for m in modes]
     jobs += [(n, "squeezed", k, m) for n in inputs for k in keeps for m in modes]
@@ -206,8 +206,8 @@ def main(args) -> int:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     modes = args.modes
-    if device != "cuda" and "graph" in modes:
-        modes = [m for m in modes if m != "graph"]
+    if device != "cuda" and any(m.startswith("graph") for m in modes):
+        modes = [m for m in modes if not m.startswith("graph")]
         print("no CUDA device: CUDA-graph runs skipped")
     if not modes:
         raise ValueError("nothing to run: --modes graph needs a CUDA device")
@@ -246,7 +246,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inputs", type=int, nargs="+", default=[64, 1024], help="user input tokens")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager", "graph"])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "graph", "compiled", "graph-compiled"],
+                        default=["eager", "graph"],
+                        help="eager: model.generate; graph: generate_greedy (CUDA graph); compiled: model.generate with a "
+                             "compile_config (transformers' compile path); graph-compiled: generate_greedy(compile=True)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--device")
     parser.add_argument("--out", default="benchmarks/results")

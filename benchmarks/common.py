@@ -66,22 +66,36 @@ def peak_memory(device, before: int) -> tuple[float, float]:
     return peak / 2**30, (peak - before) / 2**30
 
 
-def run_eager(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
-    """model.generate; returns TTFT, TPOT (seconds), memory growth per step after the second (bytes)."""
+def run_eager(model, ids, cache, new_tokens: int, **generate) -> tuple[float, float, float, torch.Tensor]:
+    """model.generate (with `generate`'s extra arguments); returns TTFT, TPOT (seconds), memory growth
+    per step after the second (bytes)."""
     clock = StepClock(ids.device)
     start = time.perf_counter()
     out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, logits_processor=LogitsProcessorList([clock]))
+                         do_sample=False, logits_processor=LogitsProcessorList([clock]), **generate)
     marks = clock.marks
     ttft, tpot = marks[0] - start, (marks[-1] - marks[0]) / max(1, len(marks) - 1)
     growth = (clock.memory[-1] - clock.memory[1]) / max(1, len(clock.memory) - 2) if len(clock.memory) > 2 else 0.0
     return ttft, tpot, growth, out
 
 
-def run_graph(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+def run_graph(model, ids, cache, new_tokens: int, compile: bool = False) -> tuple[float, float, float, torch.Tensor]:
     times = GenerationTimes()
-    out = generate_greedy(model, ids, cache, new_tokens, times=times)
+    out = generate_greedy(model, ids, cache, new_tokens, times=times, compile=compile)
     return times.prefill, times.per_token, 0.0, out  # replays allocate nothing (one graph pool)
+
+
+def run_compiled(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+    """model.generate through transformers' compile path (a compile_config: a squeezed fork is then
+    compileable; dense: give it a StaticCache). On a CPU transformers runs it eagerly."""
+    from transformers import CompileConfig
+
+    return run_eager(model, ids, cache, new_tokens, compile_config=CompileConfig())
+
+
+def run_graph_compiled(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+    """generate_greedy with its decode step compiled before the capture."""
+    return run_graph(model, ids, cache, new_tokens, compile=True)
 
 
 def dense_caches(squeezed: SqueezedCache, model, room: int):
