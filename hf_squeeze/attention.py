@@ -182,7 +182,6 @@ class SparseAttention(ReadCounts):
         """What the registered attention function calls: the checks every request passes, then `attend`."""
         check_guarded(module)
         self.pending = False
-        self.read_bound()  # found by the first (eager) step of a request, read by the later ones
         out = self.attend(query, key, value, attention_mask, scaling)
         if self.after_read is not None:
             self.after_read(attention_mask)
@@ -211,8 +210,9 @@ class SparseAttention(ReadCounts):
     def read_bound(self) -> int | None:
         """The most clustered keys one selection under this layer's rule reads per (batch row, KV
         head): its budget plus the largest cluster but one (the cluster that crosses the budget is
-        read whole), every key under an exact rule; None where no budget bounds it (thresholds). Found once per rule (a host sync),
-        so that the torch path's later steps wait for nothing and a CUDA graph can capture them."""
+        read whole), every key under an exact rule; None where no budget bounds it (thresholds). Found
+        once per rule (a host sync) by the torch path, so that its later steps wait for nothing and a
+        CUDA graph can capture them; the kernels need no bound."""
         if self._bound[0] is not self.rule:
             bound = None
             if self.rule.exact:
@@ -322,12 +322,13 @@ class SparseAttention(ReadCounts):
         else:
             dyn_mask, q_weight = dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
 
+        bound = self.read_bound()  # found by a request's first (eager) step, read by the later ones
         read_all = self.reads_all(tokens)
         if read_all:
             selection = lookup(q, index, scaling, _READ_ALL, q_weight)
         else:
             selection = self.select_ranges(q, scaling, q_weight)
-        rows, valid = expand_ranges(selection.starts, selection.lengths, None if read_all else self.read_bound())
+        rows, valid = expand_ranges(selection.starts, selection.lengths, None if read_all else bound)
         head_ids = torch.arange(heads, device=query.device)[None, :, None]
         pinned = None if read_all else self.pinned
         if pinned is not None:  # pinned keys are read once, as their own part

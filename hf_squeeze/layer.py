@@ -150,7 +150,7 @@ class SqueezedLayer(CacheLayerMixin):
         self.device_length = torch.full((1,), self.length, dtype=torch.int64, device=self.device)
         self._slots = torch.arange(capacity, device=self.device)
         self._pad_valid = None
-        if valid is not None and not bool(valid.all()):
+        if valid is not None:  # kept even where nothing is padding: checking would wait for the device
             self._pad_valid = torch.ones(self.keys.shape[0], capacity, dtype=torch.bool, device=self.device)
             self._pad_valid[:, : self.length] = valid[:, -self.length :]
         if not torch.compiler.is_compiling():

@@ -73,15 +73,14 @@ def generate(self, *args, **kwargs):
     check_request(self, cache, input_ids, kwargs)
     with cache.serving():
         plan = decode_plan(self, cache, input_ids, kwargs)
-        capacity = None if plan is None else plan[0]
-        if plan is not None:
-            cache.plan(*plan)
+        if plan is None:
+            return type(self).generate(self, *args, **kwargs)
+        cache.plan(*plan)
         try:
             return type(self).generate(self, *args, **kwargs)
         finally:
-            if capacity is not None:
-                cache.release()
-                cache.plan(None)
+            cache.release()
+            cache.plan(None)
 
 
 def decode_plan(model, cache, input_ids, kwargs: dict) -> tuple[int, int, bool] | None:
@@ -96,6 +95,7 @@ def decode_plan(model, cache, input_ids, kwargs: dict) -> tuple[int, int, bool] 
     whose generation config holds one): the compiled step with the Triton kernels is not yet
     measured on a GPU, so a plain `generate` stays eager there, as measured."""
     config = kwargs.get("generation_config") or model.generation_config
+
     def setting(name):
         return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
     if (setting("num_beams") or 1) > 1 or setting("use_cache") is False or any(
