@@ -104,7 +104,7 @@ def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: li
     context + input, and the squeezed kernels (lookup + attention) at each keep; decode (one query
     after the input) and the input's prefill. Used to place the end-to-end numbers against a dense
     attention at the bandwidth/compute limit, which transformers' sdpa path does not reach."""
-    from . import kernels
+    from hf_squeeze import kernels
 
     index = squeezed.fixed.layers[0]
     kindex = kernels.kernel_index(index)
@@ -248,8 +248,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--modes", nargs="+", choices=["eager", "graph", "compiled", "graph-compiled"],
                         default=["eager", "graph"],
-                        help="eager: model.generate; graph: generate_greedy (CUDA graph); compiled: model.generate with a "
-                             "compile_config (transformers' compile path); graph-compiled: generate_greedy(compile=True)")
+                        help="eager: model.generate(disable_compile=True); graph: generate_greedy (CUDA graph); compiled: "
+                             "model.generate as users call it (transformers' compile path, its default CompileConfig); "
+                             "graph-compiled: generate_greedy(compile=True)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--device")
     parser.add_argument("--out", default="benchmarks/results")

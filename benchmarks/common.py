@@ -66,7 +66,12 @@ def peak_memory(device, before: int) -> tuple[float, float]:
     return peak / 2**30, (peak - before) / 2**30
 
 
-def run_eager(model, ids, cache, new_tokens: int, **generate) -> tuple[float, float, float, torch.Tensor]:
+def run_eager(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+    """model.generate with transformers' compile path off (a squeezed fork is compileable by default)."""
+    return timed_generate(model, ids, cache, new_tokens, disable_compile=True)
+
+
+def timed_generate(model, ids, cache, new_tokens: int, **generate) -> tuple[float, float, float, torch.Tensor]:
     """model.generate (with `generate`'s extra arguments); returns TTFT, TPOT (seconds), memory growth
     per step after the second (bytes)."""
     clock = StepClock(ids.device)
@@ -86,11 +91,9 @@ def run_graph(model, ids, cache, new_tokens: int, compile: bool = False) -> tupl
 
 
 def run_compiled(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
-    """model.generate through transformers' compile path (a compile_config: a squeezed fork is then
-    compileable; dense: give it a StaticCache). On a CPU transformers runs it eagerly."""
-    from transformers import CompileConfig
-
-    return run_eager(model, ids, cache, new_tokens, compile_config=CompileConfig())
+    """model.generate through transformers' compile path with its default CompileConfig (a squeezed
+    fork is compileable by default; dense: give it a StaticCache). On a CPU transformers runs it eagerly."""
+    return timed_generate(model, ids, cache, new_tokens)
 
 
 def run_graph_compiled(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:

@@ -233,21 +233,24 @@ class SparseAttention(ReadCounts):
         chunked one, a step of assisted generation)."""
         return self.reads_all(tokens) and self.rule.pin_budget is not None
 
-    def pin(self, q, scaling, q_valid, dyn_key, dyn_mask) -> None:
-        """Pin the keys around those of most exact attention of the request's input so far, adding the
-        attention of queries q [B, H, G, T, D] (real tokens `q_valid` [B, T] or all) to that of its
-        earlier input steps (`selection.pin_keys`); `dyn_mask`: the dynamic keys' mask, as for
-        `partial_attention`."""
+    def input_weights(self, q, scaling, q_valid, dyn_key, dyn_mask) -> torch.Tensor:
+        """The torch path's `selection.key_weights` of queries q [B, H, G, T, D] (real tokens `q_valid`
+        [B, T] or all); `dyn_mask`: the dynamic keys' mask, as for `partial_attention`."""
         index = self.index
         lse_dense = torch.einsum("bhgtd,hnd->bhgtn", q, index.dense_keys.float()).mul(scaling).logsumexp(-1)
         s = torch.einsum("bhgtd,bhnd->bhgtn", q, dyn_key.float()) * scaling
         if dyn_mask is not None:
             s = s.masked_fill(~dyn_mask, float("-inf"))
         lse_rest = torch.logaddexp(lse_dense, s.logsumexp(-1))
-        weights = key_weights(q, index, scaling, q_valid, lse_rest)
+        return key_weights(q, index, scaling, q_valid, lse_rest)
+
+    def pin(self, weights: torch.Tensor) -> None:
+        """Pin the keys around those of most exact attention of the request's input so far, adding
+        this input step's `weights` [B, H, G, Nc] (`selection.key_weights`) to its earlier steps'
+        (`selection.pin_keys`)."""
         if self.pinned is not None:
             weights = weights + self.pinned.weights
-        self.pinned = pin_keys(weights, index, self.rule.pin_budget)
+        self.pinned = pin_keys(weights, self.index, self.rule.pin_budget)
 
     def attend(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         """Exact attention over the selected fixed keys + sinks + window + all dynamic tokens.
@@ -300,15 +303,17 @@ class SparseAttention(ReadCounts):
             if id(self.rule) not in view.op_handles:
                 view.op_handles[id(self.rule)] = Handle(view, self.rule)
             self._op_handle = view.op_handles[id(self.rule)]
+            # pinning needs each input row's log-sum-exp over every key, which the prefill finds
+            lse = None
+            if self.pins_now(tokens):
+                lse = torch.empty(query.shape[0], view.heads, query.shape[1] // view.heads * tokens,
+                                  device=query.device, dtype=torch.float32)
             out = kernels.attend(
                 query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
-                scored=self.kernel_fine_scored, pinned=pinned,
+                scored=self.kernel_fine_scored, pinned=pinned, lse=lse,
             )
-        if self.pins_now(tokens):
-            batch, q_heads, _, dim = query.shape
-            q = query.view(batch, self.index.keys.shape[0], q_heads // self.index.keys.shape[0], tokens, dim).float()
-            dyn_mask, q_weight = dynamic_mask(attention_mask, tokens, key.shape[-2], query.device)
-            self.pin(q, scaling, q_weight, key, dyn_mask)
+            if lse is not None:
+                self.pin(kernels.key_weights(query, view, lse, scaling, q_valid))
         return out
 
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -350,7 +355,7 @@ class SparseAttention(ReadCounts):
             parts.append(partial_attention(q, centroids, means, None, scaling, bias))
         out = merge_partials(parts)
         if self.pins_now(tokens):
-            self.pin(q, scaling, q_weight, key, dyn_mask)
+            self.pin(self.input_weights(q, scaling, q_weight, key, dyn_mask))
 
         self.count_reads(valid.sum(-1) if pinned is not None else selection.lengths.sum(-1), selection.scored)
         return out.view(batch, q_heads, tokens, dim).transpose(1, 2).to(query.dtype).contiguous()

@@ -1,4 +1,4 @@
-"""Compile the attention kernels for a GPU (sm_90) without one: `python -m tests.compile_kernels`.
+"""Compile the attention kernels (and the pins' key weights) for a GPU (sm_90) without one: `python -m tests.compile_kernels`.
 
 Run by tests/test_kernels_compile.py in a process of its own, since the test session's kernels are
 the interpreter's. Prints one line per variant compiled; exits non-zero on the first failure.
@@ -11,7 +11,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (before th
 import triton
 from triton.backends.compiler import GPUTarget
 
-from hf_squeeze.kernels.attention import _decode_kernel, _prefill_kernel
+from hf_squeeze.kernels.attention import _decode_kernel, _merge_kernel, _prefill_kernel
+from hf_squeeze.kernels.pins import _key_weights_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 BF16 = "*bf16"
@@ -42,8 +43,18 @@ def variants():
             types = common_types(sel_start_ptr="*i32", sel_len_ptr="*i32", nsel_ptr="*i32", **pin_types)
             yield f"decode pins={pins} kvalid={kvalid}", _decode_kernel, types, dict(
                 D=64, BLOCK_M=16, BLOCK_N=64, PIECE=32, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32")
-    yield "prefill", _prefill_kernel, common_types(gk_ptr=BF16, gv_ptr=BF16, nkeys_ptr="*i32"), dict(
-        D=64, BLOCK_M=64, BLOCK_N=64, SPLITS=1, HAS_KVALID=True, PRECISION="tf32")
+    for lse in (False, True):  # without lse the launcher passes the output (bf16) for its pointer
+        for splits in (1, 2):
+            types = common_types(gk_ptr=BF16, gv_ptr=BF16, nkeys_ptr="*i32", lse_ptr="*fp32" if lse else BF16)
+            yield f"prefill lse={lse} splits={splits}", _prefill_kernel, types, dict(
+                D=64, BLOCK_M=64, BLOCK_N=64, SPLITS=splits, HAS_KVALID=True, PRECISION="tf32", STORE_LSE=lse)
+        yield f"merge lse={lse}", _merge_kernel, dict(po_ptr="*fp32", plse_ptr="*fp32", out_ptr=BF16,
+                                                      lse_ptr="*fp32" if lse else BF16), dict(
+            D=64, SPLITS=4, BLOCK_S=4, STORE_LSE=lse)
+    for weighted in (False, True):  # unweighted: the launcher passes lse for the weights' pointer
+        yield f"key weights weighted={weighted}", _key_weights_kernel, dict(
+            q_ptr=BF16, k_ptr=BF16, lse_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", scaling="fp32"), dict(
+            D=64, BLOCK_N=64, BLOCK_T=64, HAS_W=weighted, PRECISION="tf32")
 
 
 if __name__ == "__main__":

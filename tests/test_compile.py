@@ -82,6 +82,12 @@ def test_generate_takes_transformers_compile_path(llama, context, sampling):
         # length, not one per step
         assert graphs == 0 if "disable_compile" in options else 1 <= graphs <= 2
         assert fork.layers[0].device_length is None and fork.get_seq_length() == outputs[-1].shape[1] - 1
+        if "compile_config" in options and not sampling:
+            # a request of another length reserves the same (rounded) capacity: nothing compiles again
+            again = cache.fork()
+            llama.generate(ids, **cache_kwargs(llama, again), **{**kwargs, "max_new_tokens": 5}, **options)
+            assert again.layers[0]._slots.shape == fork.layers[0]._slots.shape
+            assert counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(outputs[0], outputs[1])
 
 
@@ -113,3 +119,27 @@ def test_generate_greedy_compiles_its_decode_step(llama, context):
     finally:
         llama.set_attn_implementation("squeezed")
     assert torch.equal(dense[0], dense[1])
+
+
+def test_a_plain_generate_finds_the_fork_compileable(llama, context):
+    """As with transformers' StaticCache, a plain generate (no compile_config) meets a compileable
+    fork during its decode steps, so that on a GPU transformers compiles them; disable_compile=True
+    keeps it eager. (On the CPU transformers runs the steps eagerly either way.)"""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+
+    class Seen(LogitsProcessor):
+        def __init__(self, fork):
+            self.fork, self.values = fork, []
+
+        def __call__(self, input_ids, scores):
+            self.values.append(self.fork.is_compileable)
+            return scores
+
+    for options, expected in ((dict(), True), (dict(disable_compile=True), False)):
+        fork = cache.fork()
+        seen = Seen(fork)
+        llama.generate(full_prompt(context), **cache_kwargs(llama, fork), max_new_tokens=4, do_sample=False,
+                       logits_processor=LogitsProcessorList([seen]), **options)
+        assert seen.values == [expected] * 4 and fork.is_compileable is False

@@ -1,7 +1,7 @@
 """Tensor parallelism through transformers' tp_plan, on the CPU: two processes (gloo), each holding
 half of the KV heads. Each rank builds the index of its own heads from its own prefill (K-means
 draws each head's random numbers by its place in the whole model), with no communication inside
-attention, and generates the tokens of one process; the model's fingerprint does not depend on the
+attention, and generates the tokens of one process (eager and compiled decode steps); the model's fingerprint does not depend on the
 split (sharded weights are hashed whole); one saved file serves both (the ranks gather their heads
 into it; each rank loads its slice)."""
 
@@ -40,6 +40,7 @@ def test_two_ranks_generate_the_tokens_of_one_process(tmp_path):
     assert [r["fingerprint"] for r in ranks] == [alone["fingerprint"]] * 2
     for rank in ranks:  # built, loaded from the gathered file, loaded from one process's file
         assert rank["tokens"] == rank["from tp"] == rank["from one"] == alone["tokens"]
+        assert rank["compiled"] == alone["compiled"] == alone["tokens"]  # the compiled decode steps too
         assert rank["heads from tp"] == rank["heads from one"] == 2
     # the gathered file, loaded by one process, holds every head and answers alike
     model = LlamaForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="squeezed").eval()

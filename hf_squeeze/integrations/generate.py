@@ -84,16 +84,18 @@ def generate(self, *args, **kwargs):
 
 
 def decode_plan(model, cache, input_ids, kwargs: dict) -> tuple[int, int, bool] | None:
-    """(the dynamic tokens a request writes, its input tokens after the context, whether it asked
-    for transformers' compile path), when its decode can run in fixed-capacity steps: one token per
-    step (greedy or sampling, any batch or number of sequences per prompt; not beam search,
-    assisted decoding or use_cache=False). Such a request's cache reserves them once the input is
-    read (`SqueezedCache.plan`): its steps then have fixed shapes and no host synchronisation.
-    Else None.
+    """(the dynamic tokens a request writes, its input tokens after the context, whether the cache
+    reports itself compileable meanwhile), when its decode can run in fixed-capacity steps: one
+    token per step (greedy or sampling, any batch or number of sequences per prompt; not beam
+    search, assisted decoding or use_cache=False). Such a request's cache reserves them once the
+    input is read (`SqueezedCache.plan`): its steps then have fixed shapes and no host
+    synchronisation. Else None.
 
-    The cache reports itself compileable only to a request that passes a `compile_config` (or
-    whose generation config holds one): the compiled step with the Triton kernels is not yet
-    measured on a GPU, so a plain `generate` stays eager there, as measured."""
+    The cache is compileable unless the request passes `disable_compile=True`, as transformers'
+    own StaticCache: on a GPU `generate` then compiles the decode step (its `compile_config`, or
+    transformers' default: CUDA graphs) with the kernels as one custom operator; on the CPU
+    transformers runs it eagerly. The capacity of a request transformers will compile is rounded up
+    (`compiled_capacity`), so that requests of similar lengths share one compiled step."""
     config = kwargs.get("generation_config") or model.generation_config
 
     def setting(name):
@@ -107,8 +109,20 @@ def decode_plan(model, cache, input_ids, kwargs: dict) -> tuple[int, int, bool] 
     max_new = setting("max_new_tokens")
     if max_new is None:
         max_new = (setting("max_length") or 20) - length
-    compile_asked = kwargs.get("compile_config") is not None or getattr(config, "compile_config", None) is not None
-    return max(new + max_new, new + 1), new, compile_asked and not setting("disable_compile")
+    compileable = not setting("disable_compile")
+    capacity = max(new + max_new, new + 1)
+    # transformers compiles on accelerators only, unless its compile_config says otherwise
+    compile_config = kwargs.get("compile_config") or getattr(config, "compile_config", None)
+    compiles = compileable and (model.device.type != "cpu" or getattr(compile_config, "_compile_all_devices", False))
+    return (compiled_capacity(capacity) if compiles else capacity), new, compileable
+
+
+def compiled_capacity(tokens: int) -> int:
+    """The dynamic capacity a compiled request reserves for `tokens`: the next power of two, at least
+    256. A compiled decode step is specialised to its cache's shapes, so requests of similar
+    lengths must share one capacity or each would compile the model again (at most twice the
+    dynamic tokens held, which are few beside the fixed context)."""
+    return max(256, 1 << (tokens - 1).bit_length())
 
 
 def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):

@@ -21,13 +21,14 @@ from .layout import PIECE_ROWS, KernelIndex, kernel_index
 try:
     from .attention import gather_capacity, sparse_attention
     from .lookup import KeptRanges, lookup
+    from .pins import key_weights
     from .selection import MAX_CLUSTERS
 except ImportError as error:  # pragma: no cover - platforms without Triton
     _MISSING = f"Triton is not available ({error})"
 else:
     _MISSING = None
 
-__all__ = ["PIECE_ROWS", "KernelIndex", "KeptRanges", "attend", "kernel_index", "lookup", "naive", "query_weights",
+__all__ = ["PIECE_ROWS", "KernelIndex", "KeptRanges", "attend", "kernel_index", "key_weights", "lookup", "naive", "query_weights",
            "sparse_attention", "supports"]
 
 # "auto" (default): kernels on CUDA devices; "0": torch reference everywhere; "1": also on the CPU
@@ -78,11 +79,13 @@ def attend(
     out: torch.Tensor | None = None,
     scored: torch.Tensor | None = None,
     pinned=None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squeezed attention of `query` [B, Hq, T, D] -> [B, T, Hq, D], lookup and attention on the
     device with no host synchronisation. `stats` [1] int64 accumulates the keys the lookup keeps;
     `scored` [1] int64 (two-level index) the fine centroids scored; `pinned` (decode): a request's
-    pinned keys (`selection.Pinned`), read besides the lookup's."""
+    pinned keys (`selection.Pinned`), read besides the lookup's; `lse` (prefill): receives each query
+    row's log-sum-exp (`sparse_attention`)."""
     if query.stride(-1) != 1:
         query = query.contiguous()
     dyn_keys, dyn_values = dyn_keys.contiguous(), dyn_values.contiguous()
@@ -95,4 +98,4 @@ def attend(
     work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored)
     capacity = gather_capacity(kindex, budget)
     return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity,
-                            pinned, read_all=rule.exact)
+                            pinned, read_all=rule.exact, lse=lse)

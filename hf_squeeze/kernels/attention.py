@@ -83,19 +83,22 @@ def _dense_and_dynamic(
 
 
 @triton.jit
-def _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, sp, r, rmask, G, R, so_b, so_t, so_h,
-            D: tl.constexpr, SPLITS: tl.constexpr):
-    """Write the normalised output (one split) or this split's partial output and log-sum-exp."""
+def _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, lse_ptr, b, h, bh, sp, r, rmask, G, R, so_b, so_t, so_h,
+            D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr):
+    """Write the normalised output (one split; with STORE_LSE also the rows' log-sum-exp) or this
+    split's partial output and log-sum-exp."""
     d = tl.arange(0, D)
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     if SPLITS == 1:
         t = r // G
         g = r % G
         optr = out_ptr + b * so_b + t[:, None] * so_t + (h * G + g)[:, None] * so_h + d[None, :]
         tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        if STORE_LSE:
+            tl.store(lse_ptr + bh * R + r, lse, mask=rmask)
     else:
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
         part = (bh * SPLITS + sp) * R + r
         tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=rmask[:, None])
         tl.store(plse_ptr + part, lse, mask=rmask)
@@ -162,8 +165,8 @@ def _decode_kernel(
         q, r * 0, start, end, n_sel + n_pin, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, 1,
         sy_b, sy_h, sy_n, m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
     )
-    _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, G,
-            so_b, so_t, so_h, D, SPLITS)
+    _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, out_ptr, b, h, bh, tl.program_id(2), r, rmask, G, G,
+            so_b, so_t, so_h, D, SPLITS, False)
 
 
 @triton.jit
@@ -195,11 +198,11 @@ def _gather_kernel(
 @triton.jit
 def _prefill_kernel(
     q_ptr, gk_ptr, gv_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr, nkeys_ptr, kvalid_ptr,
-    out_ptr, po_ptr, plse_ptr,
+    out_ptr, po_ptr, plse_ptr, lse_ptr,
     scaling, H, G, T, SW, LD, CAP, sg_b,
     sq_b, sq_h, sq_t, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """A block of query rows over the gathered kept keys (rows b * sg_b + h * CAP + i; sg_b = 0 when
     every key is read, in place), the dense part and the dynamic keys."""
@@ -237,16 +240,17 @@ def _prefill_kernel(
         q, t, start, end, n_kept, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, T, sy_b, sy_h, sy_n,
         m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
     )
-    _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, R,
-            so_b, so_t, so_h, D, SPLITS)
+    _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, lse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, R,
+            so_b, so_t, so_h, D, SPLITS, STORE_LSE)
 
 
 @triton.jit
 def _merge_kernel(
-    po_ptr, plse_ptr, out_ptr, H, G, T, so_b, so_t, so_h,
-    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    po_ptr, plse_ptr, out_ptr, lse_ptr, H, G, T, so_b, so_t, so_h,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """Combine the SPLITS partial outputs of one query row by their log-sum-exp."""
+    """Combine the SPLITS partial outputs of one query row by their log-sum-exp (with STORE_LSE,
+    also write the row's)."""
     bh = tl.program_id(0)
     r = tl.program_id(1)
     b = bh // H
@@ -263,6 +267,8 @@ def _merge_kernel(
     o = o / tl.where(total > 0, total, 1.0)
     optr = out_ptr + b * so_b + (r // G) * so_t + (h * G + r % G) * so_h + d
     tl.store(optr, o.to(out_ptr.dtype.element_ty))
+    if STORE_LSE:
+        tl.store(lse_ptr + bh * R + r, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
 def _default_splits(device: torch.device, programs: int, max_splits: int, per_sm: int = 8) -> int:
@@ -293,6 +299,7 @@ def sparse_attention(
     capacity: int | None = None,
     pinned=None,
     read_all: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, T, D]; dyn_keys/values [B, H, Ld, D] (the dynamic part, causal, the queries
     are its last T tokens); key_valid [B, Ld] bool/int or None -> out [B, T, Hq, D] (query dtype).
@@ -301,6 +308,8 @@ def sparse_attention(
     `pinned` (a `selection.Pinned`, decode only): keys read besides the kept ranges, which skip them.
     `read_all`: `work` keeps every cluster (an exact rule), so a prefill reads the keys in place
     instead of gathering a copy of the whole context.
+    `lse` (prefill only): float32 [B, H, T * G] (rows token-major, as the programs' rows) receives
+    each query row's log-sum-exp over every key it saw.
     """
     if dyn_keys.stride() != dyn_values.stride():
         raise ValueError("dynamic keys and values must have the same layout")
@@ -330,6 +339,8 @@ def sparse_attention(
     else:
         po = plse = out
     grid = (batch * heads, m_blocks, splits)
+    if lse is not None and (tokens == 1 or lse.shape != (batch, heads, rows) or lse.dtype != torch.float32):
+        raise ValueError(f"lse must be float32 [{batch}, {heads}, {rows}] and asked of a prefill (several query tokens)")
     if pinned is not None and tokens != 1:
         raise ValueError("pinned keys are read by decode steps (one query token); a prefill reads every key")
     if tokens == 1:
@@ -361,14 +372,15 @@ def sparse_attention(
             )
         _prefill_kernel[grid](
             query, gk, gv, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values, work.nkeys, kvalid,
-            out, po, plse,
+            out, po, plse, out if lse is None else lse,
             scaling, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
             query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides,
-            D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, **common,
+            D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None, **common,
             num_warps=8 if block_m >= 128 else 4, num_stages=3,
         )
     if splits > 1:
         _merge_kernel[(batch * heads, rows)](
-            po, plse, out, heads, group, tokens, *out_strides, D=dim, SPLITS=splits, BLOCK_S=pow2(splits)
+            po, plse, out, out if lse is None else lse, heads, group, tokens, *out_strides,
+            D=dim, SPLITS=splits, BLOCK_S=pow2(splits), STORE_LSE=lse is not None,
         )
     return out
