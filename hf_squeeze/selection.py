@@ -271,7 +271,7 @@ def pin_keys(weights: torch.Tensor, index, budget) -> Pinned:
     """The keys a user input pins: those within PIN_BEFORE / PIN_AFTER context positions of the keys
     of most weight (`key_weights` [B, H, G, Nc] summed over every input step of the request so far;
     a key's weight is the largest over the query heads of its group), about `budget` per (row, KV
-    head) (an int, or [B, 1, 1] per row). A position's weight is the largest within its neighbourhood."""
+    head) (an int, [B, 1, 1] per row, or [B, H] per row and head). A position's weight is the largest within its neighbourhood."""
     if index.positions is None:
         raise ValueError(
             "this index has no key positions, which pin reads: build the cache again with this version of "
@@ -284,7 +284,8 @@ def pin_keys(weights: torch.Tensor, index, budget) -> Pinned:
     # position i takes the largest weight of positions i - PIN_AFTER .. i + PIN_BEFORE
     padded = torch.nn.functional.pad(by_position, (PIN_AFTER, PIN_BEFORE), value=-1.0)
     pooled = padded.unfold(-1, PIN_AFTER + PIN_BEFORE + 1, 1).amax(-1)
-    budget = torch.as_tensor(budget, device=weights.device).reshape(-1, 1, 1)
+    budget = torch.as_tensor(budget, device=weights.device)
+    budget = budget.reshape(batch, heads, 1) if budget.numel() == batch * heads > 1 else budget.reshape(-1, 1, 1)
     # positions, best first; equal weights (a neighbourhood shares one) in context order, so a row's
     # pins do not depend on the rows beside it
     order = pooled.sort(dim=-1, descending=True, stable=True).indices[..., : min(int(budget.max()), n)]
