@@ -237,3 +237,30 @@ def test_lookup_keeps_what_the_naive_reference_keeps(hierarchical, rule, tokens)
     expected = naive.lookup(query, index, 0.35, rule, q_valid)
     assert 0 < int(expected.sum()) < int((index.counts > 0).sum()) * 2
     assert torch.equal(kept, expected)
+
+
+def test_pins_follow_the_heaviest_keys_with_a_budget_per_row_and_head():
+    """`pin_keys`: each (row, KV head) pins its budget of context positions, best neighbourhoods
+    first (a position's weight is the largest within PIN_AFTER before / PIN_BEFORE after it); a
+    budget may differ per row and head; rows come back in index order, the mask marks them."""
+    from hf_squeeze.selection import PIN_AFTER, PIN_BEFORE, pin_keys
+
+    index = random_index()
+    heads, n = index.keys.shape[:2]
+    weights = torch.rand(2, heads, 3, n, generator=torch.Generator().manual_seed(5))
+    budget = torch.tensor([[5, 0], [40, 17]])
+    pinned = pin_keys(weights, index, budget)
+    assert pinned.count.tolist() == budget.tolist()
+    per_key = weights.amax(2)
+    for b in range(2):
+        for h in range(heads):
+            rows = pinned.rows[b, h, : budget[b, h]].long()
+            assert torch.equal(rows, rows.sort().values)  # index order
+            assert pinned.mask[b, h].sum() == budget[b, h] and bool(pinned.mask[b, h, rows].all())
+            if budget[b, h] == 0:
+                continue
+            # the best position's whole neighbourhood is pinned first
+            best = int(index.positions[h, per_key[b, h].argmax()])
+            near = [p for p in range(best - PIN_BEFORE, best + PIN_AFTER + 1) if 0 <= p < n]
+            pinned_positions = set(index.positions[h, rows].tolist())
+            assert (set(near) <= pinned_positions) if budget[b, h] >= len(near) else pinned_positions <= set(near)
