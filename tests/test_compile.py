@@ -143,3 +143,27 @@ def test_a_plain_generate_finds_the_fork_compileable(llama, context):
         llama.generate(full_prompt(context), **cache_kwargs(llama, fork), max_new_tokens=4, do_sample=False,
                        logits_processor=LogitsProcessorList([seen]), **options)
         assert seen.values == [expected] * 4 and fork.is_compileable is False
+
+
+def test_the_plan_of_a_request_compiles_on_one_device_only(llama, context):
+    """decode_plan: compileable unless disable_compile or a cache spread over devices (a model with
+    device_map="auto" keeps its eager steps); the capacity rounded up only where transformers will
+    compile (an accelerator, or a compile_config told to compile on every device)."""
+    import dataclasses
+
+    from transformers import CompileConfig
+
+    from hf_squeeze.integrations.generate import decode_plan
+
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    ids = full_prompt(context)
+    new = ids.shape[1] - context.numel()
+    assert decode_plan(llama, cache, ids, dict(max_new_tokens=10)) == (new + 10, new, True)
+    assert decode_plan(llama, cache, ids, dict(max_new_tokens=10, disable_compile=True)) == (new + 10, new, False)
+    everywhere = CompileConfig()
+    everywhere._compile_all_devices = True
+    assert decode_plan(llama, cache, ids, dict(max_new_tokens=10, compile_config=everywhere)) == (256, new, True)
+    spread = dataclasses.replace(cache.fixed, layers=(cache.fixed.layers[0], dataclasses.replace(
+        cache.fixed.layers[1], keys=cache.fixed.layers[1].keys.to("meta"))))
+    cache.fixed = spread
+    assert decode_plan(llama, cache, ids, dict(max_new_tokens=10, compile_config=everywhere)) == (new + 10, new, False)

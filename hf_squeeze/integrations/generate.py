@@ -91,11 +91,12 @@ def decode_plan(model, cache, input_ids, kwargs: dict) -> tuple[int, int, bool] 
     input is read (`SqueezedCache.plan`): its steps then have fixed shapes and no host
     synchronisation. Else None.
 
-    The cache is compileable unless the request passes `disable_compile=True`, as transformers'
-    own StaticCache: on a GPU `generate` then compiles the decode step (its `compile_config`, or
-    transformers' default: CUDA graphs) with the kernels as one custom operator; on the CPU
-    transformers runs it eagerly. The capacity of a request transformers will compile is rounded up
-    (`compiled_capacity`), so that requests of similar lengths share one compiled step."""
+    The cache is compileable, as transformers' own StaticCache, unless the request passes
+    `disable_compile=True` or the model is spread over several devices: on a GPU `generate` then
+    compiles the decode step (its `compile_config`, or transformers' default: CUDA graphs) with the
+    kernels as one custom operator; on the CPU transformers runs it eagerly. The capacity of a
+    request transformers will compile is rounded up (`compiled_capacity`), so that requests of
+    similar lengths share one compiled step."""
     config = kwargs.get("generation_config") or model.generation_config
 
     def setting(name):
@@ -109,7 +110,8 @@ def decode_plan(model, cache, input_ids, kwargs: dict) -> tuple[int, int, bool] 
     max_new = setting("max_new_tokens")
     if max_new is None:
         max_new = (setting("max_length") or 20) - length
-    compileable = not setting("disable_compile")
+    # one device: a model spread over several GPUs keeps its eager steps (as generate_greedy does)
+    compileable = not setting("disable_compile") and len({index.keys.device for index in cache.fixed.layers}) == 1
     capacity = max(new + max_new, new + 1)
     # transformers compiles on accelerators only, unless its compile_config says otherwise
     compile_config = kwargs.get("compile_config") or getattr(config, "compile_config", None)
