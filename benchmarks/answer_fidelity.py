@@ -90,9 +90,9 @@ def main():
     eos = model.generation_config.eos_token_id
     stop = {t for t in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if t is not None}
     if args.run:  # a prepared run folder (`hf-squeeze eval --prepare-only`): its samples, first contexts per task
-        per_task = {}
+        per_task, tasks = {}, set(ruler.task_names(args.tasks))
         for sample in read_samples(Path(args.run))[1]:
-            if len(per_task.setdefault(sample.task, [])) < args.contexts:
+            if sample.task in tasks and len(per_task.setdefault(sample.task, [])) < args.contexts:
                 per_task[sample.task].append(dataclasses.replace(sample, questions=sample.questions[: args.questions]))
         samples = [s for task in sorted(per_task) for s in per_task[task]]
     else:

@@ -15,6 +15,7 @@
 #   tools/device_eval.sh stage NAME PIECE              append a piece to /tmp/stage/NAME
 #   tools/device_eval.sh setup CARRY_DIR                wheels, RULER code and run folders into /tmp (once)
 #   tools/device_eval.sh run SECONDS RUN:WORKERS ...    e.g. run 500 qwen-8k:8 qwen-16k:6
+#   tools/device_eval.sh fidelity RUN [ARGS]            answer fidelity on RUN's samples (e.g. --methods ...)
 # A run folder's name says its model and length: smollm2-4k, qwen-8k, qwen-16k, qwen-32k.
 set -uo pipefail
 SITE=/tmp/site
@@ -89,6 +90,14 @@ case ${1:?command} in
     done
     # what was answered (the samples are already here): run.json, results, logs
     (cd /tmp && tar -czf "$OUT/results.tgz" runs/*.log runs/*/run.json runs/*/results-*.jsonl)
+    ;;
+  fidelity)  # benchmarks/answer_fidelity.py on a set-up run's samples, bf16, the kernels (EVAL.md)
+    run=${2:?run}
+    shift 2
+    args=$(model_args "$run") || exit 1
+    # shellcheck disable=SC2086
+    python3 benchmarks/answer_fidelity.py --run "$RUNS/$run" --device "${EVAL_DEVICE:-cuda}" --dtype bfloat16 --attention kernels \
+      --tokens "${args##* }" ${args% --length*} --out "$OUT" "$@" 2>&1 | tr '\r' '\n' | grep -v -e "it/s]" -e "s/it]"
     ;;
   *) echo "unknown command $1"; exit 2 ;;
 esac
