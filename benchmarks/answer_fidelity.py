@@ -50,18 +50,19 @@ def step_logits(model, cache, question: list[int], answer: list[int]) -> torch.T
 
 
 @torch.no_grad()
-def greedy(model, cache, question: list[int], new_tokens: int, stop: set[int]) -> list[int]:
+def greedy(model, cache, question: list[int], new_tokens: int, stop: set[int]) -> tuple[list[int], torch.Tensor]:
+    """Full attention's greedy answer, and its next-token log-probabilities along it (`step_logits`'s)."""
     fork = cache.fork()
     device = model.device
-    logits = model(torch.tensor([question], device=device), **cache_kwargs(model, fork)).logits[0, -1]
+    logits = [model(torch.tensor([question], device=device), **cache_kwargs(model, fork)).logits[0, -1]]
     tokens = []
     for _ in range(new_tokens):
-        token = int(logits.argmax())
+        token = int(logits[-1].argmax())
         tokens.append(token)
-        if token in stop:
+        if token in stop or len(tokens) == new_tokens:
             break
-        logits = model(torch.tensor([[token]], device=device), **cache_kwargs(model, fork)).logits[0, -1]
-    return tokens
+        logits.append(model(torch.tensor([[token]], device=device), **cache_kwargs(model, fork)).logits[0, -1])
+    return tokens, torch.stack(logits).float().log_softmax(-1)
 
 
 def main():
@@ -103,8 +104,7 @@ def main():
         caches = ContextCaches(model, context)
         built = {m.name: caches.cache([m], kernels=args.attention == "kernels") for m in methods}
         for q_index, question in enumerate(questions):
-            answer = greedy(model, built["full"], question, args.new_tokens, stop)
-            want = step_logits(model, built["full"], question, answer)
+            answer, want = greedy(model, built["full"], question, args.new_tokens, stop)
             for method in methods[1:]:
                 got = step_logits(model, built[method.name], question, answer)
                 agree = (got.argmax(-1) == torch.tensor(answer)).float()

@@ -219,10 +219,8 @@ class SqueezedCache(Cache):
     def stats(self) -> dict:
         """Size of the index, and what attention read since this cache was forked."""
         first = self.fixed.layers[0]
-        for layer in self.layers:
-            layer.attention.fold_compiled_steps()
+        totals = [layer.attention.read_and_scored() for layer in self.layers]  # folds in compiled steps first
         selections = sum(layer.attention.selections for layer in self.layers)
-        totals = [layer.attention.read_and_scored() for layer in self.layers]
         read, scored = sum(r for r, _ in totals), sum(s for _, s in totals)
         return {
             "fixed_tokens": self.fixed.num_tokens,

@@ -339,8 +339,10 @@ def sparse_attention(
     else:
         po = plse = out
     grid = (batch * heads, m_blocks, splits)
-    if lse is not None and (tokens == 1 or lse.shape != (batch, heads, rows) or lse.dtype != torch.float32):
-        raise ValueError(f"lse must be float32 [{batch}, {heads}, {rows}] and asked of a prefill (several query tokens)")
+    if lse is not None and (tokens == 1 or lse.shape != (batch, heads, rows) or lse.dtype != torch.float32
+                            or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous float32 [{batch}, {heads}, {rows}] tensor, asked of a prefill "
+                         "(several query tokens)")
     if pinned is not None and tokens != 1:
         raise ValueError("pinned keys are read by decode steps (one query token); a prefill reads every key")
     if tokens == 1:
