@@ -151,3 +151,21 @@ def test_a_squeezed_method_alone_takes_the_kernel_path(tiny, context, monkeypatc
         read, _ = request.row_stats()
         assert len(read) == 2 and all(0 < r < 1 for r in read)
     torch.testing.assert_close(results[True], results[False], atol=1e-4, rtol=1e-4)
+
+
+def test_enough_questions_stops_each_task_at_its_count():
+    from hf_squeeze import ruler
+    from hf_squeeze.eval import enough_questions
+
+    def sample(task, i, questions):
+        qs = [ruler.Question(f"q{k}", "", [str(k)]) for k in range(questions)]
+        return ruler.Sample(f"{task}-{i}", task, "niah", [], "context", qs, 8)
+
+    # round-robin, as a run's samples are: one task asks 4 questions per context, the other 1
+    samples = [s for i in range(6) for s in (sample("multi", i, 4), sample("single", i, 1))]
+    picked = enough_questions(samples, 5)
+    assert [s.id for s in picked] == ["multi-0", "single-0", "multi-1", "single-1", "single-2", "single-3", "single-4"]
+    assert enough_questions(samples, None) is samples
+    assert len(enough_questions(samples, 100)) == len(samples)
+    with pytest.raises(ValueError, match="questions_per_task"):
+        enough_questions(samples, 0)

@@ -67,6 +67,25 @@ def prepare(folder, tokenizer, *, model: str, max_seq_length: int, tasks="all", 
     return spec, _interleave(samples)
 
 
+def enough_questions(samples: list[ruler.Sample], questions_per_task: int | None) -> list[ruler.Sample]:
+    """The run's samples in order, each task's only until they hold `questions_per_task` questions.
+
+    A task that asks several questions per context reaches the count with fewer contexts (four
+    questions per context: 13 contexts give 52), so a run aiming at N questions per task answers no
+    more contexts than it needs. None: every sample. Deterministic, so a resumed run picks the same.
+    """
+    if questions_per_task is None:
+        return samples
+    if questions_per_task < 1:
+        raise ValueError(f"questions_per_task={questions_per_task} must be >= 1 (or None for every sample)")
+    held, picked = {}, []
+    for s in samples:
+        if held.get(s.task, 0) < questions_per_task:
+            picked.append(s)
+            held[s.task] = held.get(s.task, 0) + len(s.questions)
+    return picked
+
+
 def _worker(rank, workers, folder, samples, methods, spec, device, counter, time_limit, progress, model, tokenizer,
             decode):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
@@ -86,14 +105,15 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
              tasks="all", contexts_per_task: int = 10, questions_per_context: int = 4, methods=None,
              max_new_tokens: dict | None = None, device: str = "cpu", dtype=torch.float32, workers: int = 1,
              time_limit: float | None = None, seed: int = 42, progress: bool = True, loaded=None,
-             attention: str = "reference", decode: str = "generate") -> dict:
+             attention: str = "reference", decode: str = "generate", questions_per_task: int | None = None) -> dict:
     """Run (or resume) an evaluation in `folder` and write its report; returns the report's summary.
 
     workers > 1 forks that many processes after loading the model once on the CPU; each moves it to
     `device` and takes contexts from a shared counter (the torch path is bound by kernel launches,
     so one GPU serves several processes). `loaded`: an already loaded (model, tokenizer). `decode`:
     "generate" (model.generate, methods sharing an index batched) or "greedy" (`generate_greedy` per
-    answer: CUDA graphs on a GPU; see `runner.evaluate_sample`).
+    answer: CUDA graphs on a GPU; see `runner.evaluate_sample`). `questions_per_task`: answer each
+    task's contexts in order only until they hold that many questions (`enough_questions`).
     """
     from .models import load_model
 
@@ -107,6 +127,7 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
                             tasks=tasks, contexts_per_task=contexts_per_task, questions_per_context=questions_per_context,
                             methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress, dtype=dtype,
                             attention=attention)
+    samples = enough_questions(samples, questions_per_task)
     if workers <= 1:
         run_samples(model_obj.to(device), tokenizer, folder, samples, methods, spec, time_limit=time_limit,
                     progress=progress, decode=decode)
@@ -133,6 +154,7 @@ __all__ = [
     "Method",
     "RunSpec",
     "default_methods",
+    "enough_questions",
     "parse_methods",
     "prepare",
     "read_results",

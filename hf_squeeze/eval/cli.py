@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    help="generate: model.generate, methods sharing an index batched; greedy: generate_greedy per "
                         "answer, its decode a replayed CUDA graph on a GPU (same answers, far fewer launches); "
                         "compiled: the same, its decode step through torch.compile first")
+    p.add_argument("--questions-per-task", type=int,
+                   help="answer each task's contexts in order only until they hold this many questions (a task "
+                        "with 4 questions per context needs a quarter of the contexts); default: every context")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the device (each holds the model)")
     p.add_argument("--time-limit", type=float, help="seconds after which no new answer is started")
     p.add_argument("--prepare-only", action="store_true", help="build the samples into --out and stop")
@@ -64,6 +67,8 @@ def cmd_eval(args) -> int:
     ruler.task_names(args.tasks)
     if args.workers < 1 or args.contexts < 1 or args.questions < 1 or args.length < 256:
         raise ValueError("--workers, --contexts and --questions must be >= 1 and --length >= 256")
+    if args.questions_per_task is not None and args.questions_per_task < 1:
+        raise ValueError("--questions-per-task must be >= 1 (leave it out to answer every context)")
     caps = None
     if args.max_new_tokens:
         caps = {family: args.max_new_tokens for family in ruler.FAMILIES}
@@ -79,7 +84,7 @@ def cmd_eval(args) -> int:
                       tasks=args.tasks, contexts_per_task=args.contexts, questions_per_context=args.questions,
                       methods=methods, max_new_tokens=caps, device=args.device, dtype=getattr(torch, args.dtype),
                       workers=args.workers, time_limit=args.time_limit, attention=args.attention,
-                      decode=args.decode)
+                      decode=args.decode, questions_per_task=args.questions_per_task)
     from .report import markdown
 
     for summary in result["summaries"]:
