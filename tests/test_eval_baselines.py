@@ -169,3 +169,23 @@ def test_enough_questions_stops_each_task_at_its_count():
     assert len(enough_questions(samples, 100)) == len(samples)
     with pytest.raises(ValueError, match="questions_per_task"):
         enough_questions(samples, 0)
+
+
+def test_report_judges_the_issue_targets_with_paired_errors():
+    from hf_squeeze.eval.report import AVERAGE, _targets
+
+    def rows(method, budget, gap, se, scores):
+        task = dict(task="vt", method=method, budget=budget, score=sum(scores) / len(scores), scores=scores)
+        return [task, dict(task=AVERAGE, method=method, budget=budget, gap=gap, gap_se=se)]
+
+    quest = [100.0, 100.0, 0.0, 100.0]
+    summary = dict(tasks=["vt"], methods=["full", "flat-topk+exact+pin0.5-0.1", "quest-0.0625"], table=(
+        rows("full", 1.0, 0.0, 0.0, [100.0] * 4)
+        + rows("flat-topk+exact+pin0.5-0.1", 0.125, -0.9, 0.5, [0.0, 0.0, 100.0, 100.0])
+        + rows("quest-0.0625", 0.125, -25.0, 5.0, quest)))
+    (line,) = _targets(summary)
+    assert "average gap -0.90 ± 0.50: met (target >= -1)" in line
+    # paired differences -100, -100, +100, 0: mean -25, standard error 47.9: below, but within one
+    assert "vt (50.0 vs 75.0: -25.0 ± 47.9, within a standard error)" in line
+    summary["table"][3]["gap"] = -1.5
+    assert "missed by 0.50 points, but within two standard errors (1.00) of the target -1" in _targets(summary)[0]

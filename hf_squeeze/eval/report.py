@@ -68,6 +68,7 @@ def summarize(folder: Path) -> dict:
                 budget=method.budget, contexts=sum(1 for s in complete if s.task == task), questions=len(mine),
                 score=_mean(mine), score_se=_se(mine), gap=gaps_by_task[task][0], gap_se=gaps_by_task[task][1],
                 read_fraction=_mean([x for x in reads if x == x]), centroids_scored=_mean([x for x in scored if x == x]),
+                scores=mine,  # per question, in the same order for every method (not written to the CSV)
             ))
         gap_values = [g for g, _ in gaps_by_task.values()]
         ses = [se for _, se in gaps_by_task.values()]
@@ -93,37 +94,54 @@ def _row(summary, method, task):
     return None
 
 
-def _verdict(row) -> str:
-    """'gap >= -0.5 point' judged on the estimate, with the run's noise (two standard errors) said."""
+# The accuracy targets (issue "Faithful at 8x"): the gap to full attention, in points, of the
+# default at budget ~0.33 (keep 0.3) and at the 8x budget (0.125).
+TARGETS = {"keep 0.3": -0.5, "8x budget": -1.0}
+
+
+def _verdict(row, target: float) -> str:
+    """'gap >= target' judged on the estimate, with the run's noise (two standard errors) said."""
     gap, se = row["gap"], row["gap_se"]
-    if gap >= -0.5:
-        return "met (no loss beyond 0.5 point)"
-    if se == se and gap + 2 * se >= -0.5:
-        return f"missed by {-0.5 - gap:.2f} points, but within two standard errors ({2 * se:.2f}) of the target"
-    return f"missed by {-0.5 - gap:.2f} points, beyond two standard errors ({2 * se:.2f})"
+    if gap >= target:
+        return f"met (target >= {target:g})"
+    if se == se and gap + 2 * se >= target:
+        return f"missed by {target - gap:.2f} points, but within two standard errors ({2 * se:.2f}) of the target {target:g}"
+    return f"missed by {target - gap:.2f} points, beyond two standard errors ({2 * se:.2f}) of the target {target:g}"
+
+
+def _below(summary, name, other, task) -> tuple[float, float]:
+    """Paired per-question difference of `name` and `other` on `task`: (mean, standard error)."""
+    mine, theirs = _row(summary, name, task)["scores"], _row(summary, other, task)["scores"]
+    diffs = [a - b for a, b in zip(mine, theirs)]
+    return _mean(diffs), _se(diffs)
 
 
 def _targets(summary) -> list[str]:
-    """The issue's targets, checked on this run: keep 0.3 equals full; 8x budget within 0.5 and >= Quest."""
+    """The issue's targets, checked on this run (`TARGETS`; at 8x also: no task below Quest by more
+    than a standard error of the paired difference)."""
     lines = []
     methods = summary["methods"]
     if "full" not in methods:
         return lines
     for name in [m for m in methods if m.endswith("-0.3") and not m.startswith(("quest", "streaming", "oracle"))]:
         r = _row(summary, name, AVERAGE)
-        lines.append(f"- keep 0.3, {name}: average gap {r['gap']:+.2f} ± {r['gap_se']:.2f} points: {_verdict(r)}")
+        lines.append(f"- keep 0.3, {name} (budget {r['budget']:g}): average gap {r['gap']:+.2f} ± {r['gap_se']:.2f} "
+                     f"points: {_verdict(r, TARGETS['keep 0.3'])}")
     quest = next((m for m in methods if m.startswith("quest-") and abs(_row(summary, m, AVERAGE)["budget"] - 0.125) < 1e-6), None)
     oracle = next((m for m in methods if m.startswith("oracle-") and abs(_row(summary, m, AVERAGE)["budget"] - 0.125) < 1e-6), None)
     for name in [m for m in methods if m.endswith("-0.1") and m.startswith(("flat", "hier"))]:
         r = _row(summary, name, AVERAGE)
-        text = f"- 8x budget, {name} (budget {r['budget']:g}): average gap {r['gap']:+.2f} ± {r['gap_se']:.2f}: {_verdict(r)}"
+        text = (f"- 8x budget, {name} (budget {r['budget']:g}): average gap {r['gap']:+.2f} ± {r['gap_se']:.2f}: "
+                f"{_verdict(r, TARGETS['8x budget'])}")
         if quest:
             worse = []
             for task in summary["tasks"]:
-                mine, theirs = _row(summary, name, task)["score"], _row(summary, quest, task)["score"]
-                if mine < theirs:
-                    worse.append(f"{task} ({mine:.1f} vs {theirs:.1f}"
-                                 + (f", oracle {_row(summary, oracle, task)['score']:.1f}" if oracle else "") + ")")
+                diff, se = _below(summary, name, quest, task)
+                if diff < 0:
+                    beyond = "beyond" if diff + se < 0 else "within"
+                    worse.append(f"{task} ({_row(summary, name, task)['score']:.1f} vs {_row(summary, quest, task)['score']:.1f}: "
+                                 f"{diff:+.1f} ± {se:.1f}, {beyond} a standard error"
+                                 + (f"; oracle {_row(summary, oracle, task)['score']:.1f}" if oracle else "") + ")")
             text += f"; below {quest} (budget 0.125) on: {', '.join(worse) if worse else 'no task'}"
         lines.append(text)
     return lines
