@@ -22,9 +22,12 @@ def on_device(device):
 
 
 def synchronized_clock(gpus) -> float:
-    """`time.perf_counter()` once every GPU in `gpus` has finished its queued work."""
+    """`time.perf_counter()` once the work this thread queued on each GPU in `gpus` (its current
+    stream there) has finished. Not the whole device: threads of one process answering side by
+    side on their own streams do not wait for each other, and a thread capturing a CUDA graph is
+    not disturbed by another's clock."""
     for gpu in gpus:
-        torch.cuda.synchronize(gpu)
+        torch.cuda.current_stream(gpu).synchronize()
     return time.perf_counter()
 
 

@@ -222,7 +222,8 @@ def _decode(forward, model, cache, out: torch.Tensor, prompt: int, cuda_graph: b
         times.capture = synchronized_clock(gpus) - start
         return 2
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads of the process may allocate or launch on their own streams meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
     times.capture = synchronized_clock(gpus) - start
     start = synchronized_clock(gpus)

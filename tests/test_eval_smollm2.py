@@ -98,5 +98,14 @@ def test_greedy_decode_answers_as_generate(smollm2, tmp_path):
         assert [q["pred"] for q in alone["questions"]] == [q["pred"] for q in batched["questions"]], key
         assert alone["batch_rows"] == 1
         assert alone["read_fraction"] == pytest.approx(batched["read_fraction"], abs=0.03), key
+    # threads of one process (each on its own CUDA stream on a GPU) answer as one thread does
+    run_eval(tmp_path / "threads", decode="greedy", threads=2, **kwargs)
+    threaded = {(r["sample"], r["method"]): r for r in read_results(tmp_path / "threads")}
+    assert threaded.keys() == rows["greedy"].keys()
+    for key, row in threaded.items():
+        assert [q["pred"] for q in row["questions"]] == [q["pred"] for q in rows["greedy"][key]["questions"]], key
+    assert (tmp_path / "threads" / "results-0-0.jsonl").is_file()
     with pytest.raises(ValueError, match="decode='fast'"):
         run_eval(tmp_path / "bad", decode="fast", **kwargs)
+    with pytest.raises(ValueError, match="threads=0"):
+        run_eval(tmp_path / "bad", threads=0, **kwargs)

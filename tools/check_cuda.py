@@ -10,7 +10,8 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
   keep=1 logits within 1e-4, same tokens at keep=1 and keep=0.2;
 - `generate_greedy` (decode step replayed as a CUDA graph): same tokens as `model.generate`, squeezed
   and with a dense StaticCache; the evaluation's caches (full, the default, Quest, the oracle) give
-  the tokens and reads of the eager loop;
+  the tokens and reads of the eager loop, and six answers in threads at once, each on its own
+  stream, the tokens of one thread;
 - the GPU K-means builds the same index whatever layers share its batch (as on several GPUs).
 """
 
@@ -168,6 +169,27 @@ def main():
         check(f"eval {method.name} CUDA graph tokens == eager loop", torch.equal(got, want))
         check(f"eval {method.name} CUDA graph reads == eager loop", abs(reads[0] - reads[1]) < 1e-9,
               f"read fraction {reads[0]:.4f} vs {reads[1]:.4f}")
+    # Threads of one process (hf-squeeze eval --threads): each on its own stream, capturing and
+    # replaying its own graphs while the others run, gives the tokens of one thread alone.
+    import threading
+
+    methods = parse_methods("full,flat-topk+exact+pin0.5-0.1,oracle@0.125") * 2
+    alone = [generate_greedy(model, full, caches.cache([m], kernels=m.family != "oracle").fork(), 24) for m in methods]
+    side_by_side = [None] * len(methods)
+
+    def answer(i):
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            method = methods[i]
+            side_by_side[i] = generate_greedy(model, full, caches.cache([method], kernels=method.family != "oracle").fork(), 24)
+            torch.cuda.current_stream().synchronize()
+
+    pool = [threading.Thread(target=answer, args=(i,)) for i in range(len(methods))]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    check("eval threads on their own streams: tokens == one thread",
+          all(b is not None and torch.equal(a, b) for a, b in zip(alone, side_by_side)))
     model.set_attn_implementation("sdpa")
     static = StaticCache(config=model.config, max_cache_len=full.shape[1] + 24)
     got = generate_greedy(model, full, static, 24)

@@ -8,7 +8,8 @@
 # side by side (several worker processes each: a step is bound by kernel launches, not by the GPU;
 # answers decode through generate_greedy's CUDA graphs; EVAL_DECODE=compiled compiles the step
 # first, EVAL_DECODE=generate batches model.generate; EVAL_QUESTIONS=50 answers each task's contexts
-# only until they hold 50 questions), stops starting
+# only until they hold 50 questions; EVAL_THREADS=T runs T threads per worker process, each on
+# its own CUDA stream), stops starting
 # new work after SECONDS, and packs what was answered into $OUT. Runs
 # resume: the same command again continues where the last one stopped.
 #
@@ -78,7 +79,7 @@ case ${1:?command} in
       # shellcheck disable=SC2086
       timeout $((seconds + 120)) python3 -m hf_squeeze.cli eval --out "$RUNS/$run" --device "${EVAL_DEVICE:-cuda}" --workers "$workers" \
         --time-limit "$seconds" --contexts "$contexts" --methods "$methods" --dtype "$dtype" --attention "$attention" \
-        --decode "${EVAL_DECODE:-greedy}" ${EVAL_QUESTIONS:+--questions-per-task $EVAL_QUESTIONS} $args > "$RUNS/$run.log" 2>&1 &
+        --decode "${EVAL_DECODE:-greedy}" ${EVAL_QUESTIONS:+--questions-per-task $EVAL_QUESTIONS} --threads "${EVAL_THREADS:-1}" $args > "$RUNS/$run.log" 2>&1 &
     done
     sleep "${FIRST_LOOK:-120}"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv; progress
     wait

@@ -18,7 +18,7 @@ import torch
 from .. import ruler
 from .methods import Method, default_methods, parse_methods
 from .report import write_report
-from .runner import RunSpec, read_results, read_samples, run_samples, write_samples
+from .runner import RunSpec, answer_in_threads, read_results, read_samples, shared_claim, write_samples
 
 # Generation caps per task family. RULER's lengths except NIAH (128): every NIAH answer here, four
 # 7-digit values or one UUID with the answer prefix already given, fits in 64 tokens, and a model
@@ -87,7 +87,7 @@ def enough_questions(samples: list[ruler.Sample], questions_per_task: int | None
 
 
 def _worker(rank, workers, folder, samples, methods, spec, device, counter, time_limit, progress, model, tokenizer,
-            decode):
+            decode, threads):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
     model = model.to(device)
 
@@ -97,15 +97,16 @@ def _worker(rank, workers, folder, samples, methods, spec, device, counter, time
             counter.value += 1
         return i if i < len(samples) else None
 
-    run_samples(model, tokenizer, folder, samples, methods, spec, claim=claim, worker=f"{os.getpid()}",
-                time_limit=time_limit, progress=progress, decode=decode)
+    answer_in_threads(model, tokenizer, folder, samples, methods, spec, claim=claim, worker=f"{os.getpid()}",
+                      threads=threads, time_limit=time_limit, progress=progress, decode=decode)
 
 
 def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, max_seq_length: int = 4096,
              tasks="all", contexts_per_task: int = 10, questions_per_context: int = 4, methods=None,
              max_new_tokens: dict | None = None, device: str = "cpu", dtype=torch.float32, workers: int = 1,
              time_limit: float | None = None, seed: int = 42, progress: bool = True, loaded=None,
-             attention: str = "reference", decode: str = "generate", questions_per_task: int | None = None) -> dict:
+             attention: str = "reference", decode: str = "generate", questions_per_task: int | None = None,
+             threads: int = 1) -> dict:
     """Run (or resume) an evaluation in `folder` and write its report; returns the report's summary.
 
     workers > 1 forks that many processes after loading the model once on the CPU; each moves it to
@@ -114,6 +115,8 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
     "generate" (model.generate, methods sharing an index batched) or "greedy" (`generate_greedy` per
     answer: CUDA graphs on a GPU; see `runner.evaluate_sample`). `questions_per_task`: answer each
     task's contexts in order only until they hold that many questions (`enough_questions`).
+    `threads`: per process, threads answering side by side, each on its own CUDA stream
+    (`runner.answer_in_threads`).
     """
     from .models import load_model
 
@@ -128,15 +131,18 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
                             methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress, dtype=dtype,
                             attention=attention)
     samples = enough_questions(samples, questions_per_task)
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1")
     if workers <= 1:
-        run_samples(model_obj.to(device), tokenizer, folder, samples, methods, spec, time_limit=time_limit,
-                    progress=progress, decode=decode)
+        answer_in_threads(model_obj.to(device), tokenizer, folder, samples, methods, spec,
+                          claim=shared_claim(len(samples)), worker="0", threads=threads, time_limit=time_limit,
+                          progress=progress, decode=decode)
     else:
         context = multiprocessing.get_context("fork")
         counter = context.Value("i", 0)
         procs = [
             context.Process(target=_worker, args=(rank, workers, folder, samples, methods, spec, device, counter,
-                                                  time_limit, progress, model_obj, tokenizer, decode))
+                                                  time_limit, progress, model_obj, tokenizer, decode, threads))
             for rank in range(workers)
         ]
         for p in procs:

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
                    help="answer each task's contexts in order only until they hold this many questions (a task "
                         "with 4 questions per context needs a quarter of the contexts); default: every context")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the device (each holds the model)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per process, each on its own CUDA stream (processes sharing a GPU take turns on "
+                        "it; threads of one process can run their kernels side by side)")
     p.add_argument("--time-limit", type=float, help="seconds after which no new answer is started")
     p.add_argument("--prepare-only", action="store_true", help="build the samples into --out and stop")
     p.add_argument("--report", nargs="+", metavar="RUN", help="tabulate these run folders into --out; run nothing")
@@ -65,6 +68,8 @@ def cmd_eval(args) -> int:
         return 0
     methods = parse_methods(args.methods)  # fail on bad arguments before any model loads
     ruler.task_names(args.tasks)
+    if args.threads < 1:
+        raise ValueError("--threads must be >= 1")
     if args.workers < 1 or args.contexts < 1 or args.questions < 1 or args.length < 256:
         raise ValueError("--workers, --contexts and --questions must be >= 1 and --length >= 256")
     if args.questions_per_task is not None and args.questions_per_task < 1:
@@ -84,7 +89,8 @@ def cmd_eval(args) -> int:
                       tasks=args.tasks, contexts_per_task=args.contexts, questions_per_context=args.questions,
                       methods=methods, max_new_tokens=caps, device=args.device, dtype=getattr(torch, args.dtype),
                       workers=args.workers, time_limit=args.time_limit, attention=args.attention,
-                      decode=args.decode, questions_per_task=args.questions_per_task)
+                      decode=args.decode, questions_per_task=args.questions_per_task,
+                      threads=args.threads)
     from .report import markdown
 
     for summary in result["summaries"]:

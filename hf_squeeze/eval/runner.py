@@ -12,8 +12,11 @@ A run lives in one folder:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,8 +165,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _sync(device):
+    """Wait for the work this thread queued (its current stream: see `eval.answer_in_threads`)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 DECODES = ("generate", "greedy", "compiled")
@@ -281,3 +285,65 @@ def run_samples(model, tokenizer, folder: Path, samples: list[ruler.Sample], met
         written += evaluate_sample(model, tokenizer, samples[i], methods, spec, writer, done, deadline, bar, decode)
     bar.close()
     return written
+
+
+def shared_claim(count: int):
+    """A thread-safe `claim` for `run_samples`: hands out 0 ... count - 1 once each, then None."""
+    lock, state = threading.Lock(), {"next": 0}
+
+    def claim():
+        with lock:
+            i = state["next"]
+            state["next"] += 1
+        return i if i < count else None
+
+    return claim
+
+
+def answer_in_threads(model, tokenizer, folder: Path, samples: list[ruler.Sample], methods: list[Method], spec: RunSpec,
+                      *, claim, worker: str, threads: int = 1, **kwargs) -> int:
+    """`run_samples` in `threads` threads of this process, sharing the model and `claim`, each on its
+    own CUDA stream and with its own result file; returns lines written.
+
+    Processes sharing a GPU take turns on it (one CUDA context at a time), while the kernels that
+    threads of one process queue on their own streams can run side by side: a decode step of a
+    small model is hundreds of kernels that each fill a few of the GPU's multiprocessors. The first
+    thread answers one sample alone first (compiling the kernels once); a thread's error is raised
+    here once all have stopped.
+    """
+    if threads <= 1:
+        return run_samples(model, tokenizer, folder, samples, methods, spec, claim=claim, worker=worker, **kwargs)
+    device = model.device
+    warm = threading.Event()
+    calls = {"first": 0}
+    written, errors = [0] * threads, []
+
+    def first_claim():  # the first thread's second claim: its first sample is answered
+        calls["first"] += 1
+        if calls["first"] == 2:
+            warm.set()
+        return claim()
+
+    def answer(t: int):
+        try:
+            if t:
+                warm.wait()
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                written[t] = run_samples(model, copy.deepcopy(tokenizer), folder, samples, methods, spec,
+                                         claim=first_claim if t == 0 else claim, worker=f"{worker}-{t}", **kwargs)
+        except BaseException as error:  # noqa: BLE001 - raised below, after every thread stopped
+            errors.append(error)
+        finally:
+            if t == 0:
+                warm.set()
+
+    pool = [threading.Thread(target=answer, args=(t,), name=f"eval-{worker}-{t}") for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {threads} eval threads failed; finished answers are saved: run the "
+                           "same command again to resume") from errors[0]
+    return sum(written)
