@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The RULER runs of EVAL.md on the GPU machine, which has no network, no `gguf`, and takes files of
-# at most 64 MiB per command, the tree included (about 8 MB). The GGUFs travel in 50 MiB pieces
-# (`split -b 50M -d -a 2 FILE .device-carry/NAME/part.`; one command each, appended under
+# at most 64 MiB per command, the tree included (about 16 MB). The GGUFs travel in 40 MiB pieces
+# (`split -b 40M -d -a 2 FILE .device-carry/NAME/part.`; one command each, appended under
 # /tmp/stage, which survives while the machine stays warm); the run folders (samples built
 # here with `hf-squeeze eval --prepare-only`) travel xz-compressed with the gguf wheel and the RULER
 # code (its haystack data is not needed once the samples exist). `run` evaluates the listed runs
