@@ -109,3 +109,5 @@ def test_greedy_decode_answers_as_generate(smollm2, tmp_path):
         run_eval(tmp_path / "bad", decode="fast", **kwargs)
     with pytest.raises(ValueError, match="threads=0"):
         run_eval(tmp_path / "bad", threads=0, **kwargs)
+    with pytest.raises(ValueError, match="decode='compiled'"):
+        run_eval(tmp_path / "bad", threads=2, decode="compiled", **kwargs)

@@ -133,6 +133,9 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
     samples = enough_questions(samples, questions_per_task)
     if threads < 1:
         raise ValueError(f"threads={threads} must be >= 1")
+    if threads > 1 and decode == "compiled":
+        raise ValueError("threads > 1 with decode='compiled': torch.compile does not compile from several threads "
+                         "at once; use decode='greedy' (CUDA graphs) with threads, or one thread")
     if workers <= 1:
         answer_in_threads(model_obj.to(device), tokenizer, folder, samples, methods, spec,
                           claim=shared_claim(len(samples)), worker="0", threads=threads, time_limit=time_limit,

@@ -70,6 +70,9 @@ def cmd_eval(args) -> int:
     ruler.task_names(args.tasks)
     if args.threads < 1:
         raise ValueError("--threads must be >= 1")
+    if args.threads > 1 and args.decode == "compiled":
+        raise ValueError("--threads > 1 with --decode compiled: torch.compile does not compile from several threads "
+                         "at once; use --decode greedy with threads")
     if args.workers < 1 or args.contexts < 1 or args.questions < 1 or args.length < 256:
         raise ValueError("--workers, --contexts and --questions must be >= 1 and --length >= 256")
     if args.questions_per_task is not None and args.questions_per_task < 1:
