@@ -221,10 +221,19 @@ def _decode(forward, model, cache, out: torch.Tensor, prompt: int, cuda_graph: b
     if steps == 1 or stop.reached(out, 2):
         times.capture = synchronized_clock(gpus) - start
         return 2
+    # Captured on this call's own stream, and not through `torch.cuda.graph`, whose entry synchronises
+    # the whole device and empties the allocator's cache and whose default capture stream is one per
+    # process: threads of one process may be answering beside this one (`hf-squeeze eval --threads`);
+    # "thread_local": what they do meanwhile does not disturb the capture.
     graph = torch.cuda.CUDAGraph()
-    # thread_local: other threads of the process may allocate or launch on their own streams meanwhile
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        step()
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            step()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(side)
     times.capture = synchronized_clock(gpus) - start
     start = synchronized_clock(gpus)
     replays = 0  # tokens 2 ... 1 + replays are written
