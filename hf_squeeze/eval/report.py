@@ -94,8 +94,8 @@ def _row(summary, method, task):
     return None
 
 
-# The accuracy targets (issue "Faithful at 8x"): the gap to full attention, in points, of the
-# default at budget ~0.33 (keep 0.3) and at the 8x budget (0.125).
+# The accuracy targets: the least gap to full attention, in points, at budget ~0.33 (keep 0.3)
+# and at the 8x budget (0.125).
 TARGETS = {"keep 0.3": -0.5, "8x budget": -1.0}
 
 
@@ -117,7 +117,7 @@ def _below(summary, name, other, task) -> tuple[float, float]:
 
 
 def _targets(summary) -> list[str]:
-    """The issue's targets, checked on this run (`TARGETS`; at 8x also: no task below Quest by more
+    """The accuracy targets, checked on this run (`TARGETS`; at 8x also: no task below Quest by more
     than a standard error of the paired difference)."""
     lines = []
     methods = summary["methods"]

@@ -165,7 +165,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _sync(device):
-    """Wait for the work this thread queued (its current stream: see `eval.answer_in_threads`)."""
+    """Wait for the work this thread queued (its current stream: see `answer_in_threads`)."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
