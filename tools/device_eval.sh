@@ -28,10 +28,12 @@ QWEN=Qwen2.5-Coder-0.5B-Instruct.gguf
 QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export PYTHONPATH=$PWD:$SITE PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
+lines() { cat "$RUNS/$1"/results-*.jsonl 2>/dev/null | wc -l; }
+
 progress() {
   for run in "$RUNS"/*/; do
     [ -f "$run/run.json" ] || continue
-    echo "$(basename "$run"): $(cat "$run"/results-*.jsonl 2>/dev/null | wc -l) (sample, method) lines"
+    echo "$(basename "$run"): $(lines "$(basename "$run")") (sample, method) lines"
   done
 }
 
@@ -69,6 +71,9 @@ case ${1:?command} in
       touch /tmp/stage/$QWEN.ok
     fi
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    declare -A before
+    for item in "$@"; do before[${item%%:*}]=$(lines "${item%%:*}"); done
+    started=$(date +%s)
     for item in "$@"; do
       run=${item%%:*} workers=${item##*:}
       args=$(model_args "$run") || exit 1
@@ -84,6 +89,11 @@ case ${1:?command} in
     sleep "${FIRST_LOOK:-120}"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv; progress
     wait
     progress
+    elapsed=$(( $(date +%s) - started ))
+    for item in "$@"; do  # the throughput of this call (model loading included), to compare settings
+      run=${item%%:*} added=$(( $(lines "${item%%:*}") - ${before[${item%%:*}]} ))
+      echo "$run: +$added lines in ${elapsed} s ($(python3 -c "print(round($added / max($elapsed, 1), 2))") lines/s; workers ${item##*:}, threads ${EVAL_THREADS:-1})"
+    done
     for item in "$@"; do
       run=${item%%:*}
       python3 -m hf_squeeze.cli eval --out "$RUNS/$run/report" --report "$RUNS/$run" > /dev/null 2>&1 || echo "report failed: $run"
