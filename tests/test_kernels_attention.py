@@ -85,6 +85,26 @@ def test_decode_reads_pinned_keys_once(dtype, kind, group, splits):
     assert (got - without).abs().max() > 1e-3  # the pins changed what was read
 
 
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_dynamic_part_read_in_place_from_a_larger_buffer(tokens, monkeypatch):
+    """A cache layer's dynamic part is a view of a buffer with room to grow: the kernels read it
+    through its strides, without a copy per step, and give what a contiguous copy gives."""
+    index = make_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=tokens, dyn_len=tokens + 6)
+    room = [torch.randn(*dyn_k.shape[:2], dyn_k.shape[2] + 11, dyn_k.shape[3], device=DEVICE) for _ in range(2)]
+    for buffer, part in zip(room, (dyn_k, dyn_v)):
+        buffer[:, :, : part.shape[2]] = part
+    views = [buffer[:, :, : dyn_k.shape[2]] for buffer in room]
+    assert not views[0].is_contiguous()
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda self, *a, **k: copies.append(self.shape) or real(self, *a, **k) if not self.is_contiguous() else self)
+    got, expected = run_kernels(index, FLAT_RULES["budget"], query, *views)
+    assert tuple(views[0].shape) not in [tuple(c) for c in copies]
+    assert_close(got, expected, torch.float32)
+
+
 def test_two_level_decode_reads_pinned_keys_once():
     index = make_hier_index()
     query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=9)

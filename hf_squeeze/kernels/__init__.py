@@ -88,7 +88,10 @@ def attend(
     row's log-sum-exp (`sparse_attention`)."""
     if query.stride(-1) != 1:
         query = query.contiguous()
-    dyn_keys, dyn_values = dyn_keys.contiguous(), dyn_values.contiguous()
+    # A cache layer's dynamic part is a view of a buffer with room to grow: read in place through
+    # its strides (a copy would cost two launches and the whole part per layer and step).
+    if dyn_keys.stride(-1) != 1 or dyn_keys.stride() != dyn_values.stride():
+        dyn_keys, dyn_values = dyn_keys.contiguous(), dyn_values.contiguous()
     if rule.exact:
         threshold, budget, coarse_threshold, coarse_budget = float("-inf"), None, float("-inf"), None
     else:
