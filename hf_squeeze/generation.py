@@ -213,8 +213,12 @@ def _decode(forward, model, cache, out: torch.Tensor, prompt: int, cuda_graph: b
     # views of the index outside the capture. Capturing runs the Python of a step without running
     # its kernels, so it produces no token; the replays produce tokens 2 ... steps.
     start = synchronized_clock(gpus)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    # Capture needs a stream other than the default one. A caller already on its own stream (the
+    # eval's threads) captures there: `torch.cuda.Stream()` hands out a fixed pool's streams in
+    # turn, so a new one per call would, some calls later, be a stream another thread is using.
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device) if current == torch.cuda.default_stream(device) else current
+    side.wait_stream(current)
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream(device).wait_stream(side)

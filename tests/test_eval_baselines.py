@@ -171,7 +171,7 @@ def test_enough_questions_stops_each_task_at_its_count():
         enough_questions(samples, 0)
 
 
-def test_report_judges_the_issue_targets_with_paired_errors():
+def test_report_judges_the_targets_with_paired_errors():
     from hf_squeeze.eval.report import AVERAGE, _targets
 
     def rows(method, budget, gap, se, scores):
@@ -179,7 +179,7 @@ def test_report_judges_the_issue_targets_with_paired_errors():
         return [task, dict(task=AVERAGE, method=method, budget=budget, gap=gap, gap_se=se)]
 
     quest = [100.0, 100.0, 0.0, 100.0]
-    summary = dict(tasks=["vt"], methods=["full", "flat-topk+exact+pin0.5-0.1", "quest-0.0625"], table=(
+    summary = dict(model="qwen2.5-coder-0.5b", tasks=["vt"], methods=["full", "flat-topk+exact+pin0.5-0.1", "quest-0.0625"], table=(
         rows("full", 1.0, 0.0, 0.0, [100.0] * 4)
         + rows("flat-topk+exact+pin0.5-0.1", 0.125, -0.9, 0.5, [0.0, 0.0, 100.0, 100.0])
         + rows("quest-0.0625", 0.125, -25.0, 5.0, quest)))
@@ -189,3 +189,15 @@ def test_report_judges_the_issue_targets_with_paired_errors():
     assert "vt (50.0 vs 75.0: -25.0 ± 47.9, within a standard error)" in line
     summary["table"][3]["gap"] = -1.5
     assert "missed by 0.50 points, but within two standard errors (1.00) of the target -1" in _targets(summary)[0]
+
+
+def test_report_holds_a_model_to_its_own_target():
+    from hf_squeeze.eval.report import AVERAGE, _targets
+
+    name = "flat-topk+exact+pin0.5-0.3"
+    table = [dict(task=AVERAGE, method="full", budget=1.0, gap=0.0, gap_se=0.0),
+             dict(task=AVERAGE, method=name, budget=0.325, gap=-2.2, gap_se=0.7)]
+    summary = dict(model="smollm2", tasks=["vt"], methods=["full", name], table=table)
+    assert "-2.20 ± 0.70 points: met (target >= -3)" in _targets(summary)[0]
+    summary["model"] = "qwen2.5-coder-0.5b"
+    assert "missed by 1.70 points" in _targets(summary)[0]

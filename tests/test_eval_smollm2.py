@@ -107,7 +107,8 @@ def test_greedy_decode_answers_as_generate(smollm2, tmp_path):
     assert (tmp_path / "threads" / "results-0-0.jsonl").is_file()
     with pytest.raises(ValueError, match="decode='fast'"):
         run_eval(tmp_path / "bad", decode="fast", **kwargs)
-    with pytest.raises(ValueError, match="threads=0"):
-        run_eval(tmp_path / "bad", threads=0, **kwargs)
+    for threads in (0, 33):
+        with pytest.raises(ValueError, match=f"threads={threads} must be 1 ... 32"):
+            run_eval(tmp_path / "bad", threads=threads, **kwargs)
     with pytest.raises(ValueError, match="decode='compiled'"):
         run_eval(tmp_path / "bad", threads=2, decode="compiled", **kwargs)

@@ -18,7 +18,7 @@ import torch
 from .. import ruler
 from .methods import Method, default_methods, parse_methods
 from .report import write_report
-from .runner import RunSpec, answer_in_threads, read_results, read_samples, shared_claim, write_samples
+from .runner import MAX_THREADS, RunSpec, answer_in_threads, read_results, read_samples, shared_claim, write_samples
 
 # Generation caps per task family. RULER's lengths except NIAH (128): every NIAH answer here, four
 # 7-digit values or one UUID with the answer prefix already given, fits in 64 tokens, and a model
@@ -131,8 +131,9 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
                             methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress, dtype=dtype,
                             attention=attention)
     samples = enough_questions(samples, questions_per_task)
-    if threads < 1:
-        raise ValueError(f"threads={threads} must be >= 1")
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads={threads} must be 1 ... {MAX_THREADS}: torch hands out {MAX_THREADS} CUDA streams "
+                         "per device, and threads sharing a stream would wait for each other's graphs")
     if threads > 1 and decode == "compiled":
         raise ValueError("threads > 1 with decode='compiled': torch.compile does not compile from several threads "
                          "at once; use decode='greedy' (CUDA graphs) with threads, or one thread")

@@ -300,6 +300,9 @@ def shared_claim(count: int):
     return claim
 
 
+MAX_THREADS = 32  # torch's pool of CUDA streams per device (see answer_in_threads)
+
+
 def answer_in_threads(model, tokenizer, folder: Path, samples: list[ruler.Sample], methods: list[Method], spec: RunSpec,
                       *, claim, worker: str, threads: int = 1, **kwargs) -> int:
     """`run_samples` in `threads` threads of this process, sharing the model and `claim`, each on its
@@ -324,12 +327,14 @@ def answer_in_threads(model, tokenizer, folder: Path, samples: list[ruler.Sample
             warm.set()
         return claim()
 
+    # Made here, one after another: torch hands out a pool of 32 streams per device in turn.
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(threads)]
+
     def answer(t: int):
         try:
             if t:
                 warm.wait()
-            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with torch.cuda.stream(streams[t]) if streams[t] is not None else contextlib.nullcontext():
                 written[t] = run_samples(model, copy.deepcopy(tokenizer), folder, samples, methods, spec,
                                          claim=first_claim if t == 0 else claim, worker=f"{worker}-{t}", **kwargs)
         except BaseException as error:  # noqa: BLE001 - raised below, after every thread stopped
