@@ -22,6 +22,9 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
     PYTHONPATH=. python benchmarks/bench_kernels.py --out $OUT
     PYTHONPATH=. python benchmarks/bench_kernels.py --modes decode,hier-decode,prefill,hier-prefill --out $OUT
 
+`--no-histogram` times the decode selections without the histogram of log p (their search then
+starts from the whole range of log p), for a comparison in the same session.
+
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
 """
@@ -29,6 +32,7 @@ times of one call, meaningless as speed): it only checks that the script runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import csv
 import dataclasses
 import math
@@ -272,7 +276,11 @@ def main():
     p.add_argument("--profile-context", type=int, default=131072)
     p.add_argument("--profile-keep", type=float, default=0.1)
     p.add_argument("--smoke", action="store_true", help="tiny run on the CPU under TRITON_INTERPRET=1 (checks it runs)")
+    p.add_argument("--no-histogram", action="store_true",
+                   help="decode selections search the whole range of log p, not from the scoring's histogram")
     args = p.parse_args()
+    if args.no_histogram:
+        importlib.import_module("hf_squeeze.kernels.lookup").HISTOGRAM = False
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

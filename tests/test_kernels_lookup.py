@@ -155,3 +155,86 @@ def test_candidate_bound_holds_for_every_budget_selection():
     kindex = kernels.kernel_index(index, coarse_budget=budget)
     assert kindex.candidates(budget) < kindex.clusters  # the lookup tests run in less room
     assert kindex.candidates(None) == kindex.candidates(7) == kindex.clusters
+
+
+def reference_histogram(logp, counts):
+    """Keys per bin of log p (`kernels.common.hist_bin`), in torch: logp [..., C] float32, counts [..., C]."""
+    from hf_squeeze.kernels.common import HIST_BINS, HIST_LOW, HIST_SHIFT
+
+    bins, shift, low = HIST_BINS.value, HIST_SHIFT.value, HIST_LOW.value
+    bits = logp.contiguous().view(torch.int32).long()
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    index = (key.clamp(low, low + (bins << shift) - 1) - low) >> shift
+    return torch.zeros(*logp.shape[:-1], bins, dtype=torch.long).scatter_add_(-1, index, counts.long())
+
+
+@pytest.mark.parametrize("two_level", [False, True])
+def test_decode_scoring_builds_the_histogram_the_selection_reads(two_level, monkeypatch):
+    """Every budget selection of a decode step gets the keys per bin of its log p, built by the
+    scoring kernels in buffers poisoned beforehand (so they clear and fill it themselves); the
+    bins are spread (the search starts inside one of many)."""
+    import importlib
+
+    from hf_squeeze.kernels import scoring
+
+    lookup_module = importlib.import_module("hf_squeeze.kernels.lookup")  # (the package exports its function)
+
+    def poisoned_empty(dev, dtype, *shape):
+        fill = float("nan") if dtype.is_floating_point else 0x5A5A5A5A if dtype == torch.int32 else 0x5A
+        return torch.full(shape, fill, device=dev, dtype=dtype)
+
+    monkeypatch.setattr(scoring, "empty", poisoned_empty)
+    calls, real_select = [], lookup_module.select
+
+    def recording_select(logp, counts, sizes, threshold, budget, *args, **kwargs):
+        out = real_select(logp, counts, sizes, threshold, budget, *args, **kwargs)
+        ids, ncand = (args[2], args[3]) if len(args) > 3 else (None, None)
+        hist = kwargs.get("hist", args[5] if len(args) > 5 else None)
+        calls.append((logp.clone(), counts, ids, ncand, None if hist is None else hist.clone(), budget))
+        return out
+
+    monkeypatch.setattr(lookup_module, "select", recording_select)
+    if two_level:
+        index, rule = make_hier_index(), TWO_LEVEL_RULES["budget"]
+    else:
+        sizes = torch.randint(0, 6, (1500,), generator=torch.Generator().manual_seed(3)).tolist()
+        index, rule = make_index(dim=16, dense=4, sizes=sizes), SelectionRule(budget=700)
+    query, _, _ = make_inputs(index, 3, tokens=1, dyn_len=1)
+    ranges, _, _ = run_lookup(index, rule, query, query.shape[-1] ** -0.5)
+    assert torch.equal(ranges.keep.bool().cpu(), naive.lookup(query, index, query.shape[-1] ** -0.5, rule).cpu())
+
+    assert len(calls) == (2 if two_level else 1) and all(call[4] is not None for call in calls)
+    for logp, counts, ids, ncand, hist, budget in calls:
+        logp, counts, hist = logp.cpu(), counts.cpu(), hist.cpu()
+        if ids is None:
+            per_cluster = counts[None].expand_as(logp)
+        else:  # the first ncand candidates, whose keys are counts[h, ids]
+            listed = torch.arange(ids.shape[-1]) < ncand.cpu()[..., None]
+            ids = torch.where(listed, ids.cpu().long(), 0)  # (past ncand: unwritten)
+            per_cluster = torch.gather(counts[None].expand(ids.shape[0], -1, -1), 2, ids) * listed
+            logp = torch.where(listed, logp, float("-inf"))
+        assert torch.equal(hist.long(), reference_histogram(logp, per_cluster))
+        assert int((hist > 0).sum(-1).min()) > 3 if two_level else int((hist > 0).sum(-1).min()) > 50
+
+
+def test_selection_starts_from_any_bin():
+    """The budget crossed in the lowest bin (log p below -64), the highest (above -0.25) and one in
+    between, with ties at the crossing: the kernel keeps what the reference keeps."""
+    from hf_squeeze.kernels.common import HIST_BINS
+    from hf_squeeze.kernels.selection import select as kernel_select
+    from hf_squeeze.selection import select
+
+    logp = torch.tensor([[[-90.0, -80.0, -70.0, -0.1, -0.05, -3.0, -3.0, -3.001, -2.0, -100.0, -0.2, -75.0]]])
+    counts = torch.tensor([[4, 3, 5, 2, 1, 6, 6, 2, 3, 7, 0, 1]], dtype=torch.int32)
+    for budget in (1, 2, 3, 4, 8, 10, 12, 14, 16, 20, 25, 30, 33, 36, 40, 1000):
+        stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        keep, _, _, _ = kernel_select(logp.to(DEVICE), counts.to(DEVICE), counts.to(DEVICE), None, budget, 1, stats,
+                                      hist=reference_histogram(logp, counts[None]).int().to(DEVICE))
+        assert torch.equal(keep.bool().cpu(), select(logp, counts[None], None, budget)), budget
+    # the search does start from the histogram: one that puts every key in the last bin moves it there
+    lying = torch.zeros(1, 1, HIST_BINS.value, dtype=torch.int32)
+    lying[..., -1] = int(counts.sum())
+    stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    keep, _, _, _ = kernel_select(logp.to(DEVICE), counts.to(DEVICE), counts.to(DEVICE), None, 20, 1, stats,
+                                  hist=lying.to(DEVICE))
+    assert keep.bool().sum() < select(logp, counts[None], None, 20).sum()
