@@ -8,7 +8,12 @@ one decode step's time and launches without the prefill and the capture. Dense: 
 attention over a StaticCache holding the same keys. The table lists the kernels by time per step,
 the attention's own (ours, or dense SDPA) apart from the rest of the model.
 
+`--generate` profiles `model.generate` instead (transformers' own loop and compile path, what users
+call): besides the kernels, the host's launches per token (kernels launched one by one, and CUDA
+graph replays) and the wall time per token, so that the time outside the kernels shows.
+
     PYTHONPATH=. python3 benchmarks/profile_decode.py --context 2048 --keep 0.1 --compile --out $OUT
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --context 2048 --keep 0.1 --generate --out $OUT
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from common import SHAPES, dense_caches, random_model
-from hf_squeeze import SqueezedCache, SqueezeConfig, generate_greedy
+from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs, generate_greedy
+
+# The host's launch calls, counted per step under the name "host: ..." (CUDA runtime and driver).
+HOST_LAUNCHES = {"cudaLaunchKernel": "kernel", "cuLaunchKernel": "kernel", "cuLaunchKernelEx": "kernel",
+                 "cudaLaunchKernelExC": "kernel", "cudaGraphLaunch": "CUDA graph", "cuGraphLaunch": "CUDA graph"}
 
 
 
@@ -30,7 +40,7 @@ def kernel_times(run) -> dict[str, tuple[float, int]]:
     """Per kernel name: total device microseconds and launches while `run()` runs."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if torch.cuda.is_available() else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         run()
         if torch.cuda.is_available():
@@ -38,6 +48,9 @@ def kernel_times(run) -> dict[str, tuple[float, int]]:
     totals = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
         kind = getattr(event, "device_type", None)
+        if event.name in HOST_LAUNCHES:
+            totals[f"host: {HOST_LAUNCHES[event.name]} launches"][1] += 1
+            continue
         if torch.cuda.is_available() and kind != torch.autograd.DeviceType.CUDA:
             continue
         if not torch.cuda.is_available() and event.cpu_parent is not None:
@@ -49,18 +62,36 @@ def kernel_times(run) -> dict[str, tuple[float, int]]:
     return {name: (t, n) for name, (t, n) in totals.items()}
 
 
-def per_step(model, ids, fresh, steps: int, compile: bool) -> dict[str, tuple[float, float]]:
+def per_step(model, ids, fresh, steps: int, compile: bool, generate: bool) -> dict[str, tuple[float, float]]:
     """Per kernel: (microseconds, launches) of one decode step: the profile of 2 x steps new tokens
-    minus that of `steps`, over `steps`."""
-    generate_greedy(model, ids, fresh(), 2 * steps, compile=compile)  # warm-up: compile, allocator
-    short = kernel_times(lambda: generate_greedy(model, ids, fresh(), steps, compile=compile))
-    long = kernel_times(lambda: generate_greedy(model, ids, fresh(), 2 * steps, compile=compile))
+    minus that of `steps`, over `steps`; with `generate`, through `model.generate`, and also the wall
+    time per token ("wall: ms per token", unprofiled)."""
+    def run(tokens):
+        if generate:
+            model.generate(ids, **cache_kwargs(model, fresh()), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False)
+        else:
+            generate_greedy(model, ids, fresh(), tokens, compile=compile)
+
+    run(2 * steps)  # warm-up: compile, allocator
+    short = kernel_times(lambda: run(steps))
+    long = kernel_times(lambda: run(2 * steps))
     out = {}
     for name in set(short) | set(long):
         t1, n1 = short.get(name, (0.0, 0))
         t2, n2 = long.get(name, (0.0, 0))
         if n2 - n1 > 0:
             out[name] = ((t2 - t1) / steps, (n2 - n1) / steps)
+    if generate:
+        walls = []
+        for tokens in (steps, 2 * steps):
+            sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+            sync()
+            start = time.perf_counter()
+            run(tokens)
+            sync()
+            walls.append(time.perf_counter() - start)
+        out["wall: ms per token"] = ((walls[1] - walls[0]) / steps * 1e3, 0.0)
     return out
 
 
@@ -74,6 +105,7 @@ def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     model = random_model(args.shape, args.context + args.input + 4 * args.steps + 8, dtype, device)
+    model.generation_config.eos_token_id = None  # every run generates the tokens asked for
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     context = torch.randint(vocab, (args.context,), generator=g).to(device)
@@ -84,20 +116,25 @@ def main(args) -> int:
     for method in ("dense", "squeezed"):
         model.set_attn_implementation("sdpa" if method == "dense" else "squeezed")
         fresh = static if method == "dense" else squeezed.fork
-        profiles[method] = per_step(model, ids, fresh, args.steps, args.compile)
+        profiles[method] = per_step(model, ids, fresh, args.steps, args.compile, args.generate)
     model.set_attn_implementation("squeezed")
 
     unit = "us" if torch.cuda.is_available() else "us (CPU, top-level operators)"
-    lines = [f"# decode step, {args.shape}, context {args.context}, input {args.input}, keep {args.keep}, "
-             f"{'compiled + graph' if args.compile else 'graph'}, {device}", ""]
+    how = "model.generate" if args.generate else "compiled + graph" if args.compile else "graph"
+    lines = [f"# decode step, {args.shape}, context {args.context}, input {args.input}, keep {args.keep}, {how}, {device}", ""]
     summary = {}
-    for method, kernels in profiles.items():
+    for method, profile in profiles.items():
+        extra = {name: v for name, v in profile.items() if name.startswith(("host:", "wall:"))}
+        kernels = {name: v for name, v in profile.items() if name not in extra}
         total = sum(t for t, _ in kernels.values())
         launches = sum(n for _, n in kernels.values())
         attention = sum(t for name, (t, _) in kernels.items() if is_attention(name, method))
-        summary[method] = dict(total_us=total, launches=launches, attention_us=attention)
-        lines += [f"## {method}: {total:.1f} {unit} per step, {launches:.0f} launches, attention {attention:.1f}", "",
-                  f"| kernel | {unit} per step | launches per step |", "|---|---|---|"]
+        summary[method] = dict(total_us=total, launches=launches, attention_us=attention,
+                               **{name: (t if name.startswith("wall:") else n) for name, (t, n) in extra.items()})
+        lines += [f"## {method}: {total:.1f} {unit} per step, {launches:.0f} launches, attention {attention:.1f}", ""]
+        lines += [f"- {name}: {t:.2f}" if name.startswith("wall:") else f"- {name} per step: {n:.1f}"
+                  for name, (t, n) in sorted(extra.items())]
+        lines += ["", f"| kernel | {unit} per step | launches per step |", "|---|---|---|"]
         for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
             lines.append(f"| `{name[:90]}` | {t:.1f} | {n:.1f} |")
         lines.append("")
@@ -110,7 +147,7 @@ def main(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"profile_decode_{args.shape}_{args.context}_{'compiled' if args.compile else 'graph'}"
+        stem = f"profile_decode_{args.shape}_{args.context}_{how.split()[0].replace('.', '-')}"
         (out / f"{stem}.md").write_text(text + "\n")
         (out / f"{stem}.json").write_text(json.dumps(
             {m: {name: list(v) for name, v in k.items()} for m, k in profiles.items()}, indent=1))
@@ -125,6 +162,7 @@ if __name__ == "__main__":
     p.add_argument("--keep", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=16, help="decode steps of the shorter profile")
     p.add_argument("--compile", action="store_true", help="the step through torch.compile first (what generate runs)")
+    p.add_argument("--generate", action="store_true", help="profile model.generate itself (its loop and compile path)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per method")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device")
