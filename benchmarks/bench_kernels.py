@@ -23,7 +23,9 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
     PYTHONPATH=. python benchmarks/bench_kernels.py --modes decode,hier-decode,prefill,hier-prefill --out $OUT
 
 `--no-histogram` times the decode selections without the histogram of log p (their search then
-starts from the whole range of log p), for a comparison in the same session.
+starts from the whole range of log p), and `--pin-mask scores` the pinned decode that masks the
+lookup's pinned rows in the scores instead of not loading them (`kernels/attention.py`), for
+comparisons in the same session.
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
@@ -278,9 +280,12 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny run on the CPU under TRITON_INTERPRET=1 (checks it runs)")
     p.add_argument("--no-histogram", action="store_true",
                    help="decode selections search the whole range of log p, not from the scoring's histogram")
+    p.add_argument("--pin-mask", choices=["loads", "scores"], default="loads",
+                   help="pinned-decode: skip the lookup's pinned rows by not loading them or by masking their scores")
     args = p.parse_args()
     if args.no_histogram:
         importlib.import_module("hf_squeeze.kernels.lookup").HISTOGRAM = False
+    importlib.import_module("hf_squeeze.kernels.attention").DECODE_PIN_MASK = args.pin_mask
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

@@ -70,12 +70,18 @@ def random_pins(index, batch, most, seed=3) -> Pinned:
     return Pinned(rows.to(torch.int32).to(DEVICE), count.to(torch.int32).to(DEVICE), mask.to(DEVICE), weights)
 
 
-@pytest.mark.parametrize("dtype,kind,group,splits", [
-    (torch.float32, "budget", 3, 1), (torch.float32, "threshold", 4, 3), (torch.float32, "none", 7, 2),
-    (torch.bfloat16, "budget", 3, 4),
+@pytest.mark.parametrize("dtype,kind,group,splits,pin_mask", [
+    (torch.float32, "budget", 3, 1, "loads"), (torch.float32, "threshold", 4, 3, "loads"),
+    (torch.float32, "none", 7, 2, "loads"), (torch.bfloat16, "budget", 3, 4, "loads"),
+    (torch.float32, "budget", 3, 1, "scores"), (torch.float32, "threshold", 4, 3, "scores"),
+    (torch.bfloat16, "budget", 3, 4, "scores"),
 ])
-def test_decode_reads_pinned_keys_once(dtype, kind, group, splits):
-    """Pinned keys (SqueezeConfig.pin) join the kept clusters' keys; those in both are read once."""
+def test_decode_reads_pinned_keys_once(dtype, kind, group, splits, pin_mask, monkeypatch):
+    """Pinned keys (SqueezeConfig.pin) join the kept clusters' keys; those in both count once, whether
+    the lookup's loop leaves them unloaded or out of its scores (`DECODE_PIN_MASK`)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("hf_squeeze.kernels.attention"), "DECODE_PIN_MASK", pin_mask)
     index = make_index(dtype=dtype)
     query, dyn_k, dyn_v = make_inputs(index, group, tokens=1, dyn_len=21)
     pinned = random_pins(index, batch=2, most=70)

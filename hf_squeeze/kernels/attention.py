@@ -29,6 +29,10 @@ from .lookup import KeptRanges
 DECODE_PIECES = 2  # pieces per decode step: a 64-row K/V tile
 DECODE_WARPS = 4
 DECODE_STAGES = 1  # software pipelining of the gathered loads does not pay here (bench_kernels.py)
+# Decode with pins: the lookup's rows that are also pinned (read with the pins) are skipped by not
+# loading them ("loads": their load waits for the pin mask's) or by leaving them out of the scores
+# ("scores": both loads start together; the overlap is read twice). bench_kernels.py --pin-mask.
+DECODE_PIN_MASK = "loads"
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 GATHER_PIECES = 4
@@ -119,10 +123,10 @@ def _decode_kernel(
     scaling, H, G, PC, NC, SW, LD, NP,
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr, PIN_MASK_LOADS: tl.constexpr,
 ):
-    """One query token: kept keys read where they are (skipping pinned ones), the pinned keys, then
-    the dense part and the dynamic keys."""
+    """One query token: kept keys read where they are (skipping pinned ones: `DECODE_PIN_MASK`), the
+    pinned keys, then the dense part and the dynamic keys."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -150,10 +154,16 @@ def _decode_kernel(
         first = tl.load(sel_start_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
         length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
         valid = within < length
-        if HAS_PINS:  # a pinned key is read below, once
-            valid = valid & (tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0)
+        visible = valid
+        if HAS_PINS:  # a pinned key counts below, once
+            unpinned = tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0
+            if PIN_MASK_LOADS:
+                valid = valid & unpinned
+                visible = valid
+            else:
+                visible = valid & unpinned
         offsets = (h * NC + first + within)[:, None] * D + d[None, :]
-        m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+        m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, visible[None, :], m_i, l_i, acc, scaling, PRECISION)
     if HAS_PINS:  # (without pins the pointers are placeholders: no code may load from them)
         for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_pin)):
             j = (i - n_sel) * BLOCK_N + n
@@ -354,7 +364,7 @@ def sparse_attention(
             pinned.rows.shape[-1] if pinned is not None else 0,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=DECODE_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits,
-            HAS_PINS=pinned is not None, **common,
+            HAS_PINS=pinned is not None, PIN_MASK_LOADS=DECODE_PIN_MASK == "loads", **common,
             num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
         )
     else:
