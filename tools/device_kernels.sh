@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The decode kernels' variants side by side on the GPU machine, in one call (BENCHMARKS.md): the
+# selection's search with and without the histogram of log p, the pinned decode's two ways of
+# skipping the lookup's pinned rows, each at 128K and 512K, keep 0.1, then a short table of the
+# graph-replayed times. Logs and CSVs under $OUT/<variant>/.
+#
+#   tools/device_kernels.sh [CONTEXTS]      (default 131072,524288)
+# (On a CPU, to try the script: BENCH_ARGS=--smoke TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 OUT=/tmp/x
+#  tools/device_kernels.sh 2048.)
+set -uo pipefail
+contexts=${1:-131072,524288}
+export PYTHONPATH=$PWD:$PWD/benchmarks
+run() {  # NAME ARGS...: one bench_kernels run
+  local name=$1
+  shift
+  mkdir -p "$OUT/$name"
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_kernels.py --contexts "$contexts" --keeps 0.1 --out "$OUT/$name" ${BENCH_ARGS:-} "$@" \
+    > "$OUT/$name/log.txt" 2>&1 || echo "$name failed: see $OUT/$name/log.txt"
+}
+run histogram --modes decode,pinned-decode,hier-decode --profile
+run no-histogram --modes decode,pinned-decode,hier-decode --no-histogram
+run pin-mask-scores --modes pinned-decode --pin-mask scores
+python3 - "$OUT" <<'EOF'
+import csv, sys
+from pathlib import Path
+
+rows = {}
+for variant in ("histogram", "no-histogram", "pin-mask-scores"):
+    path = Path(sys.argv[1]) / variant / "kernels.csv"
+    if path.is_file():
+        for r in csv.DictReader(open(path)):
+            rows[(int(r["context"]), r["mode"], variant)] = r
+print("| context | mode | variant | ours us (graph) | lookup us | dense us | speedup |")
+print("|---|---|---|---|---|---|---|")
+for (context, mode, variant), r in sorted(rows.items()):
+    dense = min((float(r[k]) for k in ("dense_cudnn_us", "dense_flash_us") if float(r[k]) == float(r[k])), default=float("nan"))
+    print(f"| {context // 1024}K | {mode} | {variant} | {float(r['ours_graph_us']):.1f} | {float(r['lookup_us']):.1f} "
+          f"| {dense:.1f} | {float(r['speedup']):.2f}x |")
+EOF
