@@ -24,8 +24,9 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
 
 `--no-histogram` times the decode selections without the histogram of log p (their search then
 starts from the whole range of log p), and `--pin-mask scores` the pinned decode that masks the
-lookup's pinned rows in the scores instead of not loading them (`kernels/attention.py`), for
-comparisons in the same session.
+lookup's pinned rows in the scores instead of not loading them (`kernels/attention.py`);
+`--decode-pieces` / `--decode-warps` the decode kernel's tile and warps: for comparisons in the same
+session (`tools/device_kernels.sh` runs them all).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
@@ -282,10 +283,15 @@ def main():
                    help="decode selections search the whole range of log p, not from the scoring's histogram")
     p.add_argument("--pin-mask", choices=["loads", "scores"], default="loads",
                    help="pinned-decode: skip the lookup's pinned rows by not loading them or by masking their scores")
+    p.add_argument("--decode-pieces", type=int, help="pieces of kept rows per decode step (the tile: x 32 rows)")
+    p.add_argument("--decode-warps", type=int, help="warps per decode program")
     args = p.parse_args()
     if args.no_histogram:
         importlib.import_module("hf_squeeze.kernels.lookup").HISTOGRAM = False
-    importlib.import_module("hf_squeeze.kernels.attention").DECODE_PIN_MASK = args.pin_mask
+    attention = importlib.import_module("hf_squeeze.kernels.attention")
+    attention.DECODE_PIN_MASK = args.pin_mask
+    attention.DECODE_PIECES = args.decode_pieces or attention.DECODE_PIECES
+    attention.DECODE_WARPS = args.decode_warps or attention.DECODE_WARPS
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

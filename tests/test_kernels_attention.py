@@ -57,6 +57,20 @@ def test_decode_matches_the_reference(dtype, kind, group, dim, splits):
     assert_close(got, expected, dtype)
 
 
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_decode_tiles_of_other_sizes(pieces, monkeypatch):
+    """The decode tile (`DECODE_PIECES` pieces of kept rows per step, as bench_kernels.py
+    --decode-pieces sets it) changes no output, pins included."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("hf_squeeze.kernels.attention"), "DECODE_PIECES", pieces)
+    index = make_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=37)
+    for pinned in (None, random_pins(index, batch=2, most=70)):
+        got, expected = run_kernels(index, FLAT_RULES["budget"], query, dyn_k, dyn_v, splits=2, pinned=pinned)
+        assert_close(got, expected, torch.float32)
+
+
 def random_pins(index, batch, most, seed=3) -> Pinned:
     """Random pinned keys: a different number per (row, head), some inside kept clusters."""
     g = torch.Generator().manual_seed(seed)
