@@ -99,9 +99,9 @@ def test_greedy_decode_answers_as_generate(smollm2, tmp_path):
         assert alone["batch_rows"] == 1
         assert alone["read_fraction"] == pytest.approx(batched["read_fraction"], abs=0.03), key
     # threads of one process (each on its own CUDA stream on a GPU) answer as one thread does
-    run_eval(tmp_path / "threads", decode="greedy", threads=2, **kwargs)
+    run_eval(tmp_path / "threads", decode="greedy", threads=2, **{**kwargs, "methods": "full,flat-topk+exact+pin0.5-0.1"})
     threaded = {(r["sample"], r["method"]): r for r in read_results(tmp_path / "threads")}
-    assert threaded.keys() == rows["greedy"].keys()
+    assert len(threaded) == 4 and threaded.keys() <= rows["greedy"].keys()
     for key, row in threaded.items():
         assert [q["pred"] for q in row["questions"]] == [q["pred"] for q in rows["greedy"][key]["questions"]], key
     assert (tmp_path / "threads" / "results-0-0.jsonl").is_file()
