@@ -225,7 +225,7 @@ def _decode(forward, model, cache, out: torch.Tensor, prompt: int, cuda_graph: b
     if steps == 1 or stop.reached(out, 2):
         times.capture = synchronized_clock(gpus) - start
         return 2
-    # Captured on this call's own stream, and not through `torch.cuda.graph`, whose entry synchronises
+    # Captured on that stream (`side`), and not through `torch.cuda.graph`, whose entry synchronises
     # the whole device and empties the allocator's cache and whose default capture stream is one per
     # process: threads of one process may be answering beside this one (`hf-squeeze eval --threads`);
     # "thread_local": what they do meanwhile does not disturb the capture.

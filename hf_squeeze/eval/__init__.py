@@ -101,6 +101,16 @@ def _worker(rank, workers, folder, samples, methods, spec, device, counter, time
                       threads=threads, time_limit=time_limit, progress=progress, decode=decode)
 
 
+def check_threads(threads: int, decode: str) -> None:
+    """`run_eval`'s `threads` against its `decode` (the CLI checks them before loading a model)."""
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads={threads} must be 1 ... {MAX_THREADS}: torch hands out {MAX_THREADS} CUDA streams "
+                         "per device, and threads sharing a stream would wait for each other's graphs")
+    if threads > 1 and decode == "compiled":
+        raise ValueError("threads > 1 with decode='compiled': torch.compile does not compile from several threads "
+                         "at once; use decode='greedy' (CUDA graphs) with threads, or one thread")
+
+
 def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, max_seq_length: int = 4096,
              tasks="all", contexts_per_task: int = 10, questions_per_context: int = 4, methods=None,
              max_new_tokens: dict | None = None, device: str = "cpu", dtype=torch.float32, workers: int = 1,
@@ -121,6 +131,7 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
     from .models import load_model
 
     folder = Path(folder)
+    check_threads(threads, decode)  # before a model loads
     methods = methods if isinstance(methods, list) else parse_methods(methods)
     if loaded is None:
         model_obj, tokenizer = load_model(model, model_file=model_file, dtype=dtype)
@@ -131,12 +142,6 @@ def run_eval(folder, *, model: str = "smollm2", model_file: str | None = None, m
                             methods=methods, max_new_tokens=max_new_tokens, seed=seed, progress=progress, dtype=dtype,
                             attention=attention)
     samples = enough_questions(samples, questions_per_task)
-    if not 1 <= threads <= MAX_THREADS:
-        raise ValueError(f"threads={threads} must be 1 ... {MAX_THREADS}: torch hands out {MAX_THREADS} CUDA streams "
-                         "per device, and threads sharing a stream would wait for each other's graphs")
-    if threads > 1 and decode == "compiled":
-        raise ValueError("threads > 1 with decode='compiled': torch.compile does not compile from several threads "
-                         "at once; use decode='greedy' (CUDA graphs) with threads, or one thread")
     if workers <= 1:
         answer_in_threads(model_obj.to(device), tokenizer, folder, samples, methods, spec,
                           claim=shared_claim(len(samples)), worker="0", threads=threads, time_limit=time_limit,

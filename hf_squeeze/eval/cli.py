@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from . import MAX_THREADS, prepare, run_eval, ruler
+    from . import check_threads, prepare, run_eval, ruler
     from .methods import parse_methods
     from .models import load_tokenizer
     from .report import write_report
@@ -68,11 +68,7 @@ def cmd_eval(args) -> int:
         return 0
     methods = parse_methods(args.methods)  # fail on bad arguments before any model loads
     ruler.task_names(args.tasks)
-    if not 1 <= args.threads <= MAX_THREADS:
-        raise ValueError(f"--threads must be 1 ... {MAX_THREADS} (torch hands out {MAX_THREADS} CUDA streams per device)")
-    if args.threads > 1 and args.decode == "compiled":
-        raise ValueError("--threads > 1 with --decode compiled: torch.compile does not compile from several threads "
-                         "at once; use --decode greedy with threads")
+    check_threads(args.threads, args.decode)
     if args.workers < 1 or args.contexts < 1 or args.questions < 1 or args.length < 256:
         raise ValueError("--workers, --contexts and --questions must be >= 1 and --length >= 256")
     if args.questions_per_task is not None and args.questions_per_task < 1:
