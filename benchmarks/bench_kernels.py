@@ -22,11 +22,8 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
     PYTHONPATH=. python benchmarks/bench_kernels.py --out $OUT
     PYTHONPATH=. python benchmarks/bench_kernels.py --modes decode,hier-decode,prefill,hier-prefill --out $OUT
 
-`--no-histogram` times the decode selections without the histogram of log p (their search then
-starts from the whole range of log p), and `--pin-mask scores` the pinned decode that masks the
-lookup's pinned rows in the scores instead of not loading them (`kernels/attention.py`);
-`--decode-pieces` / `--decode-warps` the decode kernel's tile and warps: for comparisons in the same
-session (`tools/device_kernels.sh` runs them all).
+`--decode-pieces` / `--decode-warps` set the decode kernel's tile and warps (with and without pins),
+for a sweep in one GPU call (`tools/device_kernels.sh`).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
@@ -35,9 +32,9 @@ times of one call, meaningless as speed): it only checks that the script runs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import csv
 import dataclasses
+import importlib
 import math
 import os
 import time
@@ -279,19 +276,13 @@ def main():
     p.add_argument("--profile-context", type=int, default=131072)
     p.add_argument("--profile-keep", type=float, default=0.1)
     p.add_argument("--smoke", action="store_true", help="tiny run on the CPU under TRITON_INTERPRET=1 (checks it runs)")
-    p.add_argument("--no-histogram", action="store_true",
-                   help="decode selections search the whole range of log p, not from the scoring's histogram")
-    p.add_argument("--pin-mask", choices=["loads", "scores"], default="loads",
-                   help="pinned-decode: skip the lookup's pinned rows by not loading them or by masking their scores")
     p.add_argument("--decode-pieces", type=int, help="pieces of kept rows per decode step (the tile: x 32 rows)")
     p.add_argument("--decode-warps", type=int, help="warps per decode program")
     args = p.parse_args()
-    if args.no_histogram:
-        importlib.import_module("hf_squeeze.kernels.lookup").HISTOGRAM = False
     attention = importlib.import_module("hf_squeeze.kernels.attention")
-    attention.DECODE_PIN_MASK = args.pin_mask
-    attention.DECODE_PIECES = args.decode_pieces or attention.DECODE_PIECES
-    attention.DECODE_WARPS = args.decode_warps or attention.DECODE_WARPS
+    for name in ("DECODE_TILE", "PINNED_DECODE_TILE"):  # the same tile with and without pins
+        pieces, warps = getattr(attention, name)
+        setattr(attention, name, (args.decode_pieces or pieces, args.decode_warps or warps))
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

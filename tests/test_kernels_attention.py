@@ -57,13 +57,15 @@ def test_decode_matches_the_reference(dtype, kind, group, dim, splits):
     assert_close(got, expected, dtype)
 
 
-@pytest.mark.parametrize("pieces", [1, 4])
+@pytest.mark.parametrize("pieces", [1, 2, 4])
 def test_decode_tiles_of_other_sizes(pieces, monkeypatch):
-    """The decode tile (`DECODE_PIECES` pieces of kept rows per step, as bench_kernels.py
-    --decode-pieces sets it) changes no output, pins included."""
+    """The decode tile (pieces of kept rows per step, with and without pins, as bench_kernels.py
+    --decode-pieces sets it) changes no output."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("hf_squeeze.kernels.attention"), "DECODE_PIECES", pieces)
+    attention = importlib.import_module("hf_squeeze.kernels.attention")
+    monkeypatch.setattr(attention, "DECODE_TILE", (pieces, 4))
+    monkeypatch.setattr(attention, "PINNED_DECODE_TILE", (pieces, 4))
     index = make_index()
     query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=37)
     for pinned in (None, random_pins(index, batch=2, most=70)):
@@ -84,18 +86,12 @@ def random_pins(index, batch, most, seed=3) -> Pinned:
     return Pinned(rows.to(torch.int32).to(DEVICE), count.to(torch.int32).to(DEVICE), mask.to(DEVICE), weights)
 
 
-@pytest.mark.parametrize("dtype,kind,group,splits,pin_mask", [
-    (torch.float32, "budget", 3, 1, "loads"), (torch.float32, "threshold", 4, 3, "loads"),
-    (torch.float32, "none", 7, 2, "loads"), (torch.bfloat16, "budget", 3, 4, "loads"),
-    (torch.float32, "budget", 3, 1, "scores"), (torch.float32, "threshold", 4, 3, "scores"),
-    (torch.bfloat16, "budget", 3, 4, "scores"),
+@pytest.mark.parametrize("dtype,kind,group,splits", [
+    (torch.float32, "budget", 3, 1), (torch.float32, "threshold", 4, 3), (torch.float32, "none", 7, 2),
+    (torch.bfloat16, "budget", 3, 4),
 ])
-def test_decode_reads_pinned_keys_once(dtype, kind, group, splits, pin_mask, monkeypatch):
-    """Pinned keys (SqueezeConfig.pin) join the kept clusters' keys; those in both count once, whether
-    the lookup's loop leaves them unloaded or out of its scores (`DECODE_PIN_MASK`)."""
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("hf_squeeze.kernels.attention"), "DECODE_PIN_MASK", pin_mask)
+def test_decode_reads_pinned_keys_once(dtype, kind, group, splits):
+    """Pinned keys (SqueezeConfig.pin) join the kept clusters' keys; those in both count once."""
     index = make_index(dtype=dtype)
     query, dyn_k, dyn_v = make_inputs(index, group, tokens=1, dyn_len=21)
     pinned = random_pins(index, batch=2, most=70)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The decode kernels' variants side by side on the GPU machine, in one call (BENCHMARKS.md): the
-# selection's search with and without the histogram of log p, the pinned decode's two ways of
-# skipping the lookup's pinned rows, the decode tile (pieces x warps; default 2 x 4), each at 128K and
-# 512K, keep 0.1, then a short table of the graph-replayed times. Logs and CSVs under $OUT/<variant>/.
+# The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default, the
+# decode tile 4 x 8 (pieces x warps; default 2 x 4), and the default again (the run-to-run spread),
+# each at 128K and 512K, keep 0.1, then a short table of the graph-replayed times. Logs and CSVs
+# under $OUT/<variant>/.
 #
 #   tools/device_kernels.sh [CONTEXTS]      (default 131072,524288)
 # (On a CPU, to try the script: BENCH_ARGS=--smoke TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 OUT=/tmp/x
@@ -18,17 +18,15 @@ run() {  # NAME ARGS...: one bench_kernels run
   python3 benchmarks/bench_kernels.py --contexts "$contexts" --keeps 0.1 --out "$OUT/$name" ${BENCH_ARGS:-} "$@" \
     > "$OUT/$name/log.txt" 2>&1 || echo "$name failed: see $OUT/$name/log.txt"
 }
-run histogram --modes decode,pinned-decode,hier-decode --profile
-run no-histogram --modes decode,pinned-decode,hier-decode --no-histogram
-run pin-mask-scores --modes pinned-decode --pin-mask scores
+run default --modes decode,pinned-decode,hier-decode --profile
 run tile-4x8 --modes decode,pinned-decode --decode-pieces 4 --decode-warps 8
-run tile-2x8 --modes decode,pinned-decode --decode-warps 8
+run default-again --modes decode,pinned-decode,hier-decode
 python3 - "$OUT" <<'EOF'
 import csv, sys
 from pathlib import Path
 
 rows = {}
-for variant in ("histogram", "no-histogram", "pin-mask-scores", "tile-4x8", "tile-2x8"):
+for variant in ("default", "tile-4x8", "default-again"):
     path = Path(sys.argv[1]) / variant / "kernels.csv"
     if path.is_file():
         for r in csv.DictReader(open(path)):

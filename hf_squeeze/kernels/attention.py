@@ -26,13 +26,12 @@ from .layout import PIECE_ROWS, KernelIndex
 from .common import dot_precision, pow2
 from .lookup import KeptRanges
 
-DECODE_PIECES = 2  # pieces per decode step: a 64-row K/V tile
-DECODE_WARPS = 4
+# The decode tile: (pieces of PIECE_ROWS kept rows per step, warps per program). With pins the
+# larger tile pays, without them it does not (H200, keep 0.1, 128K / 512K: pinned 80.6 -> 72.4 /
+# 240.8 -> 220.9 us; the paper's lookup 72.0 -> 73.0 / 213.3 -> 229.0 us; BENCHMARKS.md).
+DECODE_TILE = (2, 4)
+PINNED_DECODE_TILE = (4, 8)
 DECODE_STAGES = 1  # software pipelining of the gathered loads does not pay here (bench_kernels.py)
-# Decode with pins: the lookup's rows that are also pinned (read with the pins) are skipped by not
-# loading them ("loads": their load waits for the pin mask's) or by leaving them out of the scores
-# ("scores": both loads start together; the overlap is read twice). bench_kernels.py --pin-mask.
-DECODE_PIN_MASK = "loads"
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 GATHER_PIECES = 4
@@ -123,9 +122,9 @@ def _decode_kernel(
     scaling, H, G, PC, NC, SW, LD, NP,
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr, PIN_MASK_LOADS: tl.constexpr,
+    HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One query token: kept keys read where they are (skipping pinned ones: `DECODE_PIN_MASK`), the
+    """One query token: kept keys read where they are (pinned ones left out of the scores), the
     pinned keys, then the dense part and the dynamic keys."""
     bh = tl.program_id(0)
     b = bh // H
@@ -155,13 +154,11 @@ def _decode_kernel(
         length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
         valid = within < length
         visible = valid
-        if HAS_PINS:  # a pinned key counts below, once
-            unpinned = tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0
-            if PIN_MASK_LOADS:
-                valid = valid & unpinned
-                visible = valid
-            else:
-                visible = valid & unpinned
+        if HAS_PINS:
+            # A pinned key counts below, once: here it is left out of the scores, not out of the loads,
+            # so that the K/V loads need not wait for the pin mask's (faster on the H200 at 128K and
+            # 512K, BENCHMARKS.md; the few rows in both are read twice).
+            visible = valid & (tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0)
         offsets = (h * NC + first + within)[:, None] * D + d[None, :]
         m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, visible[None, :], m_i, l_i, acc, scaling, PRECISION)
     if HAS_PINS:  # (without pins the pointers are placeholders: no code may load from them)
@@ -357,15 +354,16 @@ def sparse_attention(
         raise ValueError("pinned keys are read by decode steps (one query token); a prefill reads every key")
     if tokens == 1:
         pins = (pinned.rows, pinned.count, pinned.mask) if pinned is not None else (out, out, out)
+        pieces, warps = DECODE_TILE if pinned is None else PINNED_DECODE_TILE
         _decode_kernel[grid](
             query, kindex.keys, kindex.values, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
             work.starts, work.lengths, work.nsel, kvalid, *pins, out, po, plse,
             scaling, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
             pinned.rows.shape[-1] if pinned is not None else 0,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
-            D=dim, BLOCK_M=block_m, BLOCK_N=DECODE_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits,
-            HAS_PINS=pinned is not None, PIN_MASK_LOADS=DECODE_PIN_MASK == "loads", **common,
-            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+            D=dim, BLOCK_M=block_m, BLOCK_N=pieces * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits,
+            HAS_PINS=pinned is not None, **common,
+            num_warps=warps, num_stages=DECODE_STAGES,
         )
     else:
         if read_all:  # every cluster kept, in cluster order: the kept keys are the index's, in place

@@ -50,11 +50,6 @@ class KeptRanges:
         self.nkeys = nkeys  # [B, H] int32 kept keys
 
 
-# Decode budget selections start their search from a histogram of log p built while scoring (off:
-# from the whole range of log p, as `benchmarks/bench_kernels.py --no-histogram` times it).
-HISTOGRAM = True
-
-
 def lookup(
     query: torch.Tensor,
     kindex: KernelIndex,
@@ -81,28 +76,24 @@ def lookup(
     if tokens > 1:
         logw = logw.float().contiguous()
     if not kindex.hierarchical:
-        logp, _, hist = score_every(query, kindex.centroids, kindex.log_counts, scaling, logw,
-                                    kindex.counts if HISTOGRAM and budget is not None else None)
-        keep, blocks, nsel, nkeys = select(logp, kindex.counts, kindex.counts, threshold, budget, PIECE_ROWS, stats,
-                                           hist=hist)
+        logp, _ = score_every(query, kindex.centroids, kindex.log_counts, scaling, logw)
+        keep, blocks, nsel, nkeys = select(logp, kindex.counts, kindex.counts, threshold, budget, PIECE_ROWS, stats)
         kept_list, ids, ncand = keep, None, None
     else:
         # Level 1: score the coarse centroids, keep coarse clusters, list their fine clusters.
-        logp1, s1, hist1 = score_every(query, kindex.coarse_centroids, kindex.coarse_log_counts, scaling, logw,
-                                       kindex.coarse_counts if HISTOGRAM and coarse_budget is not None else None)
+        logp1, s1 = score_every(query, kindex.coarse_centroids, kindex.coarse_log_counts, scaling, logw)
         if scored is None:
             scored = empty(dev, torch.int64, 1)
         keep1, blocks1, _, ncand = select(
-            logp1, kindex.coarse_counts, kindex.coarse_sizes, coarse_threshold, coarse_budget, 1, scored, hist=hist1
+            logp1, kindex.coarse_counts, kindex.coarse_sizes, coarse_threshold, coarse_budget, 1, scored
         )
         ids = empty(dev, torch.int32, batch, heads, kindex.candidates(coarse_budget))
         compact(keep1, blocks1, kindex.coarse_sizes, kindex.coarse_first, 1, kindex.coarse_largest, ids)
         # Level 2: score those fine centroids only, keep fine clusters among them.
         keep = empty(dev, torch.int8, batch, heads, clusters)  # cluster order; cleared while scoring
-        logp, hist = score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep,
-                                      HISTOGRAM and budget is not None)
+        logp = score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep)
         kept_list, blocks, nsel, nkeys = select(
-            logp, kindex.counts, kindex.counts, threshold, budget, PIECE_ROWS, stats, ids, ncand, keep, hist
+            logp, kindex.counts, kindex.counts, threshold, budget, PIECE_ROWS, stats, ids, ncand, keep
         )
     starts, lengths, positions = (empty(dev, torch.int32, batch, heads, max(1, kindex.pieces)) for _ in range(3))
     compact(kept_list, blocks, kindex.counts, kindex.starts, PIECE_ROWS, triton.cdiv(kindex.largest, PIECE_ROWS),

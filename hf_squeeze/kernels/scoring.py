@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import HIST_BINS, dot_precision, empty, hist_bin, order_key, pow2
+from .common import dot_precision, empty, pow2
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring
 PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
@@ -24,15 +24,14 @@ PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
 
 @triton.jit
 def _score_decode_kernel(
-    q_ptr, cent_ptr, logn_ptr, s_ptr, pm_ptr, pl_ptr, hist_ptr,
+    q_ptr, cent_ptr, logn_ptr, s_ptr, pm_ptr, pl_ptr,
     scaling, H, C, G, NCB, sq_b, sq_h,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, HIST: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One decode token: scores of a block of centroids for the G query heads of a KV head.
 
     Writes the masked scores s [B, H, G, C] and, per block, the max and the sum of exp of
-    s + log N (the pieces of the normaliser) [B, H, NCB, G]; with HIST clears the histogram of log
-    p [B, H, HIST_BINS] that `_decode_logp_kernel` fills.
+    s + log N (the pieces of the normaliser) [B, H, NCB, G].
     """
     bh = tl.program_id(0)
     cb = tl.program_id(1)
@@ -53,21 +52,13 @@ def _score_decode_kernel(
     l = tl.sum(tl.exp(w - m_safe[:, None]), 1)
     tl.store(pm_ptr + (bh * NCB + cb) * G + g, m, mask=g < G)
     tl.store(pl_ptr + (bh * NCB + cb) * G + g, l, mask=g < G)
-    if HIST:
-        _clear_hist(hist_ptr, bh, cb)
-
-
-@triton.jit
-def _clear_hist(hist_ptr, bh, cb):
-    if cb == 0:  # the kernels after this one fill it (atomics) and read it
-        tl.store(hist_ptr + bh * HIST_BINS + tl.arange(0, HIST_BINS), tl.zeros([HIST_BINS], tl.int32))
 
 
 @triton.jit
 def _score_fine_decode_kernel(
-    q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, s1_ptr, logn1_ptr, keep1_ptr, keep_ptr, s_ptr, pm_ptr, pl_ptr, hist_ptr,
+    q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, s1_ptr, logn1_ptr, keep1_ptr, keep_ptr, s_ptr, pm_ptr, pl_ptr,
     scaling, H, C, C1, CAP, G, NCB, sq_b, sq_h,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, HIST: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One decode token, the fine level of a two-level index: scores of a block of the candidate fine
     centroids (the children of the kept coarse clusters: the first ncand[bh] entries of `ids`).
@@ -75,8 +66,7 @@ def _score_fine_decode_kernel(
     The block's pieces of the mixed normaliser [B, H, NCB, G] hold its fine terms and the coarse
     terms N_k exp(s1_k) of the rejected coarse clusters of the same block index, so no fine
     centroid under a rejected coarse cluster is read. Blocks past the candidates load nothing.
-    The programs also clear the C fine-order keep flags (the selection sets them), and with HIST
-    the histogram of log p."""
+    The programs also clear the C fine-order keep flags (the selection sets them)."""
     bh = tl.program_id(0)
     cb = tl.program_id(1)
     b = bh // H
@@ -105,8 +95,6 @@ def _score_fine_decode_kernel(
     tl.store(pm_ptr + (bh * NCB + cb) * G + g, m, mask=g < G)
     tl.store(pl_ptr + (bh * NCB + cb) * G + g, l, mask=g < G)
     _clear_flags(keep_ptr + bh * C, cb, NCB, C, BLOCK_C)
-    if HIST:
-        _clear_hist(hist_ptr, bh, cb)
 
 
 @triton.jit
@@ -246,14 +234,12 @@ def _aggregate_kernel(
 
 @triton.jit
 def _decode_logp_kernel(
-    s_ptr, pm_ptr, pl_ptr, ncand_ptr, logp_ptr, ids_ptr, counts_ptr, hist_ptr, H, C, CC, G, NCB,
-    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CB: tl.constexpr, HAS_IDS: tl.constexpr, HIST: tl.constexpr,
+    s_ptr, pm_ptr, pl_ptr, ncand_ptr, logp_ptr, C, G, NCB,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CB: tl.constexpr, HAS_IDS: tl.constexpr,
 ):
     """Decode: finish each query head's normaliser from the per-block pieces, then
     log p = max over the group of (s - normaliser), for a block of centroids (with HAS_IDS: of
-    the first ncand[bh] candidates, whose clusters are listed in `ids`). With HIST also adds each
-    one's keys (`counts` [H, CC]) to its bin of the histogram of log p (`common.hist_bin`): the
-    selection's budget search then starts from the bin where the budget is crossed."""
+    the first ncand[bh] candidates)."""
     bh = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if HAS_IDS:
@@ -272,21 +258,12 @@ def _decode_logp_kernel(
     s = tl.load(
         s_ptr + (bh * G + g[:, None]) * C + c[None, :], mask=(g[:, None] < G) & (c[None, :] < n), other=float("-inf")
     )
-    logp = tl.max(s - norm[:, None], 0)
-    tl.store(logp_ptr + bh * C + c, logp, mask=c < n)
-    if HIST:
-        if HAS_IDS:
-            cluster = tl.load(ids_ptr + bh * C + c, mask=c < n, other=0)
-        else:
-            cluster = c
-        counts = tl.load(counts_ptr + (bh % H) * CC + cluster, mask=c < n, other=0)
-        tl.atomic_add(hist_ptr + bh * HIST_BINS + hist_bin(order_key(logp)), counts, mask=(c < n) & (counts > 0))
+    tl.store(logp_ptr + bh * C + c, tl.max(s - norm[:, None], 0), mask=c < n)
 
 
-def score_every(query, centroids, log_counts, scaling, logw, counts=None):
-    """log p [B, H, C] of every centroid of a flat index (or of the coarse level); for one query
-    token also the scores s [B, H, G, C] and, given the keys per cluster `counts` [H, C], the
-    histogram of log p [B, H, HIST_BINS] (both None for a prefill)."""
+def score_every(query, centroids, log_counts, scaling, logw):
+    """log p [B, H, C] of every centroid of a flat index (or of the coarse level), and for one
+    query token also the scores s [B, H, G, C] (None for a prefill)."""
     batch, q_heads, tokens, dim = query.shape
     heads, clusters = log_counts.shape
     group = q_heads // heads
@@ -299,18 +276,16 @@ def score_every(query, centroids, log_counts, scaling, logw, counts=None):
         s = empty(dev, torch.float32, batch, heads, group, clusters)
         pm = empty(dev, torch.float32, batch, heads, ncb, group)
         pl = torch.empty_like(pm)
-        hist = None if counts is None else empty(dev, torch.int32, batch, heads, HIST_BINS.value)
         _score_decode_kernel[(batch * heads, ncb)](
-            query, centroids, log_counts, s, pm, pl, logp if hist is None else hist,
+            query, centroids, log_counts, s, pm, pl,
             scaling, heads, clusters, group, ncb, sq_b, sq_h,
-            D=dim, BLOCK_G=pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HIST=hist is not None,
+            D=dim, BLOCK_G=pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
         )
         _decode_logp_kernel[(batch * heads, ncb)](
-            s, pm, pl, pm, logp, pm, log_counts if counts is None else counts, logp if hist is None else hist,
-            heads, clusters, clusters, group, ncb,
-            BLOCK_C=SCORE_BLOCK_C, BLOCK_G=pow2(group), BLOCK_CB=pow2(ncb), HAS_IDS=False, HIST=hist is not None,
+            s, pm, pl, pm, logp, clusters, group, ncb,
+            BLOCK_C=SCORE_BLOCK_C, BLOCK_G=pow2(group), BLOCK_CB=pow2(ncb), HAS_IDS=False,
         )
-        return logp, s, hist
+        return logp, s
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
     _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, centroids, log_counts, norm,
@@ -322,14 +297,13 @@ def score_every(query, centroids, log_counts, scaling, logw, counts=None):
         scaling, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=False,
     )
-    return logp, None, None
+    return logp, None
 
 
-def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep, histogram=False):
+def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
     """Level 2 of a two-level index: log p [B, H, CAP] (first ncand[b, h] valid) of the candidate
     fine centroids `ids` [B, H, CAP], normalised by the mixed sum (fine terms of the candidates,
-    coarse terms of the rejected coarse clusters). Clears the fine-order `keep` flags on the way.
-    Returns log p and, for one query token with `histogram`, the histogram of log p (else None)."""
+    coarse terms of the rejected coarse clusters). Clears the fine-order `keep` flags on the way."""
     batch, q_heads, tokens, dim = query.shape
     heads, clusters, coarse = kindex.heads, kindex.clusters, kindex.coarse_clusters
     cap = ids.shape[-1]
@@ -345,18 +319,16 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep, 
         s = empty(dev, torch.float32, batch, heads, group, cap)
         pm = empty(dev, torch.float32, batch, heads, ncb, group)
         pl = torch.empty_like(pm)
-        hist = empty(dev, torch.int32, batch, heads, HIST_BINS.value) if histogram else None
         _score_fine_decode_kernel[(batch * heads, ncb)](
             query, kindex.centroids, kindex.log_counts, ids, ncand, s1, kindex.coarse_log_counts, keep1, keep, s, pm, pl,
-            logp if hist is None else hist,
             scaling, heads, clusters, coarse, cap, group, ncb, sq_b, sq_h,
-            D=dim, BLOCK_G=pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HIST=histogram,
+            D=dim, BLOCK_G=pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
         )
         _decode_logp_kernel[(batch * heads, ncb)](
-            s, pm, pl, ncand, logp, ids, kindex.counts, logp if hist is None else hist, heads, cap, clusters, group, ncb,
-            BLOCK_C=SCORE_BLOCK_C, BLOCK_G=pow2(group), BLOCK_CB=pow2(ncb), HAS_IDS=True, HIST=histogram,
+            s, pm, pl, ncand, logp, cap, group, ncb,
+            BLOCK_C=SCORE_BLOCK_C, BLOCK_G=pow2(group), BLOCK_CB=pow2(ncb), HAS_IDS=True,
         )
-        return logp, hist
+        return logp
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
     _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, kindex.centroids, kindex.log_counts, ids, ncand, kindex.coarse_centroids, kindex.coarse_log_counts, keep1, norm,
@@ -368,4 +340,4 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep, 
         scaling, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=True,
     )
-    return logp, None
+    return logp

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import HIST_BINS, HIST_LOW, HIST_SHIFT, empty, order_key, pow2
+from .common import empty, pow2
 
 COMPACT_BLOCK = 128  # clusters per program when writing the selection list
 MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
@@ -35,10 +35,10 @@ def _cluster_ids(ids_ptr, ncand_ptr, bh, c, C, CAP, HAS_IDS: tl.constexpr):
 @triton.jit
 def _select_kernel(
     logp_ptr, counts_ptr, sizes_ptr, ids_ptr, ncand_ptr, keep_ptr, keep_ids_ptr,
-    block_ptr, nsel_ptr, nsizes_ptr, stats_ptr, hist_ptr,
+    block_ptr, nsel_ptr, nsizes_ptr, stats_ptr,
     threshold, budget, H, C, CAP,
     USE_BUDGET: tl.constexpr, HAS_IDS: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_HIST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """One (batch row, KV head): which candidates to keep, and for each block of BLOCK_S candidates
     the pieces and sizes kept before it (so that `_compact_kernel` can place its ranges).
@@ -47,8 +47,7 @@ def _select_kernel(
     entries of the list `ids` [B, H, CAP] (fine clusters under the kept coarse clusters, in
     cluster order); then the keep flags are also scattered to cluster order (`keep_ids_ptr`).
     `counts` (keys per cluster) decide; `sizes` (what the compaction lists: keys of a cluster, or
-    fine clusters of a coarse cluster) are cut into pieces of at max_pieces PIECE. With HAS_HIST the
-    budget search starts from the histogram of log p that the scoring built (`common.hist_bin`)."""
+    fine clusters of a coarse cluster) are cut into pieces of at max_pieces PIECE."""
     bh = tl.program_id(0)
     h = bh % H
     c = tl.arange(0, BLOCK_C)
@@ -62,22 +61,12 @@ def _select_kernel(
         # sum(N_j : key_j >= x) >= budget; keeping key_j >= x keeps the cluster that crosses the
         # budget. It stops as soon as one cluster is left in [lo, hi) (about log2 C steps). If the
         # non-empty clusters hold fewer keys than the budget, lo stays at the smallest key: keep all.
-        key = order_key(logp)
+        bits = logp.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         lo = tl.min(tl.where(nonempty, key, 2147483647))
         hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
         if tl.sum(counts) < budget:
             hi = lo
-        if HAS_HIST:
-            # The bin where the budget is crossed, read off the keys per bin: the search starts
-            # inside it (a few clusters) instead of between the smallest and largest log p.
-            b = tl.arange(0, HIST_BINS)
-            per_bin = tl.load(hist_ptr + bh * HIST_BINS + b)
-            from_bin = tl.sum(per_bin) - tl.cumsum(per_bin, 0) + per_bin  # keys in bins b and above
-            crossing = tl.max(tl.where(from_bin >= budget, b, -1))
-            if crossing > 0:
-                lo = tl.maximum(lo, HIST_LOW + (crossing << HIST_SHIFT))
-            if (crossing >= 0) & (crossing < HIST_BINS - 1):
-                hi = tl.minimum(hi, HIST_LOW + ((crossing + 1) << HIST_SHIFT))
         inside = tl.sum((nonempty & (key >= lo) & (key < hi)).to(tl.int32))
         while (inside > 1) & (hi.to(tl.int64) - lo.to(tl.int64) > 1):  # (equal keys end at width 1)
             mid = (lo.to(tl.int64) + (hi.to(tl.int64) - lo.to(tl.int64)) // 2).to(tl.int32)
@@ -143,11 +132,10 @@ def _compact_kernel(
             tl.store(sel_pos_ptr + bh * PC + slot + j, position + j * PIECE, mask=write)
 
 
-def select(logp, counts, sizes, threshold, budget, piece, stats, ids=None, ncand=None, keep_ids=None, hist=None):
+def select(logp, counts, sizes, threshold, budget, piece, stats, ids=None, ncand=None, keep_ids=None):
     """Launch the selection over the C clusters of `counts` [H, C] (or the listed candidates `ids`
     [B, H, CAP], the first ncand[b, h] of them). Returns the keep flags [B, H, CAP] (candidate
-    order), the per-block offsets for `_compact`, and per (row, head) the pieces and sizes kept.
-    `hist`: the histogram of `logp` the scoring built, for a budget (else None)."""
+    order), the per-block offsets for `_compact`, and per (row, head) the pieces and sizes kept."""
     batch, heads, cap = logp.shape
     dev = logp.device
     block_c = pow2(cap, COMPACT_BLOCK)
@@ -157,10 +145,9 @@ def select(logp, counts, sizes, threshold, budget, piece, stats, ids=None, ncand
     has_ids = ids is not None
     _select_kernel[(batch * heads,)](
         logp, counts, sizes, ids if has_ids else counts, ncand if has_ids else nsel, keep,
-        keep_ids if has_ids else keep, block_offsets, nsel, nsizes, stats, nsel if hist is None else hist,
+        keep_ids if has_ids else keep, block_offsets, nsel, nsizes, stats,
         float("-inf") if threshold is None else threshold, 0 if budget is None else budget, heads, counts.shape[1], cap,
         USE_BUDGET=budget is not None, HAS_IDS=has_ids, PIECE=piece, BLOCK_C=block_c, BLOCK_S=COMPACT_BLOCK,
-        HAS_HIST=hist is not None and budget is not None,
         num_warps=4 if block_c < 4096 else 16 if block_c <= 8192 else 32,
     )
     return keep, block_offsets, nsel, nsizes
