@@ -23,7 +23,8 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
     PYTHONPATH=. python benchmarks/bench_kernels.py --modes decode,hier-decode,prefill,hier-prefill --out $OUT
 
 `--decode-pieces` / `--decode-warps` set the decode kernel's tile and warps (with and without pins),
-for a sweep in one GPU call (`tools/device_kernels.sh`).
+`--decode-splits` the most programs sharing one KV head's decode, `--select-warps` the selection
+program's warps: for sweeps in one GPU call (`tools/device_kernels.sh`).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
@@ -278,11 +279,15 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny run on the CPU under TRITON_INTERPRET=1 (checks it runs)")
     p.add_argument("--decode-pieces", type=int, help="pieces of kept rows per decode step (the tile: x 32 rows)")
     p.add_argument("--decode-warps", type=int, help="warps per decode program")
+    p.add_argument("--decode-splits", type=int, help="most decode programs per (row, KV head) (a power of two)")
+    p.add_argument("--select-warps", type=int, help="warps per selection program")
     args = p.parse_args()
     attention = importlib.import_module("hf_squeeze.kernels.attention")
     for name in ("DECODE_TILE", "PINNED_DECODE_TILE"):  # the same tile with and without pins
         pieces, warps = getattr(attention, name)
         setattr(attention, name, (args.decode_pieces or pieces, args.decode_warps or warps))
+    attention.DECODE_MAX_SPLITS = args.decode_splits or attention.DECODE_MAX_SPLITS
+    importlib.import_module("hf_squeeze.kernels.selection").SELECT_WARPS = args.select_warps
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

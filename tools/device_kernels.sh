@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default, the
-# decode tile 4 x 8 (pieces x warps; default 2 x 4), and the default again (the run-to-run spread),
-# each at 128K and 512K, keep 0.1, then a short table of the graph-replayed times. Logs and CSVs
-# under $OUT/<variant>/.
+# The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default, more
+# programs per KV head for the decode (at most 128 splits, not 64), the selection with 8
+# and 32 warps (default 16 at these sizes), and the default again (the run-to-run spread), each at
+# 128K and 512K, keep 0.1, then a short table of the graph-replayed times. Logs and CSVs under
+# $OUT/<variant>/.
 #
 #   tools/device_kernels.sh [CONTEXTS]      (default 131072,524288)
 # (On a CPU, to try the script: BENCH_ARGS=--smoke TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 OUT=/tmp/x
@@ -19,14 +20,16 @@ run() {  # NAME ARGS...: one bench_kernels run
     > "$OUT/$name/log.txt" 2>&1 || echo "$name failed: see $OUT/$name/log.txt"
 }
 run default --modes decode,pinned-decode,hier-decode --profile
-run tile-4x8 --modes decode,pinned-decode --decode-pieces 4 --decode-warps 8
+run splits-128 --modes decode,pinned-decode --decode-splits 128
+run select-warps-8 --modes decode,pinned-decode,hier-decode --select-warps 8
+run select-warps-32 --modes decode,pinned-decode,hier-decode --select-warps 32
 run default-again --modes decode,pinned-decode,hier-decode
 python3 - "$OUT" <<'EOF'
 import csv, sys
 from pathlib import Path
 
 rows = {}
-for variant in ("default", "tile-4x8", "default-again"):
+for variant in ("default", "splits-128", "select-warps-8", "select-warps-32", "default-again"):
     path = Path(sys.argv[1]) / variant / "kernels.csv"
     if path.is_file():
         for r in csv.DictReader(open(path)):

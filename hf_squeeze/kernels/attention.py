@@ -31,6 +31,7 @@ from .lookup import KeptRanges
 # 240.8 -> 220.9 us; the paper's lookup 72.0 -> 73.0 / 213.3 -> 229.0 us; BENCHMARKS.md).
 DECODE_TILE = (2, 4)
 PINNED_DECODE_TILE = (4, 8)
+DECODE_MAX_SPLITS = 64  # programs that share one (row, KV head)'s decode, at most
 DECODE_STAGES = 1  # software pipelining of the gathered loads does not pay here (bench_kernels.py)
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
@@ -334,7 +335,7 @@ def sparse_attention(
     out_strides = (out.stride(0), out.stride(1), out.stride(2))
     if tokens == 1:
         block_m, m_blocks = pow2(group, 16), 1
-        splits = splits or _default_splits(dev, batch * heads, max_splits=64)
+        splits = splits or _default_splits(dev, batch * heads, max_splits=DECODE_MAX_SPLITS)
     else:
         block_m = PREFILL_BLOCK_M if rows > 64 else 64
         m_blocks = triton.cdiv(rows, block_m)
