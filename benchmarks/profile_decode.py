@@ -10,7 +10,9 @@ the attention's own (ours, or dense SDPA) apart from the rest of the model.
 
 `--generate` profiles `model.generate` instead (transformers' own loop and compile path, what users
 call): besides the kernels, the host's launches per token (kernels launched one by one, and CUDA
-graph replays) and the wall time per token, so that the time outside the kernels shows.
+graph replays), its waits for the GPU, its top-level operators, and the wall time per token, so
+that the time outside the kernels shows (the profiler slows the host: compare host times between
+the methods, not with the wall time).
 
     PYTHONPATH=. python3 benchmarks/profile_decode.py --context 2048 --keep 0.1 --compile --out $OUT
     PYTHONPATH=. python3 benchmarks/profile_decode.py --context 2048 --keep 0.1 --generate --out $OUT
@@ -33,11 +35,16 @@ from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs, generate_gree
 # The host's launch calls, counted per step under the name "host: ..." (CUDA runtime and driver).
 HOST_LAUNCHES = {"cudaLaunchKernel": "kernel", "cuLaunchKernel": "kernel", "cuLaunchKernelEx": "kernel",
                  "cudaLaunchKernelExC": "kernel", "cudaGraphLaunch": "CUDA graph", "cuGraphLaunch": "CUDA graph"}
-
+# The host's waits for the device (an .item(), a copy to the CPU, a synchronize), timed per step as
+# "host: waiting for the GPU".
+HOST_WAITS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
+              "cuEventSynchronize", "cuCtxSynchronize"}
 
 
 def kernel_times(run) -> dict[str, tuple[float, int]]:
-    """Per kernel name: total device microseconds and launches while `run()` runs."""
+    """Per kernel name: total device microseconds and launches while `run()` runs; besides, per host
+    operator called at the top level ("cpu: <name>"), its host microseconds and calls, and the host's
+    launches and waits for the device ("host: ...")."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if torch.cuda.is_available() else [ProfilerActivity.CPU]
@@ -51,7 +58,14 @@ def kernel_times(run) -> dict[str, tuple[float, int]]:
         if event.name in HOST_LAUNCHES:
             totals[f"host: {HOST_LAUNCHES[event.name]} launches"][1] += 1
             continue
+        if event.name in HOST_WAITS:
+            totals["host: waiting for the GPU"][0] += event.cpu_time_total
+            totals["host: waiting for the GPU"][1] += 1
+            continue
         if torch.cuda.is_available() and kind != torch.autograd.DeviceType.CUDA:
+            if event.cpu_parent is None:
+                totals[f"cpu: {event.name}"][0] += event.cpu_time_total
+                totals[f"cpu: {event.name}"][1] += 1
             continue
         if not torch.cuda.is_available() and event.cpu_parent is not None:
             continue  # on a CPU: top-level operators only
@@ -128,15 +142,21 @@ def main(args) -> int:
     summary = {}
     for method, profile in profiles.items():
         extra = {name: v for name, v in profile.items() if name.startswith(("host:", "wall:"))}
-        kernels = {name: v for name, v in profile.items() if name not in extra}
+        host_ops = {name[5:]: v for name, v in profile.items() if name.startswith("cpu: ")}
+        kernels = {name: v for name, v in profile.items() if name not in extra and not name.startswith("cpu: ")}
         total = sum(t for t, _ in kernels.values())
         launches = sum(n for _, n in kernels.values())
         attention = sum(t for name, (t, _) in kernels.items() if is_attention(name, method))
         summary[method] = dict(total_us=total, launches=launches, attention_us=attention,
-                               **{name: (t if name.startswith("wall:") else n) for name, (t, n) in extra.items()})
+                               **{name: (n if name.endswith("launches") else t) for name, (t, n) in extra.items()})
         lines += [f"## {method}: {total:.1f} {unit} per step, {launches:.0f} launches, attention {attention:.1f}", ""]
-        lines += [f"- {name}: {t:.2f}" if name.startswith("wall:") else f"- {name} per step: {n:.1f}"
-                  for name, (t, n) in sorted(extra.items())]
+        lines += [f"- {name}: {t:.2f}" if name.startswith("wall:") else
+                  f"- {name} per step: {t / 1e3:.2f} ms in {n:.1f} calls" if name == "host: waiting for the GPU" else
+                  f"- {name} per step: {n:.1f}" for name, (t, n) in sorted(extra.items())]
+        if host_ops:
+            lines += ["", "| host operator (top level) | host us per step | calls per step |", "|---|---|---|"]
+            lines += [f"| `{name[:90]}` | {t:.1f} | {n:.1f} |"
+                      for name, (t, n) in sorted(host_ops.items(), key=lambda kv: -kv[1][0])[:10]]
         lines += ["", f"| kernel | {unit} per step | launches per step |", "|---|---|---|"]
         for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
             lines.append(f"| `{name[:90]}` | {t:.1f} | {n:.1f} |")
