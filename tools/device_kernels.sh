@@ -29,11 +29,9 @@ import csv, sys
 from pathlib import Path
 
 rows = {}
-for variant in ("default", "splits-128", "select-warps-8", "select-warps-32", "default-again"):
-    path = Path(sys.argv[1]) / variant / "kernels.csv"
-    if path.is_file():
-        for r in csv.DictReader(open(path)):
-            rows[(int(r["context"]), r["mode"], variant)] = r
+for path in Path(sys.argv[1]).glob("*/kernels.csv"):  # one folder per variant run above
+    for r in csv.DictReader(open(path)):
+        rows[(int(r["context"]), r["mode"], path.parent.name)] = r
 print("| context | mode | variant | ours us (graph) | lookup us | dense us | speedup |")
 print("|---|---|---|---|---|---|---|")
 for (context, mode, variant), r in sorted(rows.items()):
