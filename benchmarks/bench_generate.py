@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (SHAPES, common_prefix, dense_attention_time, dense_caches, gpu_time, memory_start, peak_memory,
-                    random_model, run_compiled, run_eager, run_graph, run_graph_compiled)
+                    random_model, run_compiled, run_eager, run_eager_ungraphed, run_graph, run_graph_compiled)
 from hf_squeeze import SqueezedCache, SqueezeConfig
 
 
@@ -65,7 +65,8 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
     squeezed = SqueezedCache.from_context(model, context, config, progress=progress)
     build = dict(squeezed.build_stats)
     dynamic, static = dense_caches(squeezed, model, tokens + max(inputs) + new_tokens)
-    runners = {"eager": run_eager, "graph": run_graph, "compiled": run_compiled, "graph-compiled": run_graph_compiled}
+    runners = {"eager": run_eager, "eager-ungraphed": run_eager_ungraphed, "graph": run_graph, "compiled": run_compiled,
+               "graph-compiled": run_graph_compiled}
     results = []
     jobs = [(n, "dense", 1.0, m) for n in inputs for m in modes]
     jobs += [(n, "squeezed", k, m) for n in inputs for k in keeps for m in modes]
@@ -246,9 +247,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inputs", type=int, nargs="+", default=[64, 1024], help="user input tokens")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", choices=["eager", "graph", "compiled", "graph-compiled"],
+    parser.add_argument("--modes", nargs="+", choices=["eager", "eager-ungraphed", "graph", "compiled", "graph-compiled"],
                         default=["eager", "graph"],
-                        help="eager: model.generate(disable_compile=True); graph: generate_greedy (CUDA graph); compiled: "
+                        help="eager: model.generate(disable_compile=True) (each layer's decode step replayed as a CUDA "
+                             "graph); eager-ungraphed: the same, the steps launched kernel by kernel; graph: "
+                             "generate_greedy (the model's step as one CUDA graph); compiled: "
                              "model.generate as users call it (transformers' compile path, its default CompileConfig); "
                              "graph-compiled: generate_greedy(compile=True)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")

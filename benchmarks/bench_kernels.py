@@ -4,7 +4,8 @@ Llama-3.1-8B attention shape by default (32 query heads, 8 KV heads, head dim 12
 For each fixed-context length, the dense anchor is torch SDPA over all keys with the cuDNN and the
 flash backends (the faster one is the anchor); ours is `hf_squeeze.kernels.attend` on an index with
 5% centroids and top-k selection at each `keep`. Both are timed as CUDA graphs (median of
-`triton.testing.do_bench`), ours also eagerly. Decode = 1 query token after a 64-token user input;
+`triton.testing.do_bench`), ours also eagerly, and for decode as an eager fixed-capacity step
+runs it (replayed by a layer's `DecodeGraph`: query in, replay, output out). Decode = 1 query token after a 64-token user input;
 prefill = a user input of `--prefill-tokens` tokens (causal among themselves).
 
 Modes "hier-decode" / "hier-prefill" run the same on a two-level index (coarse clusters at
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 import triton
 
 from hf_squeeze import kernels
+from hf_squeeze.kernels import graphs
 from common import gpu_time
 from hf_squeeze.index import LayerIndex
 from hf_squeeze.selection import Pinned, SelectionRule
@@ -160,7 +162,7 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     stats = torch.zeros(1, dtype=torch.int64, device=dev)
     scored = torch.zeros(1, dtype=torch.int64, device=dev)
 
-    def ours():
+    def ours(query=query):
         return kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, scored=scored,
                               pinned=pinned)
 
@@ -184,6 +186,7 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
         profile(ours, f"{mode}, {tokens_ctx} tokens, {query_tokens} query tokens, keep {keep}")
     t_graph = bench(ours, graph=True)
     t_eager = bench(ours, graph=False)
+    t_step_graph = step_graph_time(ours, query) if query_tokens == 1 and not SMOKE else math.nan
     t_lookup = bench(lookup_only, graph=True)
 
     key = (tokens_ctx, query_tokens)
@@ -211,6 +214,7 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
         dense_flash_us=dense.get("flash", math.nan),
         ours_graph_us=t_graph,
         ours_eager_us=t_eager,
+        ours_step_graph_us=t_step_graph,
         lookup_us=t_lookup,
         lookup_share=t_lookup / t_graph,
         lookup_vs_attention=t_lookup / max(t_graph - t_lookup, 1e-9),
@@ -219,6 +223,23 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
         needed_MB=needed / 1e6,
         achieved_TBps=needed / (t_graph * 1e-6) / 1e12,
     )
+
+
+def step_graph_time(ours, query) -> float:
+    """Microseconds per call of the decode step as an eager fixed-capacity step runs it: replayed by
+    a layer's `DecodeGraph` (the query copied in, the output copied out), timed as the host issues
+    it (no graph around the calls), so the host's work per step counts when it exceeds the GPU's."""
+    step = graphs.DecodeGraph(graphs.GraphPools())
+    valid = torch.ones(1, 1, dtype=torch.bool, device=query.device)  # (the kernels read it as the written slots)
+
+    def replayed():
+        return step.run(("bench",), None, lambda q, _: ours(q), query, valid)
+
+    replayed()  # eager: compiles
+    replayed()  # captured
+    time = bench(replayed, graph=False)
+    assert step.replays > 2 and step.captures == 1
+    return time
 
 
 def profile(fn, title: str, steps: int = 20):
@@ -345,12 +366,13 @@ def main():
     plot(rows, out / "kernels_speedup.png")
     print()
     print("| context | mode | keep | read | fine centroids scored | dense cuDNN us | dense flash us | ours us (graph) "
-          "| ours us (eager) | lookup us | lookup share | lookup/attention | speedup | TB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ours us (eager) | ours us (eager, step graph) | lookup us | lookup share | lookup/attention | speedup | TB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['context'] // 1024}K | {r['mode']} | {r['keep']} | {r['kept_fraction']:.3f} | {r['fine_scored_fraction']:.2f} | "
             f"{r['dense_cudnn_us']:.1f} | {r['dense_flash_us']:.1f} | {r['ours_graph_us']:.1f} | {r['ours_eager_us']:.1f} | "
+            f"{r['ours_step_graph_us']:.1f} | "
             f"{r['lookup_us']:.1f} | {r['lookup_share']:.0%} | {r['lookup_vs_attention']:.0%} | "
             f"**{r['speedup']:.2f}x** | {r['achieved_TBps']:.2f} |"
         )

@@ -4,6 +4,7 @@ request is generated (model.generate, generate_greedy), and the dense caches of 
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import torch
@@ -69,6 +70,20 @@ def peak_memory(device, before: int) -> tuple[float, float]:
 def run_eager(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
     """model.generate with transformers' compile path off (a squeezed fork is compileable by default)."""
     return timed_generate(model, ids, cache, new_tokens, disable_compile=True)
+
+
+def run_eager_ungraphed(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+    """`run_eager` with each squeezed layer's decode step launched kernel by kernel, not replayed as a
+    CUDA graph (HF_SQUEEZE_STEP_GRAPHS=0, kernels/graphs.py): what the step graphs save."""
+    before = os.environ.get("HF_SQUEEZE_STEP_GRAPHS")
+    os.environ["HF_SQUEEZE_STEP_GRAPHS"] = "0"
+    try:
+        return run_eager(model, ids, cache, new_tokens)
+    finally:
+        if before is None:
+            del os.environ["HF_SQUEEZE_STEP_GRAPHS"]
+        else:
+            os.environ["HF_SQUEEZE_STEP_GRAPHS"] = before
 
 
 def timed_generate(model, ids, cache, new_tokens: int, **generate) -> tuple[float, float, float, torch.Tensor]:

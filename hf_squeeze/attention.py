@@ -24,6 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 from . import kernels
 from .counts import ReadCounts
 from .devices import on_device
+from .kernels import graphs
 from .kernels.ops import Handle, attend_op
 from .selection import Pinned, SelectionRule, expand_ranges, key_weights, lookup, pin_keys, rest_parts
 
@@ -163,7 +164,8 @@ class SparseAttention(ReadCounts):
     statistics accumulate in tensors, so a step needs no host synchronisation.
     """
 
-    def __init__(self, index, rule: SelectionRule, kernel_views: dict | None = None):
+    def __init__(self, index, rule: SelectionRule, kernel_views: dict | None = None,
+                 graph_pools: graphs.GraphPools | None = None):
         self.index, self.rule = index, rule
         # Device views of the index for the Triton kernels, built on first use; a cache shares one
         # dict per layer among its forks, so a request does not rebuild them.
@@ -176,6 +178,10 @@ class SparseAttention(ReadCounts):
         # (SqueezedLayer.plan): it fixes the capacity once the request's input was read.
         self.after_read = None
         self._bound = (None, None)  # (rule, read_bound under it)
+        # Fixed-capacity decode steps are replayed as CUDA graphs (`kernels.graphs`); the layers of
+        # one cache share their memory pools.
+        self.graph_pools = graph_pools or graphs.GraphPools()
+        self._graph = None
         self.reset_stats()
 
     def forward(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -287,33 +293,46 @@ class SparseAttention(ReadCounts):
         self.compiled_steps = self.compiled_steps.to(query.device)
         self.count_selections(query.shape[0] * self.index.keys.shape[0])
         pinned = None if read_all else self.pinned
-        if pinned is not None:  # read besides the lookup's keys (an overlap is counted twice)
-            self.kernel_keys += pinned.count.sum()
         if torch.compiler.is_compiling():  # a compiled decode step: the kernels as one opaque operator
             if read_all or q_valid is not None or self._op_handle is None:
                 raise RuntimeError(
                     "torch.compile takes a squeezed model's decode steps (one token, after an eager prefill), not "
                     "its input's prefill: run the prompt eagerly (generate does), then compile the steps after it"
                 )
-            out = attend_op(self._op_handle, query, key, value, key_valid, self.kernel_keys, self.kernel_fine_scored,
-                            pinned, scaling)
-        else:
-            # the handle of this layer's decode step, should a later step be compiled (forks share it;
-            # it holds the rule, so the rule's id is not reused while it is there)
-            if id(self.rule) not in view.op_handles:
-                view.op_handles[id(self.rule)] = Handle(view, self.rule)
-            self._op_handle = view.op_handles[id(self.rule)]
-            # pinning needs each input row's log-sum-exp over every key, which the prefill finds
-            lse = None
-            if self.pins_now(tokens):
-                lse = torch.empty(query.shape[0], view.heads, query.shape[1] // view.heads * tokens,
-                                  device=query.device, dtype=torch.float32)
-            out = kernels.attend(
-                query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
-                scored=self.kernel_fine_scored, pinned=pinned, lse=lse,
-            )
-            if lse is not None:
-                self.pin(kernels.key_weights(query, view, lse, scaling, q_valid))
+            if pinned is not None:  # read besides the lookup's keys (an overlap is counted twice)
+                self.kernel_keys += pinned.count.sum()
+            return attend_op(self._op_handle, query, key, value, key_valid, self.kernel_keys, self.kernel_fine_scored,
+                             pinned, scaling)
+        # the handle of this layer's decode step, should a later step be compiled (forks share it;
+        # it holds the rule, so the rule's id is not reused while it is there)
+        if id(self.rule) not in view.op_handles:
+            view.op_handles[id(self.rule)] = Handle(view, self.rule)
+        self._op_handle = view.op_handles[id(self.rule)]
+        # pinning needs each input row's log-sum-exp over every key, which the prefill finds
+        lse = None
+        if self.pins_now(tokens):
+            lse = torch.empty(query.shape[0], view.heads, query.shape[1] // view.heads * tokens,
+                              device=query.device, dtype=torch.float32)
+
+        def launch(query, key_valid):  # the step's device work
+            if pinned is not None:
+                self.kernel_keys += pinned.count.sum()
+            return kernels.attend(query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
+                                  scored=self.kernel_fine_scored, pinned=pinned, lse=lse)
+
+        if self.key_valid is not None and query.is_cuda and graphs.enabled() \
+                and not torch.cuda.is_current_stream_capturing():
+            # a fixed-capacity decode step, not inside a graph being captured: replayed (kernels/graphs.py)
+            pins = (None,) * 3 if pinned is None else (pinned.rows, pinned.count, pinned.mask)
+            signature = (id(view), id(rule), scaling, tuple(query.shape), query.stride(), query.dtype,
+                         tuple(key_valid.shape), *map(graphs.describe, (key, value, self.kernel_keys,
+                                                                        self.kernel_fine_scored, *pins)))
+            if self._graph is None:
+                self._graph = graphs.DecodeGraph(self.graph_pools)
+            return self._graph.run(signature, (view, rule), launch, query, key_valid)
+        out = launch(query, key_valid)
+        if lse is not None:
+            self.pin(kernels.key_weights(query, view, lse, scaling, q_valid))
         return out
 
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:

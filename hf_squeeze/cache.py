@@ -31,6 +31,7 @@ from .context import FixedContext, build_fixed_context
 from .integrations import transformers as integration
 from .integrations.fingerprint import check_fingerprint
 from .integrations.generate import install_guard
+from .kernels.graphs import GraphPools
 from .layer import SqueezedLayer
 
 _CLAIM = threading.Lock()  # guards the hand-over of a cache between threads and requests
@@ -54,8 +55,9 @@ class SqueezedCache(Cache):
     def __init__(self, fixed: FixedContext):
         self.fixed = fixed
         views = [fixed.kernel_views.setdefault(i, {}) for i in range(len(fixed.layers))]
+        pools = GraphPools()  # the layers' decode-step graphs share memory (kernels/graphs.py)
         layers = [
-            SqueezedLayer(SparseAttention(index, rule, view), fixed.num_tokens)
+            SqueezedLayer(SparseAttention(index, rule, view, pools), fixed.num_tokens)
             for index, rule, view in zip(fixed.layers, fixed.rules, views)
         ]
         super().__init__(layers=layers)

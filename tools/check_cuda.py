@@ -12,6 +12,9 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
   and with a dense StaticCache; the evaluation's caches (full, the default, Quest, the oracle) give
   the tokens and reads of the eager loop, and six threads answering 8 times each at once, each on
   its own stream, the tokens of one thread;
+- eager decode steps (`generate(disable_compile=True)`) replayed per layer as CUDA graphs: the tokens
+  and reads of the same steps launched kernel by kernel (bf16 and fp32, flat, two-level, the paper's
+  step, a padded batch sampled);
 - the GPU K-means builds the same index whatever layers share its batch (as on several GPUs).
 """
 
@@ -116,7 +119,41 @@ def main():
             print(f"info  kernels vs reference {name} logits  max diff {diff:.2e}")
         check(f"kernels vs reference {name} tokens", torch.equal(outputs["auto"][1], outputs["0"][1]))
 
+    # Eager fixed-capacity decode steps (generate with disable_compile=True) replay each layer's step
+    # as a CUDA graph (kernels/graphs.py): the tokens and reads of the same steps launched kernel by
+    # kernel, for flat / two-level / the paper's step, and a padded batch of two prompts, sampled.
     short = torch.randint(3, 256, (5,), generator=g).to(device)
+    padded = torch.stack([torch.cat([context, torch.zeros(11, dtype=torch.long, device=device), short]), full[0]])
+    padded_mask = torch.ones_like(padded)
+    padded_mask[0, context.numel(): context.numel() + 11] = 0
+    for config, ids, sample in ((SqueezeConfig(keep=0.2), full, False),
+                                (SqueezeConfig(keep=0.2, hierarchical=True), full, False),
+                                (SqueezeConfig(keep=0.2, **paper), full, False),
+                                (SqueezeConfig(keep=0.2), padded, True)):
+        for m in (model, half):
+            built = SqueezedCache.from_context(m, context, config, progress=False)
+            runs = {}
+            for flag in ("1", "0"):
+                os.environ["HF_SQUEEZE_STEP_GRAPHS"] = flag
+                fork = built.fork()
+                torch.manual_seed(5)
+                extra = dict(attention_mask=padded_mask, do_sample=True, top_k=20, num_return_sequences=2) if sample else {}
+                out = m.generate(ids, **cache_kwargs(m, fork), max_new_tokens=24, disable_compile=True,
+                                 **{"do_sample": False, **extra})
+                replays = sum(layer.attention._graph.replays for layer in fork.layers if layer.attention._graph is not None)
+                runs[flag] = out, fork.stats()["attended_fraction"], replays
+            del os.environ["HF_SQUEEZE_STEP_GRAPHS"]
+            name = f"{m.dtype} eager steps replayed per layer ({config.selection}, hierarchical={config.hierarchical}, " \
+                   f"prefill={config.prefill}{', padded batch, sampled' if sample else ''})"
+            # n tokens, n - 1 decode steps per layer: the first eager, the second captured, the rest replayed
+            steps = runs["1"][0].shape[1] - ids.shape[1] - 1
+            check(f"{name}: graphs replayed", runs["1"][2] == (steps - 1) * len(fork.layers) > 0 and runs["0"][2] == 0,
+                  f"{runs['1'][2]} replays in {steps} steps of {len(fork.layers)} layers")
+            check(f"{name}: tokens == kernel by kernel", torch.equal(runs["1"][0], runs["0"][0]))
+            check(f"{name}: reads == kernel by kernel", abs(runs["1"][1] - runs["0"][1]) < 1e-9,
+                  f"attended {runs['1'][1]:.4f} vs {runs['0'][1]:.4f}")
+
+
     ids = torch.stack([torch.cat([context, torch.zeros(11, dtype=torch.long, device=device), short]), full[0]])
     mask = torch.ones_like(ids)
     mask[0, context.numel(): context.numel() + 11] = 0

@@ -30,6 +30,7 @@ from .. import kernels as _kernels
 from ..attention import SparseAttention
 from ..cache import SqueezedCache, SqueezedLayer
 from ..index import LayerIndex
+from ..kernels.graphs import GraphPools
 from ..selection import Selection, aggregate, log_mass, lookup, select
 
 
@@ -136,8 +137,8 @@ class EvalAttention(SparseAttention):
     so that several keeps of one method answer in one `generate` call.
     """
 
-    def __init__(self, index, rule, policy, extra=None, kernels: bool = False):
-        super().__init__(index, rule)
+    def __init__(self, index, rule, policy, extra=None, kernels: bool = False, graph_pools=None):
+        super().__init__(index, rule, graph_pools=graph_pools)
         self.policy, self.extra, self.kernels = policy, extra, kernels
         self.row_read = self.row_scored = None
         self.row_selections = 0
@@ -190,8 +191,9 @@ class EvalCache(SqueezedCache):
     def __init__(self, fixed, policy=centroid_policy, extras=None, kernels: bool = False):
         self.fixed, self.policy, self.kernels = fixed, policy, kernels
         self.extras = extras or [None] * len(fixed.layers)
+        pools = GraphPools()
         layers = [
-            SqueezedLayer(EvalAttention(index, rule, policy, extra, kernels), fixed.num_tokens)
+            SqueezedLayer(EvalAttention(index, rule, policy, extra, kernels, pools), fixed.num_tokens)
             for index, rule, extra in zip(fixed.layers, fixed.rules, self.extras)
         ]
         super(SqueezedCache, self).__init__(layers=layers)

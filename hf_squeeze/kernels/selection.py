@@ -17,7 +17,7 @@ from .common import empty, pow2
 
 COMPACT_BLOCK = 128  # clusters per program when writing the selection list
 MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
-SELECT_WARPS: int | None = None  # warps of a selection program (None: 4, 16 or 32 by its clusters)
+SELECT_WARPS: int | None = None  # warps of a selection program (None: 4, 8 or 32 by its clusters)
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def select(logp, counts, sizes, threshold, budget, piece, stats, ids=None, ncand
         keep_ids if has_ids else keep, block_offsets, nsel, nsizes, stats,
         float("-inf") if threshold is None else threshold, 0 if budget is None else budget, heads, counts.shape[1], cap,
         USE_BUDGET=budget is not None, HAS_IDS=has_ids, PIECE=piece, BLOCK_C=block_c, BLOCK_S=COMPACT_BLOCK,
-        num_warps=SELECT_WARPS or (4 if block_c < 4096 else 16 if block_c <= 8192 else 32),
+        num_warps=SELECT_WARPS or (4 if block_c < 4096 else 8 if block_c <= 8192 else 32),
     )
     return keep, block_offsets, nsel, nsizes
 
