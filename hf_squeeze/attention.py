@@ -320,9 +320,8 @@ class SparseAttention(ReadCounts):
             return kernels.attend(query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
                                   scored=self.kernel_fine_scored, pinned=pinned, lse=lse)
 
-        if self.key_valid is not None and query.is_cuda and graphs.enabled() \
-                and not torch.cuda.is_current_stream_capturing():
-            # a fixed-capacity decode step, not inside a graph being captured: replayed (kernels/graphs.py)
+        if self.key_valid is not None and graphs.available(query.device):
+            # a fixed-capacity decode step: replayed as a CUDA graph (kernels/graphs.py)
             pins = (None,) * 3 if pinned is None else (pinned.rows, pinned.count, pinned.mask)
             signature = (id(view), id(rule), scaling, tuple(query.shape), query.stride(), query.dtype,
                          tuple(key_valid.shape), *map(graphs.describe, (key, value, self.kernel_keys,

@@ -31,8 +31,10 @@ import torch
 _ENV = "HF_SQUEEZE_STEP_GRAPHS"  # "0": every eager decode step launches its kernels one by one
 
 
-def enabled() -> bool:
-    return os.environ.get(_ENV, "1") != "0"
+def available(device: torch.device) -> bool:
+    """Whether a decode step on `device` is replayed: a CUDA device, not turned off, and not itself
+    being captured (a step inside a whole-model graph, `generate_greedy`'s or transformers')."""
+    return device.type == "cuda" and os.environ.get(_ENV, "1") != "0" and not torch.cuda.is_current_stream_capturing()
 
 
 def describe(tensor: torch.Tensor | None) -> tuple | None:
@@ -80,18 +82,22 @@ class DecodeGraph:
         return self.out.clone()
 
     def _capture(self, launch, query, key_valid):
-        pool, stream = self.pools.get(query.device)
         self.query, self.key_valid = query.clone(), key_valid.clone()
+        self.graph, self.out = self._record(lambda: launch(self.query, self.key_valid))
+        self.captures += 1
+
+    def _record(self, step: Callable) -> tuple:
+        """Capture `step()`'s kernels into a CUDA graph (none of them runs): (the graph, its output)."""
+        pool, stream = self.pools.get(self.query.device)
         graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(query.device)
+        current = torch.cuda.current_stream(self.query.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
             # thread_local: other threads (other requests on their own streams) may go on meanwhile
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
-                self.out = launch(self.query, self.key_valid)
+                out = step()
             finally:
                 graph.capture_end()
         current.wait_stream(stream)
-        self.graph = graph
-        self.captures += 1
+        return graph, out
