@@ -16,6 +16,7 @@ the methods, not with the wall time).
 
     PYTHONPATH=. python3 benchmarks/profile_decode.py --context 2048 --keep 0.1 --compile --out $OUT
     PYTHONPATH=. python3 benchmarks/profile_decode.py --context 2048 --keep 0.1 --generate --out $OUT
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --context 131072 --input 1024 --generate --eager --out $OUT
 """
 
 from __future__ import annotations
@@ -76,14 +77,16 @@ def kernel_times(run) -> dict[str, tuple[float, int]]:
     return {name: (t, n) for name, (t, n) in totals.items()}
 
 
-def per_step(model, ids, fresh, steps: int, compile: bool, generate: bool) -> dict[str, tuple[float, float]]:
+def per_step(model, ids, fresh, steps: int, compile: bool, generate: bool,
+             eager: bool = False) -> dict[str, tuple[float, float]]:
     """Per kernel: (microseconds, launches) of one decode step: the profile of 2 x steps new tokens
     minus that of `steps`, over `steps`; with `generate`, through `model.generate`, and also the wall
-    time per token ("wall: ms per token", unprofiled, the median of three)."""
+    time per token ("wall: ms per token", unprofiled, the median of three); `eager`: generate's
+    compile path off (the squeezed layers replay their own steps, kernels/graphs.py)."""
     def run(tokens):
         if generate:
             model.generate(ids, **cache_kwargs(model, fresh()), max_new_tokens=tokens, min_new_tokens=tokens,
-                           do_sample=False)
+                           do_sample=False, disable_compile=eager)
         else:
             generate_greedy(model, ids, fresh(), tokens, compile=compile)
 
@@ -133,11 +136,12 @@ def main(args) -> int:
     for method in ("dense", "squeezed"):
         model.set_attn_implementation("sdpa" if method == "dense" else "squeezed")
         fresh = static if method == "dense" else squeezed.fork
-        profiles[method] = per_step(model, ids, fresh, args.steps, args.compile, args.generate)
+        profiles[method] = per_step(model, ids, fresh, args.steps, args.compile, args.generate, args.eager)
     model.set_attn_implementation("squeezed")
 
     unit = "us" if torch.cuda.is_available() else "us (CPU, top-level operators)"
-    how = "model.generate" if args.generate else "compiled + graph" if args.compile else "graph"
+    how = ("model.generate eager" if args.eager else "model.generate") if args.generate else \
+        "compiled + graph" if args.compile else "graph"
     lines = [f"# decode step, {args.shape}, context {args.context}, input {args.input}, keep {args.keep}, {how}, {device}", ""]
     summary = {}
     for method, profile in profiles.items():
@@ -170,7 +174,7 @@ def main(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"profile_decode_{args.shape}_{args.context}_{how.split()[0].replace('.', '-')}"
+        stem = f"profile_decode_{args.shape}_{args.context}_{how.replace('.', '-').replace(' + ', '-').replace(' ', '-')}"
         (out / f"{stem}.md").write_text(text + "\n")
         (out / f"{stem}.json").write_text(json.dumps(
             {m: {name: list(v) for name, v in k.items()} for m, k in profiles.items()}, indent=1))
@@ -186,6 +190,9 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=16, help="decode steps of the shorter profile")
     p.add_argument("--compile", action="store_true", help="the step through torch.compile first (what generate runs)")
     p.add_argument("--generate", action="store_true", help="profile model.generate itself (its loop and compile path)")
+    p.add_argument("--eager", action="store_true",
+                   help="with --generate: generate(disable_compile=True), the eager steps (each squeezed layer replays "
+                        "its own CUDA graph)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per method")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device")

@@ -323,7 +323,7 @@ class SparseAttention(ReadCounts):
         if self.key_valid is not None and graphs.available(query.device):
             # a fixed-capacity decode step: replayed as a CUDA graph (kernels/graphs.py)
             pins = (None,) * 3 if pinned is None else (pinned.rows, pinned.count, pinned.mask)
-            signature = (id(view), id(rule), scaling, tuple(query.shape), query.stride(), query.dtype,
+            signature = (id(view), id(rule), scaling, query.device, tuple(query.shape), query.stride(), query.dtype,
                          tuple(key_valid.shape), *map(graphs.describe, (key, value, self.kernel_keys,
                                                                         self.kernel_fine_scored, *pins)))
             if self._graph is None:
