@@ -182,6 +182,10 @@ class SparseAttention(ReadCounts):
         # one cache share their memory pools.
         self.graph_pools = graph_pools or graphs.GraphPools()
         self._graph = None
+        # What a step needs to know of the index's shape, read once: a compiled step that read it from
+        # the index's tensors would check them (dynamo's guards) at every step.
+        self.heads, self.hierarchical = index.keys.shape[0], index.coarse_counts is not None
+        self._index_unsupported = kernels.index_unsupported(index)
         self.reset_stats()
 
     def forward(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -202,7 +206,7 @@ class SparseAttention(ReadCounts):
             tensors += [t for t in vars(view).values() if isinstance(t, torch.Tensor)]
         if self.pinned is not None:
             tensors += [self.pinned.rows, self.pinned.count, self.pinned.mask, self.pinned.weights]
-        counters = (self.read_fraction_sum, self.scored_sum, self.kernel_keys, self.kernel_fine_scored, self.compiled_steps)
+        counters = (self.read_fraction_sum, self.scored_sum, self.kernel_counts)
         return tensors + [t for t in counters if isinstance(t, torch.Tensor)]
 
     def select_ranges(self, q, scaling, q_weight):
@@ -265,7 +269,7 @@ class SparseAttention(ReadCounts):
         attention_mask: boolean [B, 1, T, Ld] over the dynamic part, or None (causal, no padding).
         Returns [B, T, Hq, D]. Triton kernels on CUDA, the torch reference elsewhere.
         """
-        if kernels.supports(self.index, query) is None:
+        if kernels.query_unsupported(query) is None and self._index_unsupported is None:
             with on_device(query.device):  # a layer of a model spread over GPUs may not be on the current one
                 return self.attend_kernels(query, key, value, attention_mask, scaling)
         return self.attend_reference(query, key, value, attention_mask, scaling)
@@ -275,7 +279,7 @@ class SparseAttention(ReadCounts):
         read_all = self.reads_all(tokens)
         rule = _READ_ALL if read_all else self.rule
         # A two-level view sizes its fine-level room for one coarse budget (forks may read another).
-        coarse_budget = None if rule.exact or self.index.coarse_counts is None else rule.coarse_budget
+        coarse_budget = None if rule.exact or not self.hierarchical else rule.coarse_budget
         view = self.kernel_views.get((query.device, coarse_budget))
         if view is None:
             view = kernels.kernel_index(self.index, coarse_budget=coarse_budget)
@@ -288,10 +292,8 @@ class SparseAttention(ReadCounts):
             # sees every valid key.
             mask, q_valid = padding(attention_mask, query.shape[2], key.shape[2])
             key_valid = mask[:, 0, -1, :]
-        self.kernel_keys = self.kernel_keys.to(query.device)
-        self.kernel_fine_scored = self.kernel_fine_scored.to(query.device)
-        self.compiled_steps = self.compiled_steps.to(query.device)
-        self.count_selections(query.shape[0] * self.index.keys.shape[0])
+        self.kernel_counts = self.kernel_counts.to(query.device)
+        self.count_selections(query.shape[0] * self.heads)
         pinned = None if read_all else self.pinned
         if torch.compiler.is_compiling():  # a compiled decode step: the kernels as one opaque operator
             if read_all or q_valid is not None or self._op_handle is None:
@@ -300,9 +302,8 @@ class SparseAttention(ReadCounts):
                     "its input's prefill: run the prompt eagerly (generate does), then compile the steps after it"
                 )
             if pinned is not None:  # read besides the lookup's keys (an overlap is counted twice)
-                self.kernel_keys += pinned.count.sum()
-            return attend_op(self._op_handle, query, key, value, key_valid, self.kernel_keys, self.kernel_fine_scored,
-                             pinned, scaling)
+                self.kernel_keys.add_(pinned.count.sum())
+            return attend_op(self._op_handle, query, key, value, key_valid, self.kernel_counts, pinned, scaling)
         # the handle of this layer's decode step, should a later step be compiled (forks share it;
         # it holds the rule, so the rule's id is not reused while it is there)
         if id(self.rule) not in view.op_handles:
@@ -316,7 +317,7 @@ class SparseAttention(ReadCounts):
 
         def launch(query, key_valid):  # the step's device work
             if pinned is not None:
-                self.kernel_keys += pinned.count.sum()
+                self.kernel_keys.add_(pinned.count.sum())
             return kernels.attend(query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
                                   scored=self.kernel_fine_scored, pinned=pinned, lse=lse)
 
@@ -324,8 +325,7 @@ class SparseAttention(ReadCounts):
             # a fixed-capacity decode step: replayed as a CUDA graph (kernels/graphs.py)
             pins = (None,) * 3 if pinned is None else (pinned.rows, pinned.count, pinned.mask)
             signature = (id(view), id(rule), scaling, query.device, tuple(query.shape), query.stride(), query.dtype,
-                         tuple(key_valid.shape), *map(graphs.describe, (key, value, self.kernel_keys,
-                                                                        self.kernel_fine_scored, *pins)))
+                         tuple(key_valid.shape), *map(graphs.describe, (key, value, self.kernel_counts, *pins)))
             if self._graph is None:
                 self._graph = graphs.DecodeGraph(self.graph_pools)
             return self._graph.run(signature, (view, rule), launch, query, key_valid)

@@ -19,12 +19,28 @@ class ReadCounts:
         """Start the counts over (a fresh request)."""
         self.read_fraction_sum = torch.zeros((), dtype=torch.float64)  # reference path
         self.scored_sum = torch.zeros((), dtype=torch.float64)
-        self.kernel_keys = torch.zeros(1, dtype=torch.int64)  # keys read by the kernel path
+        # The device counters of the kernel path and of compiled steps, one tensor (`kernel_keys`,
+        # `kernel_fine_scored`, `compiled_steps` are its parts): a compiled step checks every tensor it
+        # reads before it runs (dynamo's guards), so each one costs every step.
+        self.kernel_counts = torch.zeros(3, dtype=torch.int64)
         self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
-        self.kernel_fine_scored = torch.zeros(1, dtype=torch.int64)  # two-level: fine centroids scored
-        self.compiled_steps = torch.zeros(1, dtype=torch.int64)  # steps run compiled (see `fold_compiled_steps`)
         self.last_selections, self.last_kernel = 0, False  # the last step's selections, its path
         self.selections = 0
+
+    @property
+    def kernel_keys(self) -> torch.Tensor:
+        """[1] int64: keys the kernels read (the lookup's and the pinned ones)."""
+        return self.kernel_counts[0:1]
+
+    @property
+    def kernel_fine_scored(self) -> torch.Tensor:
+        """[1] int64: fine centroids the kernels scored (two-level index)."""
+        return self.kernel_counts[1:2]
+
+    @property
+    def compiled_steps(self) -> torch.Tensor:
+        """[1] int64: steps run compiled (see `fold_compiled_steps`)."""
+        return self.kernel_counts[2:3]
 
     def count_selections(self, selections: int, times: int = 1):
         """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
@@ -54,7 +70,7 @@ class ReadCounts:
         # in place, so that a replayed CUDA graph of the step adds too (see `count_replays`)
         self.read_fraction_sum = self.read_fraction_sum.to(read.device).add_(read.sum())
         self.scored_sum = self.scored_sum.to(read.device).add_(scored.double().sum())
-        self.compiled_steps = self.compiled_steps.to(read.device)
+        self.kernel_counts = self.kernel_counts.to(read.device)
         if self._counted_on_device():
             return
         self.selections += keys.numel()

@@ -112,9 +112,9 @@ class SqueezedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.keys.shape[0]:
+        elif key_states.shape[0] != self._key_buffer.shape[0]:
             raise ValueError(
-                f"this SqueezedCache holds {self.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}: "
+                f"this SqueezedCache holds {self._key_buffer.shape[0]} sequences but got a batch of {key_states.shape[0]}: "
                 "use cache.fork() to start a new request"
             )
         self.attention.pending = True
@@ -186,7 +186,9 @@ class SqueezedLayer(CacheLayerMixin):
         capacity] (else None)."""
         if self.device_length is None:
             return None
-        written = (self._slots < self.device_length)[None]
+        # (a compiled step makes the slot numbers in its graph: one tensor fewer for its guards to check)
+        slots = torch.arange(self.capacity, device=self.device) if torch.compiler.is_compiling() else self._slots
+        written = (slots < self.device_length)[None]
         return written if self._pad_valid is None else written & self._pad_valid
 
     def dynamic_length(self) -> int:

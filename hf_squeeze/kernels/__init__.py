@@ -38,6 +38,11 @@ _ENV = "HF_SQUEEZE_KERNELS"
 
 def supports(index, query: torch.Tensor) -> str | None:
     """Why the kernels cannot serve this layer and query (None when they can)."""
+    return query_unsupported(query) or index_unsupported(index)
+
+
+def query_unsupported(query: torch.Tensor) -> str | None:
+    """Why the kernels cannot serve this query, whatever the index (None when they can)."""
     mode = os.environ.get(_ENV, "auto")
     if _MISSING is not None:
         return _MISSING
@@ -50,7 +55,12 @@ def supports(index, query: torch.Tensor) -> str | None:
         return f"head dim {dim} is not a power of two >= 16"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {query.dtype}"
-    if index.counts.shape[1] > MAX_CLUSTERS:
+    return None
+
+
+def index_unsupported(index) -> str | None:
+    """Why the kernels cannot serve this index, whatever the query (None when they can)."""
+    if _MISSING is None and index.counts.shape[1] > MAX_CLUSTERS:
         return f"more than {MAX_CLUSTERS} clusters per KV head"
     if index.clustered_tokens == 0:
         return "no clustered tokens"
