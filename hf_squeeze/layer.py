@@ -112,9 +112,9 @@ class SqueezedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self._key_buffer.shape[0]:
+        elif key_states.shape[0] != (held := self._key_buffer.shape[0]):
             raise ValueError(
-                f"this SqueezedCache holds {self._key_buffer.shape[0]} sequences but got a batch of {key_states.shape[0]}: "
+                f"this SqueezedCache holds {held} sequences but got a batch of {key_states.shape[0]}: "
                 "use cache.fork() to start a new request"
             )
         self.attention.pending = True
