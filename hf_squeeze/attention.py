@@ -321,18 +321,23 @@ class SparseAttention(ReadCounts):
             return kernels.attend(query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
                                   scored=self.kernel_fine_scored, pinned=pinned, lse=lse)
 
-        if self.key_valid is not None and graphs.available(query.device):
-            # a fixed-capacity decode step: replayed as a CUDA graph (kernels/graphs.py)
-            pins = (None,) * 3 if pinned is None else (pinned.rows, pinned.count, pinned.mask)
-            signature = (id(view), id(rule), scaling, query.device, tuple(query.shape), query.stride(), query.dtype,
-                         tuple(key_valid.shape), *map(graphs.describe, (key, value, self.kernel_counts, *pins)))
-            if self._graph is None:
-                self._graph = graphs.DecodeGraph(self.graph_pools)
-            return self._graph.run(signature, (view, rule), launch, query, key_valid)
+        if self.key_valid is not None and graphs.available(query.device):  # a fixed-capacity decode step
+            return self._replayed(launch, query, key, value, key_valid, view, rule, scaling, pinned)
         out = launch(query, key_valid)
         if lse is not None:
             self.pin(kernels.key_weights(query, view, lse, scaling, q_valid))
         return out
+
+    def _replayed(self, launch, query, key, value, key_valid, view, rule, scaling, pinned) -> torch.Tensor:
+        """`launch(query, key_valid)` replayed as this layer's CUDA graph (kernels/graphs.py). The
+        signature names what the captured kernels read or write in place besides the query and the
+        written slots, which the graph copies in: a step whose signature differs is captured again."""
+        pins = (None,) * 3 if pinned is None else (pinned.rows, pinned.count, pinned.mask)
+        signature = (id(view), id(rule), scaling, query.device, tuple(query.shape), query.stride(), query.dtype,
+                     tuple(key_valid.shape), *map(graphs.describe, (key, value, self.kernel_counts, *pins)))
+        if self._graph is None:
+            self._graph = graphs.DecodeGraph(self.graph_pools)
+        return self._graph.run(signature, (view, rule), launch, query, key_valid)
 
     def attend_reference(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         index = self.index
