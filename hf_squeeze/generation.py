@@ -23,6 +23,7 @@ from transformers.cache_utils import StaticCache
 from .devices import synchronized_clock
 from .integrations.generate import cache_kwargs, check_request
 from .integrations.transformers import layer_devices
+from .kernels import graphs
 
 
 @dataclass
@@ -213,11 +214,9 @@ def _decode(forward, model, cache, out: torch.Tensor, prompt: int, cuda_graph: b
     # views of the index outside the capture. Capturing runs the Python of a step without running
     # its kernels, so it produces no token; the replays produce tokens 2 ... steps.
     start = synchronized_clock(gpus)
-    # Capture needs a stream other than the default one. A caller already on its own stream (the
-    # eval's threads) captures there: `torch.cuda.Stream()` hands out a fixed pool's streams in
-    # turn, so a new one per call would, some calls later, be a stream another thread is using.
+    # Warm-up and capture on the caller's own stream, or a side one (`graphs.capture_stream`).
     current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device) if current == torch.cuda.default_stream(device) else current
+    side = graphs.capture_stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         step()
@@ -225,19 +224,8 @@ def _decode(forward, model, cache, out: torch.Tensor, prompt: int, cuda_graph: b
     if steps == 1 or stop.reached(out, 2):
         times.capture = synchronized_clock(gpus) - start
         return 2
-    # Captured on that stream (`side`), and not through `torch.cuda.graph`, whose entry synchronises
-    # the whole device and empties the allocator's cache and whose default capture stream is one per
-    # process: threads of one process may be answering beside this one (`hf-squeeze eval --threads`);
-    # "thread_local": what they do meanwhile does not disturb the capture.
-    graph = torch.cuda.CUDAGraph()
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            step()
-        finally:
-            graph.capture_end()
-    torch.cuda.current_stream(device).wait_stream(side)
+    # threads of one process may be answering beside this one (`hf-squeeze eval --threads`)
+    graph, _ = graphs.capture(step, side)
     times.capture = synchronized_clock(gpus) - start
     start = synchronized_clock(gpus)
     replays = 0  # tokens 2 ... 1 + replays are written

@@ -44,15 +44,42 @@ def describe(tensor: torch.Tensor | None) -> tuple | None:
     return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype
 
 
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream to capture a graph on: the caller's own if it has one (the eval's threads answer
+    each on its own stream), else a new side stream (capture needs one other than the default).
+    `torch.cuda.Stream()` hands out a fixed pool's streams in turn, so a new one while threads run
+    could be a stream another thread is working on."""
+    current = torch.cuda.current_stream(device)
+    return torch.cuda.Stream(device) if current == torch.cuda.default_stream(device) else current
+
+
+def capture(step: Callable, stream: torch.cuda.Stream, pool=None) -> tuple:
+    """Capture `step()`'s kernels on `stream` into a CUDA graph (none of them runs): (the graph,
+    what `step` returned). Not through `torch.cuda.graph`, whose entry synchronises the whole device
+    and empties the allocator's cache; "thread_local": what other threads do meanwhile does not
+    disturb the capture."""
+    current = torch.cuda.current_stream(stream.device)
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = step()
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
+    return graph, out
+
+
 class GraphPools:
-    """The memory pool and capture stream, per device, of one cache's decode-step graphs."""
+    """The memory pool, per device, of one cache's decode-step graphs."""
 
     def __init__(self):
         self._by_device: dict[torch.device, tuple] = {}
 
     def get(self, device: torch.device) -> tuple:
         if device not in self._by_device:
-            self._by_device[device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device))
+            self._by_device[device] = torch.cuda.graph_pool_handle()
         return self._by_device[device]
 
 
@@ -87,17 +114,6 @@ class DecodeGraph:
         self.captures += 1
 
     def _record(self, step: Callable) -> tuple:
-        """Capture `step()`'s kernels into a CUDA graph (none of them runs): (the graph, its output)."""
-        pool, stream = self.pools.get(self.query.device)
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.query.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            # thread_local: other threads (other requests on their own streams) may go on meanwhile
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                out = step()
-            finally:
-                graph.capture_end()
-        current.wait_stream(stream)
-        return graph, out
+        """Capture `step()` into a CUDA graph in the cache's pool: (the graph, its output)."""
+        device = self.query.device
+        return capture(step, capture_stream(device), self.pools.get(device))
