@@ -155,3 +155,31 @@ def test_candidate_bound_holds_for_every_budget_selection():
     kindex = kernels.kernel_index(index, coarse_budget=budget)
     assert kindex.candidates(budget) < kindex.clusters  # the lookup tests run in less room
     assert kindex.candidates(None) == kindex.candidates(7) == kindex.clusters
+
+
+@pytest.mark.parametrize("resolve", [64, 2])
+def test_budget_search_keeps_what_the_reference_keeps(monkeypatch, resolve):
+    """The selection by budget alone, on scores with many equal values, empty clusters, -inf and
+    budgets from one key to more than all. With RESOLVE 64 the search hands its last clusters to
+    the one-pass resolution; with 2 it narrows them down step by step. Outputs poisoned."""
+    from hf_squeeze.kernels import selection as kselection
+    from hf_squeeze.selection import select
+
+    monkeypatch.setattr(kselection, "RESOLVE", resolve)
+    monkeypatch.setattr(kselection, "empty", lambda dev, dtype, *shape: torch.full(shape, 7, dtype=dtype, device=dev))
+    g = torch.Generator().manual_seed(11)
+    batch, heads, clusters = 3, 2, 700
+    counts = torch.randint(0, 30, (heads, clusters), generator=g)
+    counts[:, ::7] = 0
+    logp = torch.randn(batch, heads, clusters, generator=g) * 20 - 40
+    logp[0] = (logp[0] / 4).round()  # many clusters share a log p
+    logp[2, :, 1::50] = float("-inf")
+    totals = counts.sum(-1)
+    for budget in (1, 37, 2000, int(totals.min()), int(totals.max()) + 1):
+        stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        c32 = counts.to(DEVICE, torch.int32)
+        keep, _, _, nkeys = kselection.select(logp.to(DEVICE), c32, c32, None, budget, int(counts.max()), 32, stats)
+        expected = select(logp, counts[None].expand(batch, -1, -1), None, budget)
+        assert torch.equal(keep.bool().cpu(), expected), budget
+        assert torch.equal(nkeys.cpu().long(), (counts[None] * expected).sum(-1))
+        assert int(stats) == int((counts[None] * expected).sum())

@@ -40,6 +40,7 @@ class KernelIndex:
     coarse_first: torch.Tensor | None = None  # [H, C1] int32 its first fine cluster
     coarse_sizes: torch.Tensor | None = None  # [H, C1] int32 its fine clusters
     coarse_largest: int = 0  # most fine clusters under one coarse cluster
+    coarse_keys_largest: int = 0  # most keys under one coarse cluster
     # Most fine clusters a coarse selection with budget `coarse_bound_budget` can list (sizes the
     # fine buffers and the selection's registers; without it they are sized for all C).
     coarse_bound_budget: int | None = None
@@ -107,6 +108,7 @@ def kernel_index(index, dtype: torch.dtype | None = None, coarse_budget: int | N
             coarse_first=index.coarse_offsets[:, :-1].to(torch.int32).contiguous(),
             coarse_sizes=sizes.to(torch.int32).contiguous(),
             coarse_largest=int(sizes.max()) if sizes.numel() else 0,
+            coarse_keys_largest=int(index.coarse_counts.max()) if sizes.numel() else 0,
         )
         if coarse_budget is not None:
             coarse.update(coarse_bound_budget=coarse_budget, coarse_bound=candidate_bound(index.coarse_counts, sizes, coarse_budget))

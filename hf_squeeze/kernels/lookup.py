@@ -77,7 +77,7 @@ def lookup(
         logw = logw.float().contiguous()
     if not kindex.hierarchical:
         logp, _ = score_every(query, kindex.centroids, kindex.log_counts, scaling, logw)
-        keep, blocks, nsel, nkeys = select(logp, kindex.counts, kindex.counts, threshold, budget, PIECE_ROWS, stats)
+        keep, blocks, nsel, nkeys = select(logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, PIECE_ROWS, stats)
         kept_list, ids, ncand = keep, None, None
     else:
         # Level 1: score the coarse centroids, keep coarse clusters, list their fine clusters.
@@ -85,7 +85,8 @@ def lookup(
         if scored is None:
             scored = empty(dev, torch.int64, 1)
         keep1, blocks1, _, ncand = select(
-            logp1, kindex.coarse_counts, kindex.coarse_sizes, coarse_threshold, coarse_budget, 1, scored
+            logp1, kindex.coarse_counts, kindex.coarse_sizes, coarse_threshold, coarse_budget, kindex.coarse_keys_largest,
+            1, scored,
         )
         ids = empty(dev, torch.int32, batch, heads, kindex.candidates(coarse_budget))
         compact(keep1, blocks1, kindex.coarse_sizes, kindex.coarse_first, 1, kindex.coarse_largest, ids)
@@ -93,7 +94,7 @@ def lookup(
         keep = empty(dev, torch.int8, batch, heads, clusters)  # cluster order; cleared while scoring
         logp = score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep)
         kept_list, blocks, nsel, nkeys = select(
-            logp, kindex.counts, kindex.counts, threshold, budget, PIECE_ROWS, stats, ids, ncand, keep
+            logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, PIECE_ROWS, stats, ids, ncand, keep
         )
     starts, lengths, positions = (empty(dev, torch.int32, batch, heads, max(1, kindex.pieces)) for _ in range(3))
     compact(kept_list, blocks, kindex.counts, kindex.starts, PIECE_ROWS, triton.cdiv(kindex.largest, PIECE_ROWS),
