@@ -1,4 +1,4 @@
-"""Compile the attention kernels (and the pins' key weights) for a GPU (sm_90) without one: `python -m tests.compile_kernels`.
+"""Compile the attention kernels (and the pins' key weights, the selection) for a GPU (sm_90) without one: `python -m tests.compile_kernels`.
 
 Run by tests/test_kernels_compile.py in a process of its own, since the test session's kernels are
 the interpreter's. Prints one line per variant compiled; exits non-zero on the first failure.
@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget
 
 from hf_squeeze.kernels.attention import _decode_kernel, _merge_kernel, _prefill_kernel
 from hf_squeeze.kernels.pins import _key_weights_kernel
+from hf_squeeze.kernels.selection import _select_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 BF16 = "*bf16"
@@ -55,6 +56,13 @@ def variants():
         yield f"key weights weighted={weighted}", _key_weights_kernel, dict(
             q_ptr=BF16, k_ptr=BF16, lse_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", scaling="fp32"), dict(
             D=64, BLOCK_N=64, BLOCK_T=64, HAS_W=weighted, PRECISION="tf32")
+    for budget, ids, large in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):
+        # (the launcher passes placeholders of other types for unused pointers: ids, ncand, keep_ids, scratch)
+        types = dict(logp_ptr="*fp32", counts_ptr="*i32", sizes_ptr="*i32", ids_ptr="*i32", ncand_ptr="*i32",
+                     keep_ptr="*i8", keep_ids_ptr="*i8", block_ptr="*i32", nsel_ptr="*i32", nsizes_ptr="*i32",
+                     stats_ptr="*i64", scratch_ptr="*i32", threshold="fp32")
+        yield f"select budget={budget} ids={ids} clusters={8192 if large else 1024}", _select_kernel, types, dict(
+            USE_BUDGET=budget, HAS_IDS=ids, PIECE=32, BLOCK_C=8192 if large else 1024, BLOCK_S=128, RESOLVE=64)
 
 
 if __name__ == "__main__":

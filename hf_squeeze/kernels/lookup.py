@@ -77,7 +77,9 @@ def lookup(
         logw = logw.float().contiguous()
     if not kindex.hierarchical:
         logp, _ = score_every(query, kindex.centroids, kindex.log_counts, scaling, logw)
-        keep, blocks, nsel, nkeys = select(logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, PIECE_ROWS, stats)
+        keep, blocks, nsel, nkeys = select(
+            logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, PIECE_ROWS, stats
+        )
         kept_list, ids, ncand = keep, None, None
     else:
         # Level 1: score the coarse centroids, keep coarse clusters, list their fine clusters.
@@ -85,8 +87,8 @@ def lookup(
         if scored is None:
             scored = empty(dev, torch.int64, 1)
         keep1, blocks1, _, ncand = select(
-            logp1, kindex.coarse_counts, kindex.coarse_sizes, coarse_threshold, coarse_budget, kindex.coarse_keys_largest,
-            1, scored,
+            logp1, kindex.coarse_counts, kindex.coarse_sizes, coarse_threshold, coarse_budget,
+            kindex.coarse_keys_largest, 1, scored,
         )
         ids = empty(dev, torch.int32, batch, heads, kindex.candidates(coarse_budget))
         compact(keep1, blocks1, kindex.coarse_sizes, kindex.coarse_first, 1, kindex.coarse_largest, ids)

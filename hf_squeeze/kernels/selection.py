@@ -6,8 +6,8 @@ Clusters are kept by threshold (log p_j >= threshold) or by budget (clusters in 
 program per (row, KV head), the clusters of a head in registers. A budget is a search for the
 crossing cluster's log p (`_budget_crossing`): its cost is the chain of reductions over the
 clusters, one per step, so the steps split values rather than bits and the last RESOLVE
-candidates are settled at once. The compaction writes the kept
-clusters, in cluster order, as pieces of at max_pieces PIECE_ROWS keys (see `layout.py`).
+candidates are settled at once. The compaction writes the kept clusters, in cluster order, as
+pieces of at most PIECE_ROWS keys (see `layout.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .common import empty, pow2
 COMPACT_BLOCK = 128  # clusters per program when writing the selection list
 MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
 SELECT_WARPS: int | None = None  # warps of a selection program (None: 4, 8 or 32 by its clusters)
-RESOLVE = 64  # a budget search ends when this few clusters are left around the crossing
+RESOLVE = 64  # a budget search ends when this few clusters are left around the crossing (a power of two)
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def _select_kernel(
     entries of the list `ids` [B, H, CAP] (fine clusters under the kept coarse clusters, in
     cluster order); then the keep flags are also scattered to cluster order (`keep_ids_ptr`).
     `counts` (keys per cluster) decide; `sizes` (what the compaction lists: keys of a cluster, or
-    fine clusters of a coarse cluster) are cut into pieces of at max_pieces PIECE."""
+    fine clusters of a coarse cluster) are cut into pieces of at most PIECE."""
     bh = tl.program_id(0)
     h = bh % H
     c = tl.arange(0, BLOCK_C)
@@ -158,7 +158,7 @@ def _compact_kernel(
     H, C, CAP, PC, NB, MAX_PIECES,
     HAS_IDS: tl.constexpr, LISTS: tl.constexpr, PIECE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """A block of candidates of one (batch row, KV head): write its kept ones as pieces of at max_pieces
+    """A block of candidates of one (batch row, KV head): write its kept ones as pieces of at most
     PIECE sizes into the selection list, in candidate order (starts; with LISTS also lengths and
     sizes before). With PIECE = 1 this lists every unit: the fine clusters of the kept coarse ones."""
     bh = tl.program_id(0)
@@ -208,7 +208,7 @@ def select(logp, counts, sizes, threshold, budget, largest, piece, stats, ids=No
 
 def compact(keep, block_offsets, sizes, starts, piece, max_pieces, out_starts, out_lengths=None, out_positions=None,
              ids=None, ncand=None):
-    """Write the kept candidates as pieces of at max_pieces `piece` sizes (`max_pieces` pieces at max_pieces per
+    """Write the kept candidates as pieces of at most `piece` sizes (`max_pieces` pieces at most per
     candidate) into `out_starts` [B, H, P] (and lengths / sizes before, when given)."""
     batch, heads, cap = keep.shape
     blocks = block_offsets.shape[2]
