@@ -293,7 +293,7 @@ class SparseAttention(ReadCounts):
             mask, q_valid = padding(attention_mask, query.shape[2], key.shape[2])
             key_valid = mask[:, 0, -1, :]
         self.kernel_counts = self.kernel_counts.to(query.device)
-        self.count_selections(query.shape[0] * self.heads)
+        self.count_selections(query.shape[0] * self.heads, exact=rule.exact)
         pinned = None if read_all else self.pinned
         if torch.compiler.is_compiling():  # a compiled decode step: the kernels as one opaque operator
             if read_all or q_valid is not None or self._op_handle is None:

@@ -25,6 +25,7 @@ class ReadCounts:
         self.kernel_counts = torch.zeros(3, dtype=torch.int64)
         self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
         self.last_selections, self.last_kernel = 0, False  # the last step's selections, its path
+        self.last_exact = False  # whether it read every key (an exact rule: no centroid scored)
         self.selections = 0
 
     @property
@@ -42,24 +43,30 @@ class ReadCounts:
         """[1] int64: steps run compiled (see `fold_compiled_steps`)."""
         return self.kernel_counts[2:3]
 
-    def count_selections(self, selections: int, times: int = 1):
+    def count_selections(self, selections: int, times: int = 1, exact: bool = False):
         """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
-        so the replay loop adds the other steps with `times`). A compiled step counts itself on
-        the device instead (`compiled_steps`; a host count would be a guard that changes every step)."""
+        so the replay loop adds the other steps with `times`); `exact`: the steps read every key,
+        scoring no centroid. A compiled step counts itself on the device instead (`compiled_steps`;
+        a host count would be a guard that changes every step)."""
         if self._counted_on_device():
             return
         self.selections += selections * times
         # all centroids of a flat index; of a two-level one all coarse ones (the fine ones scored
         # are counted on the device, in kernel_fine_scored)
+        if not exact:
+            self.kernel_scored += selections * self.first_level_centroids() * times
+        self.last_selections, self.last_kernel, self.last_exact = selections, True, exact
+
+    def first_level_centroids(self) -> int:
+        """Centroids a lookup scores first: all of a flat index, the coarse ones of a two-level one."""
         first = self.index.counts if self.index.coarse_counts is None else self.index.coarse_counts
-        self.kernel_scored += selections * first.shape[1] * times
-        self.last_selections, self.last_kernel = selections, True
+        return first.shape[1]
 
     def count_replays(self, times: int) -> None:
         """A CUDA graph of a decode step replayed `times` more times ran this layer's last step again
         without its Python: add that step's host-side counts (the device counters add themselves)."""
         if self.last_kernel:
-            self.count_selections(self.last_selections, times)
+            self.count_selections(self.last_selections, times, self.last_exact)
         else:
             self.selections += self.last_selections * times
 

@@ -209,6 +209,8 @@ def score_fine(q, index, scaling, q_weight, coarse_kept: torch.Tensor, s1: torch
 def lookup(q: torch.Tensor, index, scaling: float, rule: SelectionRule, q_weight=None) -> Selection:
     """Select the key ranges of the fixed context that queries `q` [B, H, G, T, D] attend to."""
     batch, heads = q.shape[:2]
+    if rule.exact:
+        return every_cluster(index, batch)
     coarse_kept = None
     if index.coarse_centroids is None:
         cand, _ = score_flat(q, index, scaling, q_weight)
@@ -327,6 +329,21 @@ def rest_parts(q: torch.Tensor, index, scaling: float, selection: Selection):
         means = torch.cat([means, index.coarse_value_means[None].expand(batch, -1, -1, -1)], 2)
         bias = torch.cat([bias, coarse_bias.expand(batch, -1, -1)], 2)
     return centroids, means, bias
+
+
+def every_cluster(index, batch: int) -> Selection:
+    """What an exact rule reads: every (fine) cluster of `index`, no centroid scored."""
+    heads, clusters = index.counts.shape
+    counts = index.counts[None].expand(batch, -1, -1)
+    coarse_kept = None if index.coarse_counts is None else (index.coarse_counts[None] > 0).expand(batch, -1, -1)
+    return Selection(
+        starts=index.offsets[:, :-1][None].expand(batch, -1, -1),
+        lengths=counts,
+        scored=torch.zeros(batch, heads, dtype=torch.long, device=counts.device),
+        clusters=torch.arange(clusters, device=counts.device).expand(batch, heads, -1),
+        counts=counts,
+        coarse_kept=coarse_kept,
+    )
 
 
 def _level_rule(rule: SelectionRule, coarse: bool) -> tuple[float | None, int | None]:

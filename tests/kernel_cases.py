@@ -131,7 +131,8 @@ def run_lookup(index, rule, query, scaling, q_valid=None):
         args = (rule.threshold, rule.budget, rule.coarse_threshold, rule.coarse_budget)
     logw = kernels.query_weights(q_valid, query.shape[0], tokens, DEVICE) if tokens > 1 else None
     kindex = kernels.kernel_index(index, coarse_budget=args[3])  # fine room bounded for a coarse budget
-    ranges = kernels.lookup(query, kindex, scaling, args[0], args[1], logw, stats, args[2], args[3], scored)
+    ranges = kernels.lookup(query, kindex, scaling, args[0], args[1], logw, stats, args[2], args[3], scored,
+                            every=rule.exact)
     return ranges, stats, scored
 
 

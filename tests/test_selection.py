@@ -190,10 +190,12 @@ def test_level2_normaliser_uses_coarse_mass_of_rejected_clusters():
 
 @pytest.mark.parametrize("hierarchical", [False, True])
 def test_keep_1_selects_every_key(hierarchical):
+    """An exact rule reads every key and scores no centroid (the lookup is skipped)."""
     index = random_index(hierarchical=hierarchical)
     q = torch.randn(2, 2, 3, 1, 8)
     sel = lookup(q, index, 0.35, SelectionRule(exact=True))
     assert torch.equal(sel.lengths.sum(-1), torch.full((2, 2), index.clustered_tokens))
+    assert not sel.scored.any()
     rows, valid = expand_ranges(sel.starts, sel.lengths)
     for b in range(2):
         for h in range(2):

@@ -155,10 +155,11 @@ class EvalAttention(SparseAttention):
         out = super().attend(query, key, value, attention_mask, scaling)
         rows = query.shape[0] * self.index.keys.shape[0]
         keys = (self.kernel_keys.sum() - keys_before).double() / rows
-        # every centroid of a flat index (of a two-level one every coarse centroid), and the fine
-        # ones the kernels counted on the device
-        first = self.index.counts if self.index.coarse_counts is None else self.index.coarse_counts
-        scored = first.shape[1] + (self.kernel_fine_scored.sum() - fine_before).double() / rows
+        # every centroid of a flat index (of a two-level one every coarse centroid; none for a step
+        # that reads every key), and the fine ones the kernels counted on the device
+        exact = self.rule.exact or self.reads_all(query.shape[2])
+        first = 0 if exact else self.first_level_centroids()
+        scored = first + (self.kernel_fine_scored.sum() - fine_before).double() / rows
         self.record_rows(keys.expand(query.shape[0]) / self.index.clustered_tokens, scored.expand(query.shape[0]))
         return out
 

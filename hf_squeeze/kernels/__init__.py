@@ -107,8 +107,9 @@ def attend(
     else:
         threshold, budget, coarse_threshold, coarse_budget = rule.threshold, rule.budget, rule.coarse_threshold, rule.coarse_budget
     batch, _, tokens, _ = query.shape
-    logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 else None
-    work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored)
+    logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 and not rule.exact else None
+    work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored,
+                  every=rule.exact)
     capacity = gather_capacity(kindex, budget)
     return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity,
                             pinned, read_all=rule.exact, lse=lse)

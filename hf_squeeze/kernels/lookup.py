@@ -61,6 +61,7 @@ def lookup(
     coarse_threshold: float | None = None,
     coarse_budget: int | None = None,
     scored: torch.Tensor | None = None,
+    every: bool = False,
 ) -> KeptRanges:
     """query [B, Hq, T, D] (last dim contiguous) -> the kept clusters per (row, KV head) as key ranges.
 
@@ -68,15 +69,20 @@ def lookup(
     -inf for padding tokens); only used when T > 1. `stats` [1] int64 accumulates the kept keys.
     A two-level index first keeps coarse clusters by `coarse_threshold` / `coarse_budget` (neither: all
     non-empty ones), then scores only the fine centroids under them; `scored` [1] int64, when
-    given, accumulates how many fine centroids that was.
+    given, accumulates how many fine centroids that was. `every` (an exact rule): keep every non-empty
+    (fine) cluster without scoring any centroid.
     """
     batch, _, tokens, _ = query.shape
     heads, clusters = kindex.heads, kindex.clusters
     dev = query.device
-    if tokens > 1:
+    if tokens > 1 and not every:
         logw = logw.float().contiguous()
-    if not kindex.hierarchical:
-        logp, _ = score_every(query, kindex.centroids, kindex.log_counts, scaling, logw)
+    if every or not kindex.hierarchical:
+        if every:  # a selection by threshold -inf: all that log p needs is a value
+            logp = torch.zeros(batch, heads, clusters, device=dev)
+            threshold, budget = float("-inf"), None
+        else:
+            logp, _ = score_every(query, kindex.centroids, kindex.log_counts, scaling, logw)
         keep, blocks, nsel, nkeys = select(
             logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, PIECE_ROWS, stats
         )
