@@ -23,7 +23,7 @@ class ReadCounts:
         # `kernel_fine_scored`, `compiled_steps` are its parts): a compiled step checks every tensor it
         # reads before it runs (dynamo's guards), so each one costs every step.
         self.kernel_counts = torch.zeros(3, dtype=torch.int64)
-        self.kernel_scored = 0  # centroids scored by the kernel path: all of them (flat) or all coarse ones
+        self.kernel_scored = 0  # centroids the kernel path scored: all (flat) or all coarse ones, per inexact step
         self.last_selections, self.last_kernel = 0, False  # the last step's selections, its path
         self.last_exact = False  # whether it read every key (an exact rule: no centroid scored)
         self.selections = 0
