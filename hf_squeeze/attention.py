@@ -238,6 +238,10 @@ class SparseAttention(ReadCounts):
         prefill) under `exact_prefill`."""
         return tokens > 1 and self.rule.exact_prefill and not self.rule.exact
 
+    def step_rule(self, tokens: int) -> SelectionRule:
+        """The rule a step of `tokens` query tokens runs under: an exact one when it reads every key."""
+        return _READ_ALL if self.reads_all(tokens) else self.rule
+
     def pins_now(self, tokens: int) -> bool:
         """Whether this step (re)pins keys: a step of input read exactly (a prefill, every chunk of a
         chunked one, a step of assisted generation)."""
@@ -277,7 +281,7 @@ class SparseAttention(ReadCounts):
     def attend_kernels(self, query, key, value, attention_mask, scaling) -> torch.Tensor:
         tokens = query.shape[2]
         read_all = self.reads_all(tokens)
-        rule = _READ_ALL if read_all else self.rule
+        rule = self.step_rule(tokens)
         # A two-level view sizes its fine-level room for one coarse budget (forks may read another).
         coarse_budget = None if rule.exact or not self.hierarchical else rule.coarse_budget
         view = self.kernel_views.get((query.device, coarse_budget))

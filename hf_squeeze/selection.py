@@ -347,8 +347,6 @@ def every_cluster(index, batch: int) -> Selection:
 
 
 def _level_rule(rule: SelectionRule, coarse: bool) -> tuple[float | None, int | None]:
-    if rule.exact:
-        return None, None
     if coarse:
         return rule.coarse_threshold, rule.coarse_budget
     return rule.threshold, rule.budget

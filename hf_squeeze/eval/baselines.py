@@ -157,8 +157,7 @@ class EvalAttention(SparseAttention):
         keys = (self.kernel_keys.sum() - keys_before).double() / rows
         # every centroid of a flat index (of a two-level one every coarse centroid; none for a step
         # that reads every key), and the fine ones the kernels counted on the device
-        exact = self.rule.exact or self.reads_all(query.shape[2])
-        first = 0 if exact else self.first_level_centroids()
+        first = 0 if self.step_rule(query.shape[2]).exact else self.first_level_centroids()
         scored = first + (self.kernel_fine_scored.sum() - fine_before).double() / rows
         self.record_rows(keys.expand(query.shape[0]) / self.index.clustered_tokens, scored.expand(query.shape[0]))
         return out
