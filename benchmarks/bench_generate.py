@@ -102,8 +102,9 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
 
 def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: list[float]) -> dict:
     """Per-layer attention time (us) in this run, on layer 0's index: the best dense SDPA over the
-    context + input, and the squeezed kernels (lookup + attention) at each keep; decode (one query
-    after the input) and the input's prefill. Used to place the end-to-end numbers against a dense
+    context + input, and the squeezed kernels at each keep as the request runs them (the decode's
+    lookup + attention; the input's prefill under its rule: the default's reads every key and finds
+    the pins' key weights); decode (one query after the input) and the input's prefill. Used to place the end-to-end numbers against a dense
     attention at the bandwidth/compute limit, which transformers' sdpa path does not reach."""
     from hf_squeeze import kernels
 
@@ -124,9 +125,18 @@ def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: li
             q = torch.randn(1, q_heads, tokens, dim, device=device, dtype=dtype, generator=g)
             times[(n, phase, 1.0)] = dense_attention_time(q, all_k, all_v)
             for keep in keeps:
-                rule = squeezed.fork(keep=keep).layers[0].rule
-                times[(n, phase, keep)] = gpu_time(
-                    lambda: kernels.attend(q, dyn_k, dyn_v, kindex, rule, dim**-0.5, None, None, stats))
+                # what the request runs: the default's input prefill reads every key and pins by it
+                layer = squeezed.fork(keep=keep).layers[0].attention
+                rule = layer.step_rule(tokens)
+                lse = torch.empty(1, heads, tokens * q_heads // heads, device=device) if layer.pins_now(tokens) else None
+
+                def ours():
+                    out = kernels.attend(q, dyn_k, dyn_v, kindex, rule, dim**-0.5, None, None, stats, lse=lse)
+                    if lse is not None:
+                        kernels.key_weights(q, kindex, lse, dim**-0.5)
+                    return out
+
+                times[(n, phase, keep)] = gpu_time(ours)
         del all_k, all_v
     return times
 

@@ -46,16 +46,19 @@ def variants():
                 D=64, BLOCK_M=16, BLOCK_N=64, PIECE=32, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32")
     for lse in (False, True):  # without lse the launcher passes the output (bf16) for its pointer
         for splits in (1, 2):
-            types = common_types(gk_ptr=BF16, gv_ptr=BF16, nkeys_ptr="*i32", lse_ptr="*fp32" if lse else BF16)
-            yield f"prefill lse={lse} splits={splits}", _prefill_kernel, types, dict(
-                D=64, BLOCK_M=64, BLOCK_N=64, SPLITS=splits, HAS_KVALID=True, PRECISION="tf32", STORE_LSE=lse)
+            for context in (False, True):  # without it the output again for both; with it, for nkeys
+                types = common_types(gk_ptr=BF16, gv_ptr=BF16, nkeys_ptr=BF16 if context else "*i32",
+                                     lse_ptr="*fp32" if lse else BF16, co_ptr=BF16, clse_ptr="*fp32" if context else BF16)
+                yield f"prefill lse={lse} splits={splits} context={context}", _prefill_kernel, types, dict(
+                    D=64, BLOCK_M=64, BLOCK_N=64, SPLITS=splits, HAS_KVALID=True, PRECISION="tf32", STORE_LSE=lse,
+                    HAS_CONTEXT=context)
         yield f"merge lse={lse}", _merge_kernel, dict(po_ptr="*fp32", plse_ptr="*fp32", out_ptr=BF16,
                                                       lse_ptr="*fp32" if lse else BF16), dict(
             D=64, SPLITS=4, BLOCK_S=4, STORE_LSE=lse)
     for weighted in (False, True):  # unweighted: the launcher passes lse for the weights' pointer
         yield f"key weights weighted={weighted}", _key_weights_kernel, dict(
             q_ptr=BF16, k_ptr=BF16, lse_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", scaling="fp32"), dict(
-            D=64, BLOCK_N=64, BLOCK_T=64, HAS_W=weighted, PRECISION="tf32")
+            D=64, BLOCK_N=128, BLOCK_T=128, HAS_W=weighted, PRECISION="tf32", STAGES=2)
     for budget, ids, large in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):
         # (the launcher passes placeholders of other types for unused pointers: ids, ncand, keep_ids, scratch)
         types = dict(logp_ptr="*fp32", counts_ptr="*i32", sizes_ptr="*i32", ids_ptr="*i32", ncand_ptr="*i32",

@@ -139,6 +139,28 @@ def test_prefill_matches_the_reference(dtype, kind, group, tokens):
     assert_close(got, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_exact_prefill_reads_the_context_through_the_fused_kernels(dtype, splits, monkeypatch):
+    """An exact prefill of enough query rows reads the clustered keys through torch's fused attention
+    (`kernels/read_all.py`, rows folded over the group and the batch) and the rest in the prefill
+    kernel, from that attention's state; row 0 has 3 padded dynamic tokens."""
+    index = make_index(dtype=dtype)
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=9, dyn_len=14)
+    mask, valid = padding_mask(2, 9, dyn_k.shape[2], padded=3)
+    calls = []
+    fused = kernels.read_all.clustered_attention
+    monkeypatch.setattr(kernels.read_all, "clustered_attention", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(kernels.read_all, "MIN_ROWS", 2 * 3 * 9)  # this prefill's rows: served
+    got, expected = run_kernels(index, FLAT_RULES["all"], query, dyn_k, dyn_v, mask=mask, splits=splits)
+    assert calls == [1]
+    real = valid[:, dyn_k.shape[2] - 9:]
+    assert_close(got[real], expected[real], dtype)
+    monkeypatch.setattr(kernels.read_all, "MIN_ROWS", 2 * 3 * 9 + 1)  # one row fewer than it takes
+    run_kernels(index, FLAT_RULES["all"], query, dyn_k, dyn_v, mask=mask, splits=splits)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_padding_masks_keys_and_query_tokens(tokens):
     """Left padding: row 0 has 4 padded dynamic tokens; padded query tokens do not vote."""

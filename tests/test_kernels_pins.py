@@ -11,18 +11,25 @@ import torch
 
 from hf_squeeze import kernels
 from hf_squeeze.attention import SparseAttention, dynamic_mask
+from hf_squeeze.kernels import pins
 
 from .kernel_cases import DEVICE, FLAT_RULES, make_index, make_inputs, padding_mask
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype,group,tokens,padded,splits", [
     (torch.float32, 3, 9, 5, 1), (torch.float32, 4, 70, 0, 3), (torch.bfloat16, 7, 9, 5, 2),
 ])
-def test_key_weights_match_the_reference(dtype, group, tokens, padded, splits):
+def test_key_weights_match_the_reference(dtype, group, tokens, padded, splits, fused, monkeypatch):
     """What pins keys on the kernel path: the prefill's log-sum-exp per query row (`lse=`), then each
     key's exact attention probability summed over the real input tokens (`kernels.key_weights`),
     against the torch path's (`SparseAttention.input_weights`). Row 0's first 2 query tokens are
-    padding (they must not count); 70 tokens span two token tiles."""
+    padding (they must not count); 70 tokens span two token tiles of 64 (the default's tile of 128
+    serves the others). `fused`: the prefill reads the clustered keys through torch's fused
+    attention (`kernels/read_all.py`), else in its own kernel."""
+    monkeypatch.setattr(kernels.read_all, "MIN_ROWS", 1 if fused else 1 << 30)
+    if tokens > 64:
+        monkeypatch.setattr(pins, "BLOCK_T", 64)
     index = make_index(dtype=dtype)
     query, dyn_k, dyn_v = make_inputs(index, group, tokens=tokens, dyn_len=tokens + 3)
     mask, _ = padding_mask(2, tokens, dyn_k.shape[2], padded)

@@ -7,7 +7,8 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
   prefill, pins): generation runs, attended fraction near what each reads;
 - a padded batch of questions; save -> load onto the GPU -> identical tokens;
 - Triton kernels (the default on CUDA) vs the torch reference path, flat and hierarchical index:
-  keep=1 logits within 1e-4, same tokens at keep=1 and keep=0.2;
+  keep=1 logits within 1e-4, same tokens at keep=1 and keep=0.2; a long input's exact prefill through
+  torch's fused attention (fp32, bf16) against the reference;
 - `generate_greedy` (decode step replayed as a CUDA graph): same tokens as `model.generate`, squeezed
   and with a dense StaticCache; the evaluation's caches (full, the default, Quest, the oracle) give
   the tokens and reads of the eager loop, and six threads answering 8 times each at once, each on
@@ -118,6 +119,34 @@ def main():
         else:
             print(f"info  kernels vs reference {name} logits  max diff {diff:.2e}")
         check(f"kernels vs reference {name} tokens", torch.equal(outputs["auto"][1], outputs["0"][1]))
+
+    # A long input under the default (exact prefill, pins): enough query rows that the prefill reads
+    # the clustered keys through torch's fused attention (kernels/read_all.py; fp32 takes the
+    # efficient kernel, bf16 cuDNN or flash), against the torch reference: logits, then the tokens
+    # of the decode steps, which read the keys pinned from that prefill.
+    long_question = torch.randint(3, 256, (kernels.read_all.MIN_ROWS // 3 + 8,), generator=g).to(device)
+    fused = kernels.read_all.clustered_attention
+    served = []
+    kernels.read_all.clustered_attention = lambda *a: served.append(1) or fused(*a)
+    for m, tolerance in ((model, 1e-4), (half, 2e-2)):
+        request = SqueezedCache.from_context(m, context, SqueezeConfig(keep=0.2), progress=False)
+        outputs = {}
+        for mode in ("auto", "0"):
+            os.environ["HF_SQUEEZE_KERNELS"] = mode
+            with torch.no_grad():
+                logits = m(long_question[None], **cache_kwargs(m, request.fork())).logits.float()
+            ids = torch.cat([context, long_question])[None]
+            outputs[mode] = (logits, m.generate(ids, **cache_kwargs(m, request.fork()), **gen))
+        os.environ["HF_SQUEEZE_KERNELS"] = "auto"
+        ref = outputs["0"][0]
+        err = ((outputs["auto"][0] - ref).norm() / ref.norm()).item()
+        name = f"{m.dtype} exact prefill of {long_question.numel()} tokens through the fused kernels"
+        check(f"{name}: served", len(served) == 2 * len(request.layers), f"{len(served)} calls")
+        check(f"{name}: logits vs reference", err < tolerance, f"relative error {err:.2e}")
+        if m is model:
+            check(f"{name}: tokens vs reference", torch.equal(outputs["auto"][1], outputs["0"][1]))
+        served.clear()
+    kernels.read_all.clustered_attention = fused
 
     # Eager fixed-capacity decode steps (generate with disable_compile=True) replay each layer's step
     # as a CUDA graph (kernels/graphs.py): the tokens and reads of the same steps launched kernel by

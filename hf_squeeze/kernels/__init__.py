@@ -1,6 +1,7 @@
 """Triton kernels of the online path: the centroid lookup (`lookup.py`: `scoring.py` then
 `selection.py`) and sparse attention (`attention.py`) over the device view of a layer index
-(`layout.py`). `naive.py` holds the readable torch reference of each, which the tests check them
+(`layout.py`); an exact prefill reads the clustered keys through torch's fused attention
+(`read_all.py`). `naive.py` holds the readable torch reference of each, which the tests check them
 against. The cache uses the kernels on CUDA devices and the library's torch path elsewhere. (The
 offline K-means kernels live with the clustering: `clustering/kernels.py`.)
 
@@ -15,7 +16,7 @@ import os
 
 import torch
 
-from . import naive  # noqa: F401  (plain torch)
+from . import naive, read_all  # noqa: F401  (plain torch)
 from .layout import PIECE_ROWS, KernelIndex, kernel_index
 
 try:
@@ -107,6 +108,12 @@ def attend(
     else:
         threshold, budget, coarse_threshold, coarse_budget = rule.threshold, rule.budget, rule.coarse_threshold, rule.coarse_budget
     batch, _, tokens, _ = query.shape
+    if rule.exact and tokens > 1 and read_all.serves(query, kindex):
+        # nothing to select: the clustered keys through torch's fused attention, the rest in our kernel
+        stats.add_(batch * kindex.heads * kindex.clustered_tokens)
+        context = read_all.clustered_attention(query, kindex, scaling)
+        return sparse_attention(query, dyn_keys, dyn_values, kindex, None, scaling, key_valid, splits, out,
+                                lse=lse, context=context)
     logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 and not rule.exact else None
     work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored,
                   every=rule.exact)

@@ -206,14 +206,17 @@ def _gather_kernel(
 @triton.jit
 def _prefill_kernel(
     q_ptr, gk_ptr, gv_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr, nkeys_ptr, kvalid_ptr,
-    out_ptr, po_ptr, plse_ptr, lse_ptr,
+    out_ptr, po_ptr, plse_ptr, lse_ptr, co_ptr, clse_ptr,
     scaling, H, G, T, SW, LD, CAP, sg_b,
-    sq_b, sq_h, sq_t, sy_b, sy_h, sy_n, so_b, so_t, so_h,
+    sq_b, sq_h, sq_t, sy_b, sy_h, sy_n, so_b, so_t, so_h, sc_h, sc_r, sl_h, sl_r,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
+    HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, HAS_CONTEXT: tl.constexpr,
 ):
     """A block of query rows over the gathered kept keys (rows b * sg_b + h * CAP + i; sg_b = 0 when
-    every key is read, in place), the dense part and the dynamic keys."""
+    every key is read, in place), the dense part and the dynamic keys. With HAS_CONTEXT the rows'
+    attention over every clustered key is given (`read_all.clustered_attention`: output `co`, log-sum-exp
+    `clse`, row (b * G + g) * T + t of head h): the first split starts from it and no program reads
+    a clustered key."""
     bh = tl.program_id(0)
     mb = tl.program_id(1)
     b = bh // H
@@ -234,7 +237,16 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
-    n_keys = tl.load(nkeys_ptr + bh)
+    if HAS_CONTEXT:
+        n_keys = 0
+        if tl.program_id(2) == 0:  # the state after every clustered key: max = lse, sum = 1, acc = out
+            row = (b * G + g) * T + t
+            m_i = tl.load(clse_ptr + h * sl_h + row * sl_r, mask=rmask, other=float("-inf"))
+            l_i = tl.where(rmask, 1.0, 0.0)
+            acc = tl.load(co_ptr + h * sc_h + row[:, None] * sc_r + d[None, :], mask=rmask[:, None], other=0.0)
+            acc = acc.to(tl.float32)
+    else:
+        n_keys = tl.load(nkeys_ptr + bh)
     n_kept = tl.cdiv(n_keys, BLOCK_N)
     n_fixed = n_kept + tl.cdiv(SW, BLOCK_N)
     last_token = tl.minimum(((mb + 1) * BLOCK_M - 1) // G, T - 1)
@@ -308,6 +320,7 @@ def sparse_attention(
     pinned=None,
     read_all: bool = False,
     lse: torch.Tensor | None = None,
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, T, D]; dyn_keys/values [B, H, Ld, D] (the dynamic part, causal, the queries
     are its last T tokens); key_valid [B, Ld] bool/int or None -> out [B, T, Hq, D] (query dtype).
@@ -318,6 +331,8 @@ def sparse_attention(
     instead of gathering a copy of the whole context.
     `lse` (prefill only): float32 [B, H, T * G] (rows token-major, as the programs' rows) receives
     each query row's log-sum-exp over every key it saw.
+    `context` (prefill only; `work` is then unused): each query row's attention over every clustered
+    key and its log-sum-exp (`read_all.clustered_attention`); the kernel reads the rest from there.
     """
     if dyn_keys.stride() != dyn_values.stride():
         raise ValueError("dynamic keys and values must have the same layout")
@@ -351,6 +366,8 @@ def sparse_attention(
                             or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous float32 [{batch}, {heads}, {rows}] tensor, asked of a prefill "
                          "(several query tokens)")
+    if context is not None and tokens == 1:
+        raise ValueError("the clustered keys' attention is given to a prefill (several query tokens)")
     if pinned is not None and tokens != 1:
         raise ValueError("pinned keys are read by decode steps (one query token); a prefill reads every key")
     if tokens == 1:
@@ -367,7 +384,7 @@ def sparse_attention(
             num_warps=warps, num_stages=DECODE_STAGES,
         )
     else:
-        if read_all:  # every cluster kept, in cluster order: the kept keys are the index's, in place
+        if context is not None or read_all:  # every cluster kept, in cluster order: the index's keys, in place
             cap, batch_stride = kindex.clustered_tokens, 0
             gk, gv = kindex.keys, kindex.values
         else:
@@ -381,13 +398,18 @@ def sparse_attention(
                 heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
                 D=dim, BLOCK_N=GATHER_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=gather_splits,
             )
+        if context is not None:
+            c_out, c_lse = context
+            c_args, c_strides = (c_out, c_lse), (*c_out.stride()[:2], *c_lse.stride())
+        else:
+            c_args, c_strides = (out, out), (0, 0, 0, 0)
         _prefill_kernel[grid](
-            query, gk, gv, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values, work.nkeys, kvalid,
-            out, po, plse, out if lse is None else lse,
+            query, gk, gv, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
+            out if context is not None else work.nkeys, kvalid, out, po, plse, out if lse is None else lse, *c_args,
             scaling, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
-            query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides,
-            D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None, **common,
-            num_warps=8 if block_m >= 128 else 4, num_stages=3,
+            query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides, *c_strides,
+            D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None,
+            HAS_CONTEXT=context is not None, **common, num_warps=8 if block_m >= 128 else 4, num_stages=3,
         )
     if splits > 1:
         _merge_kernel[(batch * heads, rows)](

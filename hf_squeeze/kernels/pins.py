@@ -18,8 +18,10 @@ import triton.language as tl
 from .common import dot_precision
 from .layout import KernelIndex
 
-BLOCK_N = 64  # keys per program
-BLOCK_T = 64  # input tokens per step
+# keys per program, input tokens per step, warps, pipelined loads: the fastest of 54 configurations
+# at 1,024 tokens over 128K keys (H200, bf16: 2.92 ms per layer, 4.06 ms with 64 / 64 / 4 / 3)
+BLOCK_N, BLOCK_T, WARPS, STAGES = 128, 128, 4, 2
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e)
 
 
 @triton.jit
@@ -27,7 +29,7 @@ def _key_weights_kernel(
     q_ptr, k_ptr, lse_ptr, w_ptr, out_ptr,
     scaling, H, G, T, NC, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HAS_W: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // H
@@ -37,9 +39,10 @@ def _key_weights_kernel(
     d = tl.arange(0, D)
     k = tl.load(k_ptr + (h * NC + n)[:, None] * D + d[None, :], mask=nmask[:, None], other=0.0)
     tt = tl.arange(0, BLOCK_T)
+    qk_scale = scaling * LOG2E
     for g in range(G):
         acc = tl.zeros([BLOCK_N], tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in tl.range(0, T, BLOCK_T, num_stages=STAGES):
             t = t0 + tt
             tmask = t < T
             q = tl.load(q_ptr + b * sq_b + (h * G + g) * sq_h + t[:, None] * sq_t + d[None, :],
@@ -49,8 +52,8 @@ def _key_weights_kernel(
             if HAS_W:
                 w = tl.load(w_ptr + b * T + t, mask=tmask, other=0.0)
                 lse = tl.where(w > 0, lse, float("inf"))
-            s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PRECISION) * scaling
-            p = tl.exp(s - lse[:, None])
+            s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.exp2(s - (lse * LOG2E)[:, None])
             if HAS_W:
                 p = p * w[:, None]
             acc += tl.sum(p, 0)
@@ -76,6 +79,6 @@ def key_weights(query: torch.Tensor, kindex: KernelIndex, lse: torch.Tensor, sca
         query, kindex.keys, lse, w, out,
         scaling, heads, group, tokens, n, query.stride(0), query.stride(1), query.stride(2),
         D=dim, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, HAS_W=q_valid is not None,
-        PRECISION=dot_precision(kindex.keys.dtype), num_warps=4,
+        PRECISION=dot_precision(kindex.keys.dtype), STAGES=STAGES, num_warps=WARPS,
     )
     return out

@@ -1,0 +1,80 @@
+"""An exact step's attention over the clustered keys, through torch's fused attention kernels.
+
+An exact rule (the default's input prefill, keep=1) reads every key of the fixed context: nothing
+is selected, so that part of the step is plain dense attention, which cuDNN and flash attention run
+near the matrix units' peak. No mask is needed there (the fixed context precedes every query), so
+the G query heads of a KV head and the batch rows fold into one head's query rows: plain multi-head
+attention over the index's keys in place, with no copy of the context. The operators also return
+each row's log-sum-exp, from which the prefill kernel goes on over the sinks, the window and the
+dynamic tokens (`sparse_attention(context=...)`), and which the pins need.
+
+Below `MIN_ROWS` query rows per KV head those operators leave most of the GPU idle (one program
+per block of rows, none split over the keys), and the prefill kernel, which splits the keys over
+its programs, reads the context instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Query rows per KV head (batch x group x tokens) from which the fused kernels serve: H200, bf16,
+# 8 KV heads x 128K keys, G = 4, the fused path over the prefill kernel's time: 1.86 at 512 rows,
+# 0.80 at 1,024, 0.63 at 4,096 (3.9 vs 6.2 ms; cuDNN); 11x at 32 rows.
+MIN_ROWS = 1024
+
+# The fused operators that return the log-sum-exp, fastest first, with torch's check of whether each
+# takes the inputs (dtype, head dim, GPU; the raw operators do not check); each returns (out, lse, ...).
+_OPERATORS = {
+    "cudnn": (lambda q, k, v, s: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False,
+                                                                                     False, scale=s),
+              torch.backends.cuda.can_use_cudnn_attention),
+    "flash": (lambda q, k, v, s: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
+                                                                                     scale=s),
+              torch.backends.cuda.can_use_flash_attention),
+    "efficient": (lambda q, k, v, s: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0,
+                                                                                           False, scale=s),
+                  torch.backends.cuda.can_use_efficient_attention),
+}
+
+
+def _cpu_operator(q, k, v, s):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=s)
+
+
+def _folded(query: torch.Tensor, heads: int) -> torch.Tensor:
+    """query [B, Hq, T, D] -> [1, H, B * G * T, D]: row (b * G + g) * T + t of head h is query head
+    h * G + g of token t in batch row b."""
+    return query.unflatten(1, (heads, query.shape[1] // heads)).transpose(0, 1).reshape(1, heads, -1, query.shape[-1])
+
+
+def _operator(rows: torch.Tensor, keys: torch.Tensor):
+    """The first fused operator that takes these inputs, or None."""
+    if rows.device.type != "cuda":
+        return _cpu_operator
+    params = torch.backends.cuda.SDPAParams(rows, keys, keys, None, 0.0, False, False)
+    return next((run for run, takes in _OPERATORS.values() if takes(params, False)), None)
+
+
+def serves(query: torch.Tensor, kindex) -> bool:
+    """Whether an exact step of these queries [B, Hq, T, D] reads the clustered keys through the fused
+    kernels: enough query rows, and an operator that takes them."""
+    batch, q_heads, tokens, _ = query.shape
+    if batch * q_heads // kindex.heads * tokens < MIN_ROWS or query.dtype != kindex.keys.dtype:
+        return False
+    # the checks read dtypes, head dims and the device: a view of the query with the keys' heads will do
+    return _operator(query[:1, :kindex.heads], kindex.keys[None]) is not None
+
+
+def clustered_attention(query: torch.Tensor, kindex, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [B, Hq, T, D] -> (out [H, B * G * T, D] in the query's dtype, lse [H, B * G * T] float32,
+    in the operator's strides): each query row's attention over every clustered key of its KV head
+    and its log-sum-exp; row (b * G + g) * T + t of head h is query head h * G + g of token t in
+    batch row b (`serves` says whether an operator takes them)."""
+    rows = _folded(query, kindex.heads)
+    keys, values = kindex.keys[None], kindex.values[None]
+    run = _operator(rows, keys)
+    if run is None:
+        raise RuntimeError(f"no fused attention operator takes {tuple(rows.shape)} {rows.dtype} queries on "
+                           f"{rows.device}: check kernels.read_all.serves first")
+    out, lse = run(rows, keys, values, scaling)[:2]
+    return out[0], lse.reshape(kindex.heads, -1)[:, :rows.shape[2]]  # (the efficient kernel pads its rows)
