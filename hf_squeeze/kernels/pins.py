@@ -19,7 +19,7 @@ from .common import dot_precision
 from .layout import KernelIndex
 
 # keys per program, input tokens per step, warps, pipelined loads: the fastest of 54 configurations
-# at 1,024 tokens over 128K keys (H200, bf16: 2.92 ms per layer, 4.06 ms with 64 / 64 / 4 / 3)
+# at 1,024 tokens over 128K keys (H200, bf16, two runs: 2.91 ms per layer; 4.02-4.06 ms with 64 / 64 / 4 / 3)
 BLOCK_N, BLOCK_T, WARPS, STAGES = 128, 128, 4, 2
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e)
 

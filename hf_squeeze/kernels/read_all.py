@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 # Query rows per KV head (batch x group x tokens) from which the fused kernels serve: H200, bf16,
-# 8 KV heads x 128K keys, G = 4, the fused path over the prefill kernel's time: 1.86 at 512 rows,
-# 0.80 at 1,024, 0.63 at 4,096 (3.9 vs 6.2 ms; cuDNN); 11x at 32 rows.
+# 8 KV heads x 128K keys, G = 4, the fused path's time over the prefill kernel's (two runs): 11x at
+# 32 rows, 1.86-1.91 at 512, 0.79-0.80 at 1,024, 0.63-0.64 at 4,096 (4.0 vs 6.3 ms; cuDNN).
 MIN_ROWS = 1024
 
 # The fused operators that return the log-sum-exp, fastest first, with torch's check of whether each
