@@ -1,7 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The de-quantised copy of the embedded GGUF model (hf_squeeze/assets.py) is kept with the test
+# environment, not in the user's cache; the examples and commands run by the tests inherit it.
+os.environ.setdefault("HF_SQUEEZE_CACHE", str(Path(sys.prefix) / "hf_squeeze-cache"))
 
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter; set before they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -105,16 +105,9 @@ def load_model(name: str = SMOLLM2_NAME, *, model_file: str | None = None, dtype
 
 
 def load_tokenizer(name: str = SMOLLM2_NAME, *, model_file: str | None = None):
-    from transformers import AutoTokenizer
+    from ..assets import DEFAULT_GGUF, default_model_dir
+    from ..assets import load_tokenizer as tokenizer_at
 
     if name == SMOLLM2_NAME:
-        from ..assets import DEFAULT_GGUF, default_model_dir
-
-        return AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
-    if name == QWEN_NAME:
-        gguf = qwen_gguf(model_file)
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    path = Path(name)
-    if path.is_file():
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(path)
+        return tokenizer_at(default_model_dir() / DEFAULT_GGUF)
+    return tokenizer_at(qwen_gguf(model_file) if name == QWEN_NAME else Path(name))
