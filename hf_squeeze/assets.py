@@ -57,10 +57,10 @@ def load_default_model(attn_implementation: str = "squeezed", dtype=torch.float3
 def load_model(path, attn_implementation: str = "squeezed", dtype=torch.float32, device=None):
     """A causal LM and its tokenizer from a Hugging Face model folder or a `.gguf` file (read through
     its de-quantised copy, made at the first load: see the module's docstring)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, kwargs = _checkpoint(Path(path))
-    tokenizer = load_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, dtype=dtype, **kwargs)
     if device is not None:
         model = model.to(device)
