@@ -32,9 +32,9 @@ from hf_squeeze.selection import SelectionRule
 HEADS, GROUP, DIM = 8, 4, 128
 
 
-def paths(kindex, tokens: int, scaling: float) -> tuple[float, float, float]:
-    """Microseconds of the exact prefill with the prefill kernel reading the context, then the fused
-    path, and the largest difference of their outputs."""
+def prefill_inputs(kindex, tokens: int):
+    """An exact prefill of `tokens` random input tokens: a function running it (the clustered keys
+    read by the prefill kernel, or by the fused path), its queries and its log-sum-exp buffer."""
     dev, dtype = kindex.keys.device, kindex.keys.dtype
     q = torch.randn(1, HEADS * GROUP, tokens, DIM, device=dev, dtype=dtype)
     dyn_k = torch.randn(1, HEADS, tokens, DIM, device=dev, dtype=dtype)
@@ -42,30 +42,30 @@ def paths(kindex, tokens: int, scaling: float) -> tuple[float, float, float]:
     lse = torch.empty(1, HEADS, tokens * GROUP, device=dev)
     stats = torch.zeros(1, dtype=torch.int64, device=dev)
     rule = SelectionRule(exact=True)
-    times, outs = [], []
-    for rows in (1 << 30, 1):
-        read_all.MIN_ROWS = rows
-        run = lambda: kernels.attend(q, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, lse=lse)  # noqa: E731
-        outs.append(run().float())
-        times.append(gpu_time(run))
+
+    def run(fused: bool):
+        read_all.MIN_ROWS = 1 if fused else 1 << 30
+        return kernels.attend(q, dyn_k, dyn_v, kindex, rule, DIM**-0.5, None, None, stats, lse=lse)
+
+    return run, q, dyn_k, dyn_v, lse
+
+
+def paths(kindex, tokens: int) -> tuple[float, float, float]:
+    """Microseconds of the exact prefill with the prefill kernel reading the context, then the fused
+    path, and the largest difference of their outputs."""
+    run = prefill_inputs(kindex, tokens)[0]
+    outs = [run(fused).float() for fused in (False, True)]
+    times = [gpu_time(lambda fused=fused: run(fused)) for fused in (False, True)]
     return times[0], times[1], (outs[0] - outs[1]).abs().max().item()
 
 
 def pieces(index, kindex, tokens: int, scaling: float) -> dict[str, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    dev, dtype = kindex.keys.device, kindex.keys.dtype
-    q = torch.randn(1, HEADS * GROUP, tokens, DIM, device=dev, dtype=dtype)
-    dyn_k = torch.randn(1, HEADS, tokens, DIM, device=dev, dtype=dtype)
-    dyn_v = torch.randn_like(dyn_k)
-    lse = torch.empty(1, HEADS, tokens * GROUP, device=dev)
-    stats = torch.zeros(1, dtype=torch.int64, device=dev)
-    rule = SelectionRule(exact=True)
+    run, q, dyn_k, dyn_v, lse = prefill_inputs(kindex, tokens)
     found = {}
-    for name, rows in (("exact prefill, prefill kernel reads the context", 1 << 30),
-                       ("exact prefill, fused path", 1)):
-        read_all.MIN_ROWS = rows
-        found[name] = gpu_time(lambda: kernels.attend(q, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, lse=lse))
+    for name, fused in (("exact prefill, prefill kernel reads the context", False), ("exact prefill, fused path", True)):
+        found[name] = gpu_time(lambda fused=fused: run(fused))
     found["pins' key weights"] = gpu_time(lambda: kernels.key_weights(q, kindex, lse, scaling))
     all_k = torch.cat([torch.cat([index.dense_keys, index.keys], 1)[None], dyn_k], 2)
     all_v = torch.cat([torch.cat([index.dense_values, index.values], 1)[None], dyn_v], 2)
@@ -77,18 +77,14 @@ def pieces(index, kindex, tokens: int, scaling: float) -> dict[str, float]:
         found[f"dense SDPA {name}, GQA, all keys (no lse)"] = gpu_time(dense)
     rows = read_all._folded(q, HEADS)
     keys, values = kindex.keys[None], kindex.values[None]
-    for name, (run, _) in read_all._OPERATORS.items():
-        found[f"{name} on the folded queries (+lse)"] = gpu_time(lambda run=run: run(rows, keys, values, scaling))
+    for name, (operator, _) in read_all._OPERATORS.items():
+        found[f"{name} on the folded queries (+lse)"] = gpu_time(lambda op=operator: op(rows, keys, values, scaling))
     return found
 
 
 def sweep(kindex, tokens: int, scaling: float) -> list[tuple]:
-    dev, dtype = kindex.keys.device, kindex.keys.dtype
-    q = torch.randn(1, HEADS * GROUP, tokens, DIM, device=dev, dtype=dtype)
-    dyn = torch.randn(1, HEADS, tokens, DIM, device=dev, dtype=dtype)
-    lse = torch.empty(1, HEADS, tokens * GROUP, device=dev)
-    stats = torch.zeros(1, dtype=torch.int64, device=dev)
-    kernels.attend(q, dyn, dyn, kindex, SelectionRule(exact=True), scaling, None, None, stats, lse=lse)
+    run, q, _, _, lse = prefill_inputs(kindex, tokens)
+    run(fused=True)  # the rows' log-sum-exp
     default = (pins.BLOCK_N, pins.BLOCK_T, pins.WARPS, pins.STAGES)
     reference = kernels.key_weights(q, kindex, lse, scaling).clone()
     rows = []
@@ -115,7 +111,7 @@ def main() -> int:
     print("\n| input tokens | rows per KV head | prefill kernel us | fused path us | fused / kernel | max diff |")
     print("| --- | --- | --- | --- | --- | --- |")
     for tokens in args.inputs:
-        kernel_us, fused_us, diff = paths(kindex, tokens, scaling)
+        kernel_us, fused_us, diff = paths(kindex, tokens)
         print(f"| {tokens} | {tokens * GROUP} | {kernel_us:.1f} | {fused_us:.1f} | {fused_us / kernel_us:.2f} | {diff:.1e} |")
     tokens = max(args.inputs)
     flop = 4 * HEADS * GROUP * tokens * args.context * DIM
