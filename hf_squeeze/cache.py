@@ -88,22 +88,35 @@ class SqueezedCache(Cache):
         cache.build_stats = stats
         return cache
 
-    def fork(self, keep: float | None = None) -> "SqueezedCache":
+    def fork(self, keep: float | None = None, *, prefill: str | None = None,
+             pin: float | None = None) -> "SqueezedCache":
         """A fresh cache for a new request, sharing (not copying) the fixed context.
 
-        `keep` sets another top-k budget for this request (the same index read at another
-        sparsity); thresholds are calibrated when the cache is built, so a threshold cache cannot
-        change its keep here.
+        Without arguments the request reads as the cache was built. A top-k cache also lets each
+        request choose (the same index read another way, nothing rebuilt):
+        - `keep`: another budget (the same index read at another sparsity);
+        - `prefill` / `pin` (`SqueezeConfig`'s): how the request's input reads the context, e.g.
+          `fork(prefill="lookup")` for the paper's lookup prefill, which reads `keep` of the keys
+          instead of all of them (a shorter time to first token; pins need the exact prefill, so
+          `pin` is then 0 unless given).
+        A threshold cache's thresholds were calibrated for its keep and pins when it was built: it
+        forks as built only.
         """
-        if keep is None or keep == self.fixed.config.keep:
-            return type(self)(self.fixed)
         config = self.fixed.config
+        changes = {name: value for name, value in (("keep", keep), ("prefill", prefill), ("pin", pin))
+                   if value is not None and value != getattr(config, name)}
+        if prefill == "lookup" and pin is None and config.pin != 0:
+            changes["pin"] = 0.0  # nothing to pin without the input's exact attention
+        if not changes:
+            return type(self)(self.fixed)
         if config.selection != "topk":
+            asked = ", ".join(f"{name}={value!r}" for name, value in changes.items())
             raise ValueError(
-                f"fork(keep={keep}) needs selection='topk'; this cache's thresholds were calibrated for "
-                f"keep={config.keep}: build one with SqueezeConfig(keep={keep}, selection='threshold') instead"
+                f"fork({asked}) needs selection='topk'; this cache's thresholds were calibrated for "
+                f"keep={config.keep}, prefill={config.prefill!r}, pin={config.pin}: build one with "
+                f"SqueezeConfig({asked}, selection='threshold') instead"
             )
-        config = dataclasses.replace(config, keep=keep)  # validates keep
+        config = dataclasses.replace(config, **changes)  # validates them
         rules = budget_rules(len(self.fixed.layers), self.fixed.layers[0].clustered_tokens, config)
         fixed = dataclasses.replace(self.fixed, rules=tuple(rules), config=config)
         return type(self)(fixed)

@@ -137,6 +137,30 @@ def test_two_caches_in_two_threads(llama, context):
             assert torch.equal(job.result(), alone[k])
 
 
+def test_a_request_chooses_how_its_input_reads_the_context(llama, context):
+    """One top-k cache built with the default (the input read exactly, keys pinned from it); a fork
+    may read its input by the lookup instead (the paper's prefill: ~keep of the keys, no pins)."""
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    read, rules = {}, {}
+    for name, fork in (("built", cache.fork()), ("lookup", cache.fork(prefill="lookup")),
+                       ("lookup, keep 0.4", cache.fork(0.4, prefill="lookup"))):
+        assert fork.fixed.layers is cache.fixed.layers  # nothing rebuilt or copied
+        with torch.no_grad():
+            llama(QUESTION[None], **cache_kwargs(llama, fork))  # the input's prefill alone
+        read[name], rules[name] = fork.stats()["attended_fraction"], fork.layers[0].rule
+    assert read["built"] == 1.0 and rules["built"].exact_prefill and rules["built"].pin_budget is not None
+    assert abs(read["lookup"] - 0.2) < 0.05 and abs(read["lookup, keep 0.4"] - 0.4) < 0.05, read
+    assert not rules["lookup"].exact_prefill and rules["lookup"].pin_budget is None  # pin 0 unless given
+    with pytest.raises(ValueError, match="pin.*set prefill='exact'"):
+        cache.fork(prefill="lookup", pin=0.5)
+    with pytest.raises(ValueError, match="prefill"):
+        cache.fork(prefill="fast")
+    threshold = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3, selection="threshold", pin=0),
+                                           progress=False)
+    with pytest.raises(ValueError, match=r"fork\(prefill='lookup'\) needs selection='topk'"):
+        threshold.fork(prefill="lookup")
+
+
 def test_fork_with_another_keep(llama, context):
     """One top-k index read at several budgets; the shared fixed part is not copied."""
     cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.3, **PAPER), progress=False)
