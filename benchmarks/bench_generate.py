@@ -8,6 +8,9 @@ context length, in the same run:
   a CUDA graph): the strongest dense baseline transformers offers without a compiler;
 - squeezed, eager: `model.generate` with `cache.fork(keep=...)`;
 - squeezed, graphed: `generate_greedy` with `cache.fork(keep=...)`.
+Squeezed rows read the input as the default does (`--prefills exact`: every key, then the pins);
+`--prefills exact lookup` adds rows whose forks read it by the lookup (`fork(prefill="lookup")`,
+the paper's prefill: method "squeezed, lookup prefill").
 Dense runs use transformers' "sdpa" attention, squeezed runs "squeezed"; all share one model and
 one context, and the dense caches hold the same keys and values as the squeezed index. The model
 has random weights (speed does not depend on them) and the Llama-3.1-8B shape by default; the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +44,16 @@ from common import (SHAPES, common_prefix, dense_attention_time, dense_caches, g
 from hf_squeeze import SqueezedCache, SqueezeConfig
 
 
+# The squeezed methods, by how a request reads its input (`SqueezedCache.fork(prefill=...)`).
+METHODS = {"exact": "squeezed", "lookup": "squeezed, lookup prefill"}
+PREFILLS = {method: prefill for prefill, method in METHODS.items()}
+
+
 @dataclass
 class Result:
     context: int
     input: int
-    method: str  # "dense" or "squeezed"
+    method: str  # "dense", "squeezed" (the input read exactly) or "squeezed, lookup prefill"
     keep: float  # 1.0 for dense
     mode: str  # "eager" (model.generate) or "graph" (generate_greedy)
     ttft_ms: float
@@ -56,7 +65,8 @@ class Result:
 
 
 def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new_tokens: int, modes: list[str],
-                  config: SqueezeConfig, progress: bool = True) -> tuple[list[Result], dict]:
+                  config: SqueezeConfig, prefills: tuple[str, ...] = ("exact",),
+                  progress: bool = True) -> tuple[list[Result], dict]:
     device = model.device
     g = torch.Generator().manual_seed(tokens)
     vocab = model.config.vocab_size
@@ -69,15 +79,15 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
                "graph-compiled": run_graph_compiled}
     results = []
     jobs = [(n, "dense", 1.0, m) for n in inputs for m in modes]
-    jobs += [(n, "squeezed", k, m) for n in inputs for k in keeps for m in modes]
+    jobs += [(n, METHODS[p], k, m) for n in inputs for p in prefills for k in keeps for m in modes]
     questions = {n: torch.randint(vocab, (n,), generator=g).to(device) for n in inputs}  # one per size, for every row
     for n, method, keep, mode in tqdm(jobs, desc=f"{tokens} tokens", disable=not progress):
         ids = torch.cat([context, questions[n]])[None]
         model.set_attn_implementation("sdpa" if method == "dense" else "squeezed")
 
         def fresh():
-            if method == "squeezed":
-                return squeezed.fork(keep=keep)
+            if method != "dense":
+                return squeezed.fork(keep=keep, prefill=PREFILLS[method])
             return dynamic() if mode == "eager" else static()
 
         runners[mode](model, ids, fresh(), min(4, new_tokens))  # warm-up: kernels compiled, allocator warm
@@ -91,7 +101,7 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
     model.set_attn_implementation("squeezed")
     attention = {}
     if device.type == "cuda":
-        found = attention_times(squeezed, model, inputs, keeps)
+        found = attention_times(squeezed, model, inputs, keeps, prefills)
         attention = {(tokens,) + key: us for key, us in found.items()}
     del squeezed
     gc.collect()
@@ -100,7 +110,8 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
     return results, build, attention
 
 
-def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: list[float]) -> dict:
+def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: list[float],
+                    prefills: tuple[str, ...] = ("exact",)) -> dict:
     """Per-layer attention time (us) in this run, on layer 0's index: the best dense SDPA over the
     context + input, and the squeezed kernels at each keep as the request runs them (the decode's
     lookup + attention; the input's prefill under its rule: the default's reads every key and finds
@@ -123,10 +134,10 @@ def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: li
         all_k, all_v = torch.cat([context_k, dyn_k], 2), torch.cat([context_v, dyn_v], 2)
         for phase, tokens in (("decode", 1), ("prefill", n)):
             q = torch.randn(1, q_heads, tokens, dim, device=device, dtype=dtype, generator=g)
-            times[(n, phase, 1.0)] = dense_attention_time(q, all_k, all_v)
-            for keep in keeps:
+            times[(n, phase, None, None)] = dense_attention_time(q, all_k, all_v)
+            for keep, prefill in itertools.product(keeps, prefills):
                 # what the request runs: the default's input prefill reads every key and pins by it
-                layer = squeezed.fork(keep=keep).layers[0].attention
+                layer = squeezed.fork(keep=keep, prefill=prefill).layers[0].attention
                 rule = layer.step_rule(tokens)
                 lse = torch.empty(1, heads, tokens * q_heads // heads, device=device) if layer.pins_now(tokens) else None
 
@@ -136,7 +147,7 @@ def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: li
                         kernels.key_weights(q, kindex, lse, dim**-0.5)
                     return out
 
-                times[(n, phase, keep)] = gpu_time(ours)
+                times[(n, phase, keep, prefill)] = gpu_time(ours)
         del all_k, all_v
     return times
 
@@ -162,9 +173,10 @@ def ratios(results: list[Result], attention: dict | None = None, layers: int = 0
         # Against a dense attention at the hardware limit: this request's time with each layer's
         # squeezed attention swapped for the best dense SDPA, both timed in this run.
         row["ttft_x_ideal_dense"] = row["tpot_x_ideal_dense"] = float("nan")
-        if attention and r.method == "squeezed":
+        if attention and r.method in PREFILLS:
             for phase, ms, key in (("prefill", r.ttft_ms, "ttft_x_ideal_dense"), ("decode", r.tpot_ms, "tpot_x_ideal_dense")):
-                dense_us, ours_us = attention[(r.context, r.input, phase, 1.0)], attention[(r.context, r.input, phase, r.keep)]
+                dense_us = attention[(r.context, r.input, phase, None, None)]
+                ours_us = attention[(r.context, r.input, phase, r.keep, PREFILLS[r.method])]
                 row[key] = (ms + layers * (dense_us - ours_us) / 1e3) / ms
         rows.append(row)
     return rows
@@ -194,9 +206,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # The graph rows: with eager decode the host's per-layer work, not attention, sets the pace.
-    squeezed = [r for r in rows if r["method"] == "squeezed" and r["mode"] == "graph"] or \
-        [r for r in rows if r["method"] == "squeezed"]
-    labels = [f"{int(r['context']) // 1024}K+{r['input']}\nkeep {float(r['keep']):g}" for r in squeezed]
+    squeezed = [r for r in rows if r["method"] in PREFILLS and r["mode"] == "graph"] or \
+        [r for r in rows if r["method"] in PREFILLS]
+    labels = [f"{int(r['context']) // 1024}K+{r['input']}\nkeep {float(r['keep']):g}"
+              + ("\nlookup prefill" if PREFILLS.get(r["method"]) == "lookup" else "") for r in squeezed]
     x = range(len(squeezed))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, what, title in ((axes[0], "ttft", "time to first token"), (axes[1], "tpot", "time per output token")):
@@ -227,7 +240,8 @@ def main(args) -> int:
     config = SqueezeConfig(keep=min(args.keeps), selection="topk")
     results, builds, attention = [], {}, {}
     for tokens in args.contexts:
-        found, builds[tokens], times = bench_context(model, tokens, args.inputs, args.keeps, args.new_tokens, modes, config)
+        found, builds[tokens], times = bench_context(model, tokens, args.inputs, args.keeps, args.new_tokens, modes, config,
+                                                     tuple(args.prefills))
         results += found
         attention.update(times)
     rows = ratios(results, attention, model.config.num_hidden_layers)
@@ -244,9 +258,9 @@ def main(args) -> int:
         print(f"context {tokens}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in build.items()))
     if attention:
         print("\nper-layer attention, us (layer 0's index; dense = best of cuDNN/flash SDPA):")
-        print("| context | input | phase | keep | us |\n| --- | --- | --- | --- | --- |")
-        for (tokens, n, phase, keep), us in sorted(attention.items()):
-            print(f"| {tokens} | {n} | {phase} | {'dense' if keep == 1.0 else keep} | {us:.1f} |")
+        print("| context | input | phase | keep | input read | us |\n| --- | --- | --- | --- | --- | --- |")
+        for (tokens, n, phase, keep, prefill), us in sorted(attention.items(), key=lambda kv: tuple(map(str, kv[0]))):
+            print(f"| {tokens} | {n} | {phase} | {'dense' if keep is None else keep} | {prefill or '-'} | {us:.1f} |")
     print(table(rows))
     return 0
 
@@ -256,6 +270,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--inputs", type=int, nargs="+", default=[64, 1024], help="user input tokens")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--prefills", nargs="+", choices=["exact", "lookup"], default=["exact"],
+                        help="how the squeezed requests read their input (exact: the default)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--modes", nargs="+", choices=["eager", "eager-ungraphed", "graph", "compiled", "graph-compiled"],
                         default=["eager", "graph"],
