@@ -21,7 +21,9 @@ transformers' dense paths do not reach the hardware limit (with a mask, its sdpa
 KV heads and cannot use the fused GQA kernels), so the run also times, per layer, the best dense
 SDPA (cuDNN or flash, no mask, GQA) and the squeezed kernels on the same keys; "x ideal dense"
 is the squeezed request's time with its attention swapped for that dense attention, over its own
-time: the speedup against a dense implementation whose attention runs at the limit.
+time: the speedup against a dense implementation whose attention runs at the limit. "TPOT / bound"
+is a request's TPOT over the dense TPOT of the run's shortest context (pass a short one, e.g. 2048,
+first): the step without long attention, which no attention can beat.
 
     PYTHONPATH=. python3 benchmarks/bench_generate.py --contexts 32768 131072 --inputs 64 1024 --keeps 0.1 0.3 --out results/
 """
@@ -154,8 +156,10 @@ def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: li
 
 def ratios(results: list[Result], attention: dict | None = None, layers: int = 0) -> list[dict]:
     """Each squeezed row against the dense row of the same context, input and mode, and against the
-    faster dense mode."""
+    faster dense mode; its TPOT over the attention-free bound: the dense TPOT of the run's shortest
+    context (same input and mode; NaN when that is the row's own context)."""
     dense = {(r.context, r.input, r.mode): r for r in results if r.method == "dense"}
+    shortest = min(r.context for r in results)
     rows = []
     for r in results:
         d = dense.get((r.context, r.input, r.mode))
@@ -170,6 +174,8 @@ def ratios(results: list[Result], attention: dict | None = None, layers: int = 0
         row["tpot_x"] = d.tpot_ms / r.tpot_ms if d else float("nan")
         row["ttft_x_best_dense"] = best_ttft / r.ttft_ms
         row["tpot_x_best_dense"] = best_tpot / r.tpot_ms
+        bound = dense.get((shortest, r.input, r.mode))
+        row["tpot_over_bound"] = r.tpot_ms / bound.tpot_ms if bound and r.context > shortest else float("nan")
         # Against a dense attention at the hardware limit: this request's time with each layer's
         # squeezed attention swapped for the best dense SDPA, both timed in this run.
         row["ttft_x_ideal_dense"] = row["tpot_x_ideal_dense"] = float("nan")
@@ -184,14 +190,15 @@ def ratios(results: list[Result], attention: dict | None = None, layers: int = 0
 
 def table(rows: list[dict]) -> str:
     head = ("| context | input | method | keep | mode | TTFT ms | TPOT ms | TTFT x | TPOT x | TTFT x best dense | "
-            "TPOT x best dense | TTFT x ideal dense | TPOT x ideal dense | peak GiB | request GiB | growth KiB/step | "
-            "tokens = eager |")
+            "TPOT x best dense | TTFT x ideal dense | TPOT x ideal dense | TPOT / bound | peak GiB | request GiB | "
+            "growth KiB/step | tokens = eager |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['context']} | {r['input']} | {r['method']} | {r['keep']:g} | {r['mode']} | {r['ttft_ms']:.1f} | "
             f"{r['tpot_ms']:.2f} | {r['ttft_x']:.2f} | {r['tpot_x']:.2f} | {r['ttft_x_best_dense']:.2f} | "
-            f"{r['tpot_x_best_dense']:.2f} | {r['ttft_x_ideal_dense']:.2f} | {r['tpot_x_ideal_dense']:.2f} | {r['peak_gib']:.1f} | {r['request_gib']:.2f} | {r['step_growth_kib']:.0f} | "
+            f"{r['tpot_x_best_dense']:.2f} | {r['ttft_x_ideal_dense']:.2f} | {r['tpot_x_ideal_dense']:.2f} | "
+            f"{r['tpot_over_bound']:.2f} | {r['peak_gib']:.1f} | {r['request_gib']:.2f} | {r['step_growth_kib']:.0f} | "
             f"{r['same_tokens_as_eager']} |"
         )
     return "\n".join(lines)
