@@ -108,10 +108,11 @@ def attend(
     else:
         threshold, budget, coarse_threshold, coarse_budget = rule.threshold, rule.budget, rule.coarse_threshold, rule.coarse_budget
     batch, _, tokens, _ = query.shape
-    if rule.exact and tokens > 1 and read_all.serves(query, kindex):
-        # nothing to select: the clustered keys through torch's fused attention, the rest in our kernel
+    # an exact prefill selects nothing: the clustered keys through torch's fused attention where it
+    # serves, the rest in our kernel
+    context = read_all.clustered_attention(query, kindex, scaling) if rule.exact and tokens > 1 else None
+    if context is not None:
         stats.add_(batch * kindex.heads * kindex.clustered_tokens)
-        context = read_all.clustered_attention(query, kindex, scaling)
         return sparse_attention(query, dyn_keys, dyn_values, kindex, None, scaling, key_valid, splits, out,
                                 lse=lse, context=context)
     logw = query_weights(q_valid, batch, tokens, query.device) if tokens > 1 and not rule.exact else None

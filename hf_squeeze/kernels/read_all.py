@@ -55,26 +55,19 @@ def _operator(rows: torch.Tensor, keys: torch.Tensor):
     return next((run for run, takes in _OPERATORS.values() if takes(params, False)), None)
 
 
-def serves(query: torch.Tensor, kindex) -> bool:
-    """Whether an exact step of these queries [B, Hq, T, D] reads the clustered keys through the fused
-    kernels: enough query rows, and an operator that takes them."""
-    batch, q_heads, tokens, _ = query.shape
-    if batch * q_heads // kindex.heads * tokens < MIN_ROWS or query.dtype != kindex.keys.dtype:
-        return False
-    # the checks read dtypes, head dims and the device: a view of the query with the keys' heads will do
-    return _operator(query[:1, :kindex.heads], kindex.keys[None]) is not None
-
-
-def clustered_attention(query: torch.Tensor, kindex, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clustered_attention(query: torch.Tensor, kindex, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """query [B, Hq, T, D] -> (out [H, B * G * T, D] in the query's dtype, lse [H, B * G * T] float32,
     in the operator's strides): each query row's attention over every clustered key of its KV head
     and its log-sum-exp; row (b * G + g) * T + t of head h is query head h * G + g of token t in
-    batch row b (`serves` says whether an operator takes them)."""
+    batch row b. None when the fused kernels do not serve: fewer than MIN_ROWS query rows per KV
+    head, or no operator takes these inputs (the prefill kernel reads the keys then)."""
+    batch, q_heads, tokens, _ = query.shape
+    if batch * q_heads // kindex.heads * tokens < MIN_ROWS or query.dtype != kindex.keys.dtype:
+        return None
     rows = _folded(query, kindex.heads)
     keys, values = kindex.keys[None], kindex.values[None]
     run = _operator(rows, keys)
     if run is None:
-        raise RuntimeError(f"no fused attention operator takes {tuple(rows.shape)} {rows.dtype} queries on "
-                           f"{rows.device}: check kernels.read_all.serves first")
+        return None
     out, lse = run(rows, keys, values, scaling)[:2]
     return out[0], lse.reshape(kindex.heads, -1)[:, :rows.shape[2]]  # (the efficient kernel pads its rows)
