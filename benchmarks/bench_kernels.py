@@ -25,8 +25,7 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
 
 `--decode-pieces` / `--decode-warps` set the decode kernel's tile and warps (with and without pins),
 `--decode-splits` the most programs sharing one KV head's decode, `--select-warps` the selection
-program's warps, `--splitters` / `--split-block` the pivot count in front of a budget search (0
-splitters: the search alone): for sweeps in one GPU call (`tools/device_kernels.sh`).
+program's warps: for sweeps in one GPU call (`tools/device_kernels.sh`).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
@@ -303,18 +302,13 @@ def main():
     p.add_argument("--decode-warps", type=int, help="warps per decode program")
     p.add_argument("--decode-splits", type=int, help="most decode programs per (row, KV head) (a power of two)")
     p.add_argument("--select-warps", type=int, help="warps per selection program")
-    p.add_argument("--splitters", type=int, help="pivots a budget search starts from (0: none; a power of two)")
-    p.add_argument("--split-block", type=int, help="clusters per program of the pivot count")
     args = p.parse_args()
     attention = importlib.import_module("hf_squeeze.kernels.attention")
     for name in ("DECODE_TILE", "PINNED_DECODE_TILE"):  # the same tile with and without pins
         pieces, warps = getattr(attention, name)
         setattr(attention, name, (args.decode_pieces or pieces, args.decode_warps or warps))
     attention.DECODE_MAX_SPLITS = args.decode_splits or attention.DECODE_MAX_SPLITS
-    selection = importlib.import_module("hf_squeeze.kernels.selection")
-    selection.SELECT_WARPS = args.select_warps
-    selection.SPLITTERS = selection.SPLITTERS if args.splitters is None else args.splitters
-    selection.SPLIT_BLOCK = args.split_block or selection.SPLIT_BLOCK
+    importlib.import_module("hf_squeeze.kernels.selection").SELECT_WARPS = args.select_warps
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

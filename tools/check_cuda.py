@@ -16,7 +16,7 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - eager decode steps (`generate(disable_compile=True)`) replayed per layer as CUDA graphs: the tokens
   and reads of the same steps launched kernel by kernel (bf16 and fp32, flat, two-level, the paper's
   step, a padded batch sampled);
-- the budget selection over 6,554 and 26,214 clusters (the pivot count in front) against the reference;
+- the budget selection over 6,554 and 26,214 clusters against the reference;
 - the GPU K-means builds the same index whatever layers share its batch (as on several GPUs).
 """
 
@@ -275,8 +275,8 @@ def main():
     model.set_attn_implementation("squeezed")
     check("dense StaticCache CUDA graph tokens == generate", torch.equal(got, want))
 
-    # The budget selection at the sizes of 128K and 512K contexts (5% centroids): the pivot count in
-    # front of the search, against the torch reference, on scores with ties, empty clusters and -inf.
+    # The budget selection at the sizes of 128K and 512K contexts (5% centroids; 8 and 32 warps per
+    # search) against the torch reference, on scores with ties, empty clusters and -inf.
     from hf_squeeze.kernels import selection as kselection
     from hf_squeeze.selection import select as reference_select
 
@@ -292,7 +292,7 @@ def main():
             stats = torch.zeros(1, dtype=torch.int64, device=device)
             keep = kselection.select(logp.to(device), c32, c32, None, budget, int(counts.max()), 32, stats)[0]
             same &= torch.equal(keep.bool().cpu(), reference_select(logp, counts[None].expand(2, -1, -1), None, budget))
-        check(f"budget selection over {clusters} clusters (pivot count) == reference", same)
+        check(f"budget selection over {clusters} clusters == reference", same)
 
     # K-means on the GPU: a layer's index must not depend on which layers share its K-means batch
     # (on several GPUs the batches split at device boundaries) - Triton kernels, bf16 keys.

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default (a
-# pivot count of 256 splitters, 512 clusters per program, in front of the budget search), the search
-# alone (0 splitters), 128 and 512 splitters, 256 clusters per counting program, and the default
-# again (the run-to-run spread), each at 128K and 512K, keep 0.1, then a short table of the
-# graph-replayed times. Logs and CSVs under $OUT/<variant>/.
+# The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default, more
+# programs per KV head for the decode (at most 128 splits, not 64), the selection with 8
+# and 32 warps (default 16 at these sizes), and the default again (the run-to-run spread), each at
+# 128K and 512K, keep 0.1, then a short table of the graph-replayed times. Logs and CSVs under
+# $OUT/<variant>/.
 #
 #   tools/device_kernels.sh [CONTEXTS]      (default 131072,524288)
 # (On a CPU, to try the script: BENCH_ARGS=--smoke TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 OUT=/tmp/x
@@ -19,11 +19,10 @@ run() {  # NAME ARGS...: one bench_kernels run
   python3 benchmarks/bench_kernels.py --contexts "$contexts" --keeps 0.1 --out "$OUT/$name" ${BENCH_ARGS:-} "$@" \
     > "$OUT/$name/log.txt" 2>&1 || echo "$name failed: see $OUT/$name/log.txt"
 }
-run default --modes decode,pinned-decode,hier-decode,prefill --profile
-run splitters-0 --modes decode,pinned-decode,hier-decode,prefill --profile --splitters 0
-run splitters-128 --modes decode,pinned-decode,hier-decode --splitters 128
-run splitters-512 --modes decode,pinned-decode,hier-decode --splitters 512
-run split-block-256 --modes decode,pinned-decode,hier-decode --split-block 256
+run default --modes decode,pinned-decode,hier-decode --profile
+run splits-128 --modes decode,pinned-decode --decode-splits 128
+run select-warps-8 --modes decode,pinned-decode,hier-decode --select-warps 8
+run select-warps-32 --modes decode,pinned-decode,hier-decode --select-warps 32
 run default-again --modes decode,pinned-decode,hier-decode
 python3 - "$OUT" <<'EOF'
 import csv, sys

@@ -6,11 +6,8 @@ Clusters are kept by threshold (log p_j >= threshold) or by budget (clusters in 
 program per (row, KV head), the clusters of a head in registers. A budget is a search for the
 crossing cluster's log p (`_budget_crossing`): its cost is the chain of reductions over the
 clusters, one per step, so the steps split values rather than bits and the last RESOLVE
-candidates are settled at once. Over many clusters the chain is shortened before it starts:
-`_pivot_count_kernel`, spread over many programs, counts the keys above each of SPLITTERS pivots
-(log p of clusters spread evenly over the head's list), and the search starts between the two
-pivots around the crossing, with about C / SPLITTERS clusters inside instead of C. The compaction
-writes the kept clusters, in cluster order, as pieces of at most PIECE_ROWS keys (see `layout.py`).
+candidates are settled at once. The compaction writes the kept clusters, in cluster order, as
+pieces of at most PIECE_ROWS keys (see `layout.py`).
 """
 
 from __future__ import annotations
@@ -25,9 +22,6 @@ COMPACT_BLOCK = 128  # clusters per program when writing the selection list
 MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
 SELECT_WARPS: int | None = None  # warps of a selection program (None: 4, 8 or 32 by its clusters)
 RESOLVE = 64  # a budget search ends when this few clusters are left around the crossing (a power of two)
-SPLITTERS = 256  # pivots a budget search over many clusters starts from (a power of two)
-SPLIT_MIN = 2048  # fewer candidates than this: the search starts from all of them (no pivot count)
-SPLIT_BLOCK = 512  # candidates per program of the pivot count
 
 
 @triton.jit
@@ -57,78 +51,22 @@ def _key_value(key):
 
 
 @triton.jit
-def _pivots(logp_ptr, ncand_ptr, bh, C, CAP, HAS_IDS: tl.constexpr, S: tl.constexpr):
-    """The S pivots of a (row, head)'s budget search: the order keys of candidates spread evenly
-    over its list (positions i * n // S of its n candidates), in no particular order."""
-    n = C
-    if HAS_IDS:
-        n = tl.load(ncand_ptr + bh)
-    position = (tl.arange(0, S) * n) // S
-    return _order_key(tl.load(logp_ptr + bh * CAP + position, mask=position < n, other=float("-inf")))
-
-
-@triton.jit
-def _pivot_count_kernel(
-    logp_ptr, counts_ptr, ids_ptr, ncand_ptr, above_ptr, H, C, CAP,
-    HAS_IDS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """One block of a (row, head)'s candidates: for each pivot, the keys of its clusters whose log p
-    is at least the pivot's (`above` [B * H, blocks, S]; `_select_kernel` sums the blocks)."""
-    bh = tl.program_id(0)
-    blk = tl.program_id(1)
-    h = bh % H
-    pivots = _pivots(logp_ptr, ncand_ptr, bh, C, CAP, HAS_IDS, S)
-    above = tl.zeros([S], tl.int32)
-    for j in tl.static_range(0, BLOCK, CHUNK):
-        c = blk * BLOCK + j + tl.arange(0, CHUNK)
-        cmask, ids = _cluster_ids(ids_ptr, ncand_ptr, bh, c, C, CAP, HAS_IDS)
-        counts = tl.load(counts_ptr + h * C + ids, mask=cmask, other=0)
-        key = _order_key(tl.load(logp_ptr + bh * CAP + c, mask=cmask, other=float("-inf")))
-        above += tl.sum(tl.where(key[:, None] >= pivots[None, :], counts[:, None], 0), 0)
-    tl.store(above_ptr + (bh * tl.num_programs(1) + blk) * S + tl.arange(0, S), above)
-
-
-@triton.jit
-def _pivot_bracket(key, counts, nonempty, budget, above_ptr, logp_ptr, ncand_ptr, bh, C, CAP, NB,
-                   HAS_IDS: tl.constexpr, S: tl.constexpr, BLOCK_NB: tl.constexpr):
-    """Where a budget search starts: [lo, hi) with W(lo) >= budget > W(hi), and W(lo), W(hi), from the
-    pivots' counts of `_pivot_count_kernel` (its NB blocks summed): lo the largest pivot with
-    W >= budget, hi the smallest with W < budget (W is non-increasing). Without such a pivot, the
-    smallest key (W: all keys) or one past the largest (W: 0), as a search from all clusters."""
-    pivots = _pivots(logp_ptr, ncand_ptr, bh, C, CAP, HAS_IDS, S)
-    blk = tl.arange(0, BLOCK_NB)
-    above = tl.sum(tl.load(above_ptr + (bh * NB + blk[:, None]) * S + tl.arange(0, S)[None, :],
-                           mask=(blk < NB)[:, None], other=0), 0)
-    ok = above >= budget
-    if tl.sum(ok.to(tl.int32)) > 0:
-        lo = tl.max(tl.where(ok, pivots, -2147483647))
-        w_lo = tl.min(tl.where(ok, above, 2147483647))
-    else:
-        lo = tl.min(tl.where(nonempty, key, 2147483647))
-        w_lo = tl.sum(counts)
-    if tl.sum(ok.to(tl.int32)) < S:
-        hi = tl.min(tl.where(ok, 2147483647, pivots))
-        w_hi = tl.max(tl.where(ok, 0, above))
-    else:
-        hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
-        w_hi = w_lo * 0
-    return lo, hi, w_lo, w_hi
-
-
-@triton.jit
-def _budget_crossing(key, counts, nonempty, budget, gap, scratch_ptr, lo, hi, w_lo, w_hi, RESOLVE: tl.constexpr):
+def _budget_crossing(key, counts, nonempty, budget, gap, scratch_ptr, RESOLVE: tl.constexpr):
     """The key of the cluster that crosses `budget` when clusters are taken in decreasing key: the
     largest x with W(x) >= budget, W(x) = keys of the non-empty clusters with key >= x (so keeping
     key >= x keeps the crossing cluster). If they hold fewer keys than the budget: the smallest key.
 
-    A search keeps [lo, hi) around it, W(lo) >= budget > W(hi) (or W(lo) < budget: all keys are
-    kept), starting from the given interval and its W. Each step splits the interval at
+    A search keeps [lo, hi) around it, W(lo) >= budget > W(hi). Each step splits the interval at
     the middle of its values (the middle of the keys would spend the first steps on the
     exponents), at the cost of one reduction. Once W(lo) - W(hi) <= `gap` (RESOLVE times the
     largest cluster: fewer keys inside cannot fill more clusters) it also counts the clusters
     inside; when at most RESOLVE are left, they are written to `scratch_ptr` [2 * RESOLVE] and the
     crossing is read off their weights in one pass, where a search would take about
-    log2(RESOLVE) more steps. Returns the key x (or a value with no key in [x, crossing))."""
+    log2(RESOLVE) more steps."""
+    lo = tl.min(tl.where(nonempty, key, 2147483647))
+    hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
+    w_lo = tl.sum(counts)
+    w_hi = w_lo * 0
     inside = w_hi + RESOLVE + 1
     searching = (w_lo >= budget) & (hi.to(tl.int64) - lo.to(tl.int64) > 1)
     while searching:
@@ -163,10 +101,10 @@ def _budget_crossing(key, counts, nonempty, budget, gap, scratch_ptr, lo, hi, w_
 @triton.jit
 def _select_kernel(
     logp_ptr, counts_ptr, sizes_ptr, ids_ptr, ncand_ptr, keep_ptr, keep_ids_ptr,
-    block_ptr, nsel_ptr, nsizes_ptr, stats_ptr, scratch_ptr, above_ptr,
-    threshold, budget, gap, H, C, CAP, COUNT_BLOCKS,
+    block_ptr, nsel_ptr, nsizes_ptr, stats_ptr, scratch_ptr,
+    threshold, budget, gap, H, C, CAP,
     USE_BUDGET: tl.constexpr, HAS_IDS: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, RESOLVE: tl.constexpr, SPLITTERS: tl.constexpr, BLOCK_NB: tl.constexpr,
+    BLOCK_S: tl.constexpr, RESOLVE: tl.constexpr,
 ):
     """One (batch row, KV head): which candidates to keep, and for each block of BLOCK_S candidates
     the pieces and sizes kept before it (so that `_compact_kernel` can place its ranges).
@@ -175,8 +113,7 @@ def _select_kernel(
     entries of the list `ids` [B, H, CAP] (fine clusters under the kept coarse clusters, in
     cluster order); then the keep flags are also scattered to cluster order (`keep_ids_ptr`).
     `counts` (keys per cluster) decide; `sizes` (what the compaction lists: keys of a cluster, or
-    fine clusters of a coarse cluster) are cut into pieces of at most PIECE. With SPLITTERS, a
-    budget search starts from the pivots' counts `above` [B * H, COUNT_BLOCKS, SPLITTERS]."""
+    fine clusters of a coarse cluster) are cut into pieces of at most PIECE."""
     bh = tl.program_id(0)
     h = bh % H
     c = tl.arange(0, BLOCK_C)
@@ -187,16 +124,7 @@ def _select_kernel(
     nonempty = counts > 0
     if USE_BUDGET:
         key = _order_key(logp)
-        if SPLITTERS > 0:
-            lo, hi, w_lo, w_hi = _pivot_bracket(key, counts, nonempty, budget, above_ptr, logp_ptr, ncand_ptr, bh,
-                                                C, CAP, COUNT_BLOCKS, HAS_IDS, SPLITTERS, BLOCK_NB)
-        else:
-            lo = tl.min(tl.where(nonempty, key, 2147483647))
-            hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
-            w_lo = tl.sum(counts)
-            w_hi = w_lo * 0
-        lo = _budget_crossing(key, counts, nonempty, budget, gap, scratch_ptr + bh * 2 * RESOLVE, lo, hi, w_lo, w_hi,
-                              RESOLVE)
+        lo = _budget_crossing(key, counts, nonempty, budget, gap, scratch_ptr + bh * 2 * RESOLVE, RESOLVE)
         keep = (key >= lo) & nonempty
         tied = nonempty & (key == lo)
         if tl.sum(tied.to(tl.int32)) > 1:  # equal log p at the crossing: take them in cluster order
@@ -266,22 +194,13 @@ def select(logp, counts, sizes, threshold, budget, largest, piece, stats, ids=No
     nsel, nsizes = (empty(dev, torch.int32, batch, heads) for _ in range(2))
     scratch = empty(dev, torch.int32, batch * heads * 2 * RESOLVE) if budget is not None else nsel
     has_ids = ids is not None
-    ids, ncand = (ids, ncand) if has_ids else (counts, nsel)  # (placeholders: never read)
-    splitters = SPLITTERS if budget is not None and cap >= SPLIT_MIN else 0
-    above, blocks = nsel, 1
-    if splitters:
-        blocks = triton.cdiv(cap, SPLIT_BLOCK)
-        above = empty(dev, torch.int32, batch * heads, blocks, splitters)
-        _pivot_count_kernel[(batch * heads, blocks)](
-            logp, counts, ids, ncand, above, heads, counts.shape[1], cap,
-            HAS_IDS=has_ids, S=splitters, BLOCK=SPLIT_BLOCK, CHUNK=min(32, SPLIT_BLOCK),
-        )
     _select_kernel[(batch * heads,)](
-        logp, counts, sizes, ids, ncand, keep, keep_ids if has_ids else keep, block_offsets, nsel, nsizes, stats,
-        scratch, above, float("-inf") if threshold is None else threshold, 0 if budget is None else budget,
-        min(RESOLVE * largest, 2**31 - 1), heads, counts.shape[1], cap, blocks,
+        logp, counts, sizes, ids if has_ids else counts, ncand if has_ids else nsel, keep,
+        keep_ids if has_ids else keep, block_offsets, nsel, nsizes, stats, scratch,
+        float("-inf") if threshold is None else threshold, 0 if budget is None else budget,
+        min(RESOLVE * largest, 2**31 - 1), heads, counts.shape[1], cap,
         USE_BUDGET=budget is not None, HAS_IDS=has_ids, PIECE=piece, BLOCK_C=block_c, BLOCK_S=COMPACT_BLOCK,
-        RESOLVE=RESOLVE, SPLITTERS=splitters, BLOCK_NB=pow2(blocks),
+        RESOLVE=RESOLVE,
         num_warps=SELECT_WARPS or (4 if block_c < 4096 else 8 if block_c <= 8192 else 32),
     )
     return keep, block_offsets, nsel, nsizes
