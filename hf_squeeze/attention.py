@@ -305,8 +305,6 @@ class SparseAttention(ReadCounts):
                     "torch.compile takes a squeezed model's decode steps (one token, after an eager prefill), not "
                     "its input's prefill: run the prompt eagerly (generate does), then compile the steps after it"
                 )
-            if pinned is not None:  # read besides the lookup's keys (an overlap is counted twice)
-                self.kernel_keys.add_(pinned.count.sum())
             return attend_op(self._op_handle, query, key, value, key_valid, self.kernel_counts, pinned, scaling)
         # the handle of this layer's decode step, should a later step be compiled (forks share it;
         # it holds the rule, so the rule's id is not reused while it is there)
@@ -319,9 +317,8 @@ class SparseAttention(ReadCounts):
             lse = torch.empty(query.shape[0], view.heads, query.shape[1] // view.heads * tokens,
                               device=query.device, dtype=torch.float32)
 
-        def launch(query, key_valid):  # the step's device work
-            if pinned is not None:
-                self.kernel_keys.add_(pinned.count.sum())
+        def launch(query, key_valid):  # the step's device work (the pinned keys read are counted by the
+            # kernel besides the lookup's keys: an overlap is counted twice)
             return kernels.attend(query, key, value, view, rule, scaling, key_valid, q_valid, self.kernel_keys,
                                   scored=self.kernel_fine_scored, pinned=pinned, lse=lse)
 

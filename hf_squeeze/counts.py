@@ -46,9 +46,9 @@ class ReadCounts:
     def count_selections(self, selections: int, times: int = 1, exact: bool = False):
         """Host-side statistics of the kernel path (a replayed CUDA graph calls `attend` only once,
         so the replay loop adds the other steps with `times`); `exact`: the steps read every key,
-        scoring no centroid. A compiled step counts itself on the device instead (`compiled_steps`;
-        a host count would be a guard that changes every step)."""
-        if self._counted_on_device():
+        scoring no centroid. A compiled step is counted on the device instead, by its attention
+        kernel (`compiled_steps`; a host count would be a guard that changes every step)."""
+        if torch.compiler.is_compiling():
             return
         self.selections += selections * times
         # all centroids of a flat index; of a two-level one all coarse ones (the fine ones scored

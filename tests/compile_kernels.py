@@ -41,9 +41,13 @@ def variants():
         pin_types = dict(pin_rows_ptr="*i32", pin_count_ptr="*i32", pin_mask_ptr="*i8") if pins else dict(
             pin_rows_ptr=BF16, pin_count_ptr=BF16, pin_mask_ptr=BF16)
         for kvalid in (False, True):
-            types = common_types(sel_start_ptr="*i32", sel_len_ptr="*i32", nsel_ptr="*i32", **pin_types)
+            # counters: the pinned keys where there are pins, the step with the written slots (a
+            # compiled step's); else the launcher passes the output for their pointers
+            types = common_types(sel_start_ptr="*i32", sel_len_ptr="*i32", nsel_ptr="*i32", **pin_types,
+                                 stats_ptr="*i64" if pins else BF16, steps_ptr="*i64" if kvalid else BF16)
             yield f"decode pins={pins} kvalid={kvalid}", _decode_kernel, types, dict(
-                D=64, BLOCK_M=16, BLOCK_N=64, PIECE=32, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32")
+                D=64, BLOCK_M=16, BLOCK_N=64, PIECE=32, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32",
+                COUNT_PINS=pins, COUNT_STEP=kvalid)
     for lse in (False, True):  # without lse the launcher passes the output (bf16) for its pointer
         for splits in (1, 2):
             for context in (False, True):  # without it the output again for both; with it, for nkeys

@@ -101,6 +101,26 @@ def test_decode_reads_pinned_keys_once(dtype, kind, group, splits):
     assert (got - without).abs().max() > 1e-3  # the pins changed what was read
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_counts_the_pinned_keys_and_the_step(splits):
+    """A decode step's counters need no launch of their own: the decode kernel adds the pinned keys
+    it reads to the keys read (after the lookup's kept keys) and, when asked, one step."""
+    index = make_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=9)
+    rule, scaling = FLAT_RULES["budget"], query.shape[-1] ** -0.5
+    kept = int((index.counts[None].cpu() * naive.lookup(query, index, scaling, rule).cpu()).sum())
+    kindex = kernels.kernel_index(index)
+    for pinned in (None, random_pins(index, batch=2, most=70)):
+        stats, steps = (torch.full((1,), 5, dtype=torch.int64, device=DEVICE) for _ in range(2))
+        kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, splits, pinned=pinned, steps=steps)
+        pins = 0 if pinned is None else int(pinned.count.sum())
+        assert int(stats) == 5 + kept + pins and int(steps) == 5 + 1
+        assert pins > 0 or pinned is None
+    stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, None, None, stats, splits, pinned=pinned)
+    assert int(stats) == kept + pins  # (no step counter asked for: none written)
+
+
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_dynamic_part_read_in_place_from_a_larger_buffer(tokens, monkeypatch):
     """A cache layer's dynamic part is a view of a buffer with room to grow: the kernels read it

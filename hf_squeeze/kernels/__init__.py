@@ -91,12 +91,14 @@ def attend(
     scored: torch.Tensor | None = None,
     pinned=None,
     lse: torch.Tensor | None = None,
+    steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squeezed attention of `query` [B, Hq, T, D] -> [B, T, Hq, D], lookup and attention on the
-    device with no host synchronisation. `stats` [1] int64 accumulates the keys the lookup keeps;
-    `scored` [1] int64 (two-level index) the fine centroids scored; `pinned` (decode): a request's
-    pinned keys (`selection.Pinned`), read besides the lookup's; `lse` (prefill): receives each query
-    row's log-sum-exp (`sparse_attention`)."""
+    device with no host synchronisation. `stats` [1] int64 accumulates the keys read (the lookup's
+    kept keys, and the pinned ones); `scored` [1] int64 (two-level index) the fine centroids scored;
+    `pinned` (decode): a request's pinned keys (`selection.Pinned`), read besides the lookup's; `lse`
+    (prefill): receives each query row's log-sum-exp (`sparse_attention`); `steps` [1] int64 (decode):
+    one is added (by the attention kernel, as the pinned keys: no launch of their own)."""
     if query.stride(-1) != 1:
         query = query.contiguous()
     # A cache layer's dynamic part is a view of a buffer with room to grow: read in place through
@@ -119,5 +121,6 @@ def attend(
     work = lookup(query, kindex, scaling, threshold, budget, logw, stats, coarse_threshold, coarse_budget, scored,
                   every=rule.exact)
     capacity = gather_capacity(kindex, budget)
+    decode = tokens == 1
     return sparse_attention(query, dyn_keys, dyn_values, kindex, work, scaling, key_valid, splits, out, capacity,
-                            pinned, read_all=rule.exact, lse=lse)
+                            pinned, read_all=rule.exact, lse=lse, stats=stats if decode else None, steps=steps)

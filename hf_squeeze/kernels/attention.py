@@ -119,14 +119,16 @@ def _split_range(total, SPLITS: tl.constexpr):
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr,
     sel_start_ptr, sel_len_ptr, nsel_ptr, kvalid_ptr, pin_rows_ptr, pin_count_ptr, pin_mask_ptr,
-    out_ptr, po_ptr, plse_ptr,
+    out_ptr, po_ptr, plse_ptr, stats_ptr, steps_ptr,
     scaling, H, G, PC, NC, SW, LD, NP,
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
+    COUNT_PINS: tl.constexpr, COUNT_STEP: tl.constexpr,
 ):
     """One query token: kept keys read where they are (pinned ones left out of the scores), the
-    pinned keys, then the dense part and the dynamic keys."""
+    pinned keys, then the dense part and the dynamic keys. The counters need no launch of their
+    own: with COUNT_PINS `stats` [1] int64 adds the pinned keys read, with COUNT_STEP `steps` one."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -145,6 +147,12 @@ def _decode_kernel(
     n_pinned = 0
     if HAS_PINS:
         n_pinned = tl.load(pin_count_ptr + bh)
+    if tl.program_id(2) == 0:
+        if COUNT_PINS:
+            tl.atomic_add(stats_ptr, n_pinned.to(tl.int64))
+        if COUNT_STEP:
+            if bh == 0:
+                tl.atomic_add(steps_ptr, 1)
     n_pin = tl.cdiv(n_pinned, BLOCK_N)
     n_dense = tl.cdiv(SW, BLOCK_N)
     start, end = _split_range(n_sel + n_pin + n_dense + tl.cdiv(LD, BLOCK_N), SPLITS)
@@ -321,6 +329,8 @@ def sparse_attention(
     read_all: bool = False,
     lse: torch.Tensor | None = None,
     context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stats: torch.Tensor | None = None,
+    steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, T, D]; dyn_keys/values [B, H, Ld, D] (the dynamic part, causal, the queries
     are its last T tokens); key_valid [B, Ld] bool/int or None -> out [B, T, Hq, D] (query dtype).
@@ -333,6 +343,8 @@ def sparse_attention(
     each query row's log-sum-exp over every key it saw.
     `context` (prefill only; `work` is then unused): each query row's attention over every clustered
     key and its log-sum-exp (`read_all.clustered_attention`); the kernel reads the rest from there.
+    `stats` / `steps` (decode only): [1] int64 counters to which the kernel adds the pinned keys it
+    reads / one step.
     """
     if dyn_keys.stride() != dyn_values.stride():
         raise ValueError("dynamic keys and values must have the same layout")
@@ -370,17 +382,21 @@ def sparse_attention(
         raise ValueError("the clustered keys' attention is given to a prefill (several query tokens)")
     if pinned is not None and tokens != 1:
         raise ValueError("pinned keys are read by decode steps (one query token); a prefill reads every key")
+    if (stats is not None or steps is not None) and tokens != 1:
+        raise ValueError("the pinned keys and steps are counted by decode steps (one query token)")
     if tokens == 1:
         pins = (pinned.rows, pinned.count, pinned.mask) if pinned is not None else (out, out, out)
         pieces, warps = DECODE_TILE if pinned is None else PINNED_DECODE_TILE
         _decode_kernel[grid](
             query, kindex.keys, kindex.values, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
             work.starts, work.lengths, work.nsel, kvalid, *pins, out, po, plse,
+            out if stats is None else stats, out if steps is None else steps,
             scaling, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
             pinned.rows.shape[-1] if pinned is not None else 0,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=pieces * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits,
-            HAS_PINS=pinned is not None, **common,
+            HAS_PINS=pinned is not None, COUNT_PINS=pinned is not None and stats is not None,
+            COUNT_STEP=steps is not None, **common,
             num_warps=warps, num_stages=DECODE_STAGES,
         )
     else:

@@ -50,9 +50,10 @@ def _attend(handle: int, query: torch.Tensor, dyn_keys: torch.Tensor, dyn_values
     if found is None:
         raise RuntimeError(f"hf_squeeze::attend: no layer with handle {handle} (its cache was freed)")
     pins = None if pin_rows is None else _Pins(pin_rows, pin_count, pin_mask)
-    # counts: the layer's `kernel_counts` (keys read, fine centroids scored, ...)
+    # counts: the layer's `kernel_counts` (keys read, fine centroids scored, compiled steps), all
+    # added to by the kernels (a count added by the graph would cost launches and a copy per layer)
     return attend(query, dyn_keys, dyn_values, found.view, found.rule, scaling, key_valid, None, counts[0:1],
-                  scored=counts[1:2], pinned=pins)
+                  scored=counts[1:2], pinned=pins, steps=counts[2:3])
 
 
 @_attend.register_fake
