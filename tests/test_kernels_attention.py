@@ -121,6 +121,32 @@ def test_decode_counts_the_pinned_keys_and_the_step(splits):
     assert int(stats) == kept + pins  # (no step counter asked for: none written)
 
 
+def test_decode_reads_the_written_slots_as_they_come(monkeypatch):
+    """The mask of a decode step's written slots (a fixed-capacity cache's) is read as it comes, bool
+    or int8, with no conversion (a launch per layer and step); other dtypes and layouts are converted.
+    All give the output of the slots cut to the written ones."""
+    index = make_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=20)
+    written = torch.arange(20, device=DEVICE)[None].expand(2, -1) < torch.tensor([[13], [17]], device=DEVICE)
+    rule, scaling, kindex = FLAT_RULES["budget"], query.shape[-1] ** -0.5, kernels.kernel_index(index)
+    converted = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: converted.append(self.dtype) or real_to(self, *a, **k))
+    stats = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    outputs = []
+    for mask, conversions in ((written.contiguous(), 0), (written.to(torch.int8), 0), (written.int(), 1),
+                              (written.t().contiguous().t(), 1)):
+        converted.clear()
+        outputs.append(kernels.attend(query, dyn_k, dyn_v, kindex, rule, scaling, mask, None, stats).float())
+        assert converted.count(mask.dtype) == conversions, (mask.dtype, converted)
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
+    for b, n in ((0, 13), (1, 17)):  # the unwritten slots are not read
+        alone = kernels.attend(query[b:b + 1], dyn_k[b:b + 1, :, :n], dyn_v[b:b + 1, :, :n], kindex, rule, scaling,
+                               None, None, stats).float()
+        assert_close(outputs[0][b:b + 1], alone, torch.float32)
+
+
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_dynamic_part_read_in_place_from_a_larger_buffer(tokens, monkeypatch):
     """A cache layer's dynamic part is a view of a buffer with room to grow: the kernels read it

@@ -356,7 +356,10 @@ def sparse_attention(
     dev = query.device
     if out is None:
         out = torch.empty(batch, tokens, q_heads, dim, device=dev, dtype=query.dtype)
-    kvalid = out if key_valid is None else key_valid.to(torch.int8).contiguous()
+    kvalid = out  # (a placeholder: not read)
+    if key_valid is not None:  # read as it is where it can be (a conversion is a launch per layer and step)
+        as_is = key_valid.dtype in (torch.bool, torch.int8) and key_valid.is_contiguous()
+        kvalid = key_valid if as_is else key_valid.to(torch.int8).contiguous()
     common = dict(HAS_KVALID=key_valid is not None, PRECISION=dot_precision(query.dtype))
     dyn_strides = (dyn_keys.stride(0), dyn_keys.stride(1), dyn_keys.stride(2))
     out_strides = (out.stride(0), out.stride(1), out.stride(2))
