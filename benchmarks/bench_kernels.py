@@ -25,7 +25,8 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
 
 `--decode-pieces` / `--decode-warps` set the decode kernel's tile and warps (with and without pins),
 `--decode-splits` the most programs sharing one KV head's decode, `--select-warps` the selection
-program's warps: for sweeps in one GPU call (`tools/device_kernels.sh`).
+program's warps, `--piece-rows` the keys per piece of the kept lists (the decode tile is
+`--decode-pieces` pieces): for sweeps in one GPU call (`tools/device_kernels.sh`).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
@@ -302,6 +303,7 @@ def main():
     p.add_argument("--decode-warps", type=int, help="warps per decode program")
     p.add_argument("--decode-splits", type=int, help="most decode programs per (row, KV head) (a power of two)")
     p.add_argument("--select-warps", type=int, help="warps per selection program")
+    p.add_argument("--piece-rows", type=int, help="keys per piece of the kept lists (a power of two, >= 8)")
     args = p.parse_args()
     attention = importlib.import_module("hf_squeeze.kernels.attention")
     for name in ("DECODE_TILE", "PINNED_DECODE_TILE"):  # the same tile with and without pins
@@ -309,6 +311,8 @@ def main():
         setattr(attention, name, (args.decode_pieces or pieces, args.decode_warps or warps))
     attention.DECODE_MAX_SPLITS = args.decode_splits or attention.DECODE_MAX_SPLITS
     importlib.import_module("hf_squeeze.kernels.selection").SELECT_WARPS = args.select_warps
+    layout = importlib.import_module("hf_squeeze.kernels.layout")  # (before any view is built)
+    layout.PIECE_ROWS = args.piece_rows or layout.PIECE_ROWS
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

@@ -137,9 +137,9 @@ def run_lookup(index, rule, query, scaling, q_valid=None):
 
 
 def check_ranges(ranges, expected, index):
-    """The kept ranges: the kept clusters in order, cut into pieces of at most PIECE_ROWS keys, with
+    """The kept ranges: the kept clusters in order, cut into pieces of at most `layout.PIECE_ROWS` keys, with
     the kept keys before each piece (naive.kept_pieces)."""
-    pieces, totals = naive.kept_pieces(expected.cpu(), index, kernels.PIECE_ROWS)
+    pieces, totals = naive.kept_pieces(expected.cpu(), index, kernels.layout.PIECE_ROWS)
     for (b, h), want in pieces.items():
         n = int(ranges.nsel[b, h])
         got = list(zip(ranges.starts[b, h, :n].tolist(), ranges.lengths[b, h, :n].tolist(),

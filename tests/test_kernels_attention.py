@@ -18,11 +18,13 @@ from .kernel_cases import (
     FLAT_RULES,
     TWO_LEVEL_RULES,
     assert_close,
+    check_ranges,
     make_hier_index,
     make_index,
     make_inputs,
     padding_mask,
     poisoned,
+    run_lookup,
 )
 
 
@@ -71,6 +73,28 @@ def test_decode_tiles_of_other_sizes(pieces, monkeypatch):
     for pinned in (None, random_pins(index, batch=2, most=70)):
         got, expected = run_kernels(index, FLAT_RULES["budget"], query, dyn_k, dyn_v, splits=2, pinned=pinned)
         assert_close(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("piece_rows", [8, 16])
+def test_other_piece_sizes_change_no_output(piece_rows, monkeypatch):
+    """Views built with shorter pieces of kept keys (`layout.PIECE_ROWS`, as bench_kernels.py
+    --piece-rows sets it: less of each decode tile left empty by clusters of ~20 keys) list the same
+    keys and give the reference's output: decode with and without pins, flat and two-level, and a
+    prefill (which gathers the kept keys by pieces)."""
+    monkeypatch.setattr(kernels.layout, "PIECE_ROWS", piece_rows)
+    for index, rules in ((make_index(), FLAT_RULES), (make_hier_index(), TWO_LEVEL_RULES)):
+        assert kernels.kernel_index(index).piece_rows == piece_rows
+        query, dyn_k, dyn_v = make_inputs(index, 3, tokens=1, dyn_len=11)
+        for pinned in (None, random_pins(index, batch=2, most=40)):
+            got, expected = run_kernels(index, rules["budget"], query, dyn_k, dyn_v, splits=2, pinned=pinned)
+            assert_close(got, expected, torch.float32)
+        ranges, _, _ = run_lookup(index, rules["budget"], query, query.shape[-1] ** -0.5)
+        check_ranges(ranges, naive.lookup(query, index, query.shape[-1] ** -0.5, rules["budget"]), index)
+        assert int(ranges.lengths[0, 0, : int(ranges.nsel[0, 0])].max()) <= piece_rows
+    index = make_index()
+    query, dyn_k, dyn_v = make_inputs(index, 3, tokens=9, dyn_len=14)
+    got, expected = run_kernels(index, FLAT_RULES["budget"], query, dyn_k, dyn_v)
+    assert_close(got, expected, torch.float32)
 
 
 def random_pins(index, batch, most, seed=3) -> Pinned:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default, more
-# programs per KV head for the decode (at most 128 splits, not 64), the selection with 8
-# and 32 warps (default 16 at these sizes), and the default again (the run-to-run spread), each at
-# 128K and 512K, keep 0.1, then a short table of the graph-replayed times. Logs and CSVs under
-# $OUT/<variant>/.
+# The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default
+# (pieces of 32 kept keys; decode tiles of 2 pieces x 4 warps = 64 rows, with pins 4 x 8 = 128
+# rows), pieces of 16 and of 8 keys with 128-row tiles (`pieces-16`, `pieces-8`) and with 64-row
+# tiles (`-same-tile`: the paper's decode's rows), and the default again (the run-to-run spread),
+# each at 128K and 512K, keep 0.1, then a short table of the graph-replayed times. (Clusters hold
+# ~20 keys: pieces of 32 rows leave ~41% of a tile's rows empty, of 16 ~27%, of 8 ~15%, on
+# SmolLM2's index.) Logs and CSVs under $OUT/<variant>/.
 #
 #   tools/device_kernels.sh [CONTEXTS]      (default 131072,524288)
 # (On a CPU, to try the script: BENCH_ARGS=--smoke TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 OUT=/tmp/x
@@ -19,10 +21,11 @@ run() {  # NAME ARGS...: one bench_kernels run
   python3 benchmarks/bench_kernels.py --contexts "$contexts" --keeps 0.1 --out "$OUT/$name" ${BENCH_ARGS:-} "$@" \
     > "$OUT/$name/log.txt" 2>&1 || echo "$name failed: see $OUT/$name/log.txt"
 }
-run default --modes decode,pinned-decode,hier-decode --profile
-run splits-128 --modes decode,pinned-decode --decode-splits 128
-run select-warps-8 --modes decode,pinned-decode,hier-decode --select-warps 8
-run select-warps-32 --modes decode,pinned-decode,hier-decode --select-warps 32
+run default --modes decode,pinned-decode,hier-decode,prefill --profile
+run pieces-16 --modes decode,pinned-decode,hier-decode,prefill --piece-rows 16 --decode-pieces 8
+run pieces-16-same-tile --modes decode,pinned-decode --piece-rows 16 --decode-pieces 4
+run pieces-8 --modes decode,pinned-decode,hier-decode,prefill --piece-rows 8 --decode-pieces 16 --profile
+run pieces-8-same-tile --modes decode,pinned-decode --piece-rows 8 --decode-pieces 8
 run default-again --modes decode,pinned-decode,hier-decode
 python3 - "$OUT" <<'EOF'
 import csv, sys

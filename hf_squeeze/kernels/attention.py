@@ -22,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import PIECE_ROWS, KernelIndex
+from .layout import KernelIndex
 from .common import dot_precision, pow2
 from .lookup import KeptRanges
 
-# The decode tile: (pieces of PIECE_ROWS kept rows per step, warps per program). With pins the
+# The decode tile: (pieces of `KernelIndex.piece_rows` kept rows per step, warps per program). With pins the
 # larger tile pays, without them it does not (H200, keep 0.1, 128K / 512K: pinned 80.6 -> 72.4 /
 # 240.8 -> 220.9 us; the paper's lookup 72.0 -> 73.0 / 213.3 -> 229.0 us; BENCHMARKS.md).
 DECODE_TILE = (2, 4)
@@ -397,7 +397,7 @@ def sparse_attention(
             scaling, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
             pinned.rows.shape[-1] if pinned is not None else 0,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
-            D=dim, BLOCK_M=block_m, BLOCK_N=pieces * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=splits,
+            D=dim, BLOCK_M=block_m, BLOCK_N=pieces * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=splits,
             HAS_PINS=pinned is not None, COUNT_PINS=pinned is not None and stats is not None,
             COUNT_STEP=steps is not None, **common,
             num_warps=warps, num_stages=DECODE_STAGES,
@@ -415,7 +415,7 @@ def sparse_attention(
             _gather_kernel[(batch * heads, 1, gather_splits)](
                 kindex.keys, kindex.values, work.starts, work.lengths, work.positions, work.nsel, gk, gv,
                 heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
-                D=dim, BLOCK_N=GATHER_PIECES * PIECE_ROWS, PIECE=PIECE_ROWS, SPLITS=gather_splits,
+                D=dim, BLOCK_N=GATHER_PIECES * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=gather_splits,
             )
         if context is not None:
             c_out, c_lse = context

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-PIECE_ROWS = 32
+PIECE_ROWS = 32  # keys per piece at most, for the views built from now on (each view keeps its own)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class KernelIndex:
     starts: torch.Tensor  # [H, C] int32 first row of each cluster
     largest: int  # most keys in one cluster
     pieces: int  # most pieces one head's clusters cut into (sizes the selection lists)
+    piece_rows: int  # keys per piece at most (PIECE_ROWS when the view was built)
     # Coarse level of a two-level index (None for a flat one).
     coarse_centroids: torch.Tensor | None = None  # [H, C1, D] in the keys' dtype
     coarse_log_counts: torch.Tensor | None = None  # [H, C1] float32 log of keys under each, -inf if none
@@ -123,5 +124,6 @@ def kernel_index(index, dtype: torch.dtype | None = None, coarse_budget: int | N
         starts=index.offsets[:, :-1].to(torch.int32).contiguous(),
         largest=int(counts.max()) if counts.numel() else 0,
         pieces=int((-(-counts // PIECE_ROWS)).sum(-1).max()) if counts.numel() else 0,
+        piece_rows=PIECE_ROWS,
         **coarse,
     )

@@ -31,14 +31,14 @@ import torch
 import triton
 
 from .common import empty
-from .layout import PIECE_ROWS, KernelIndex
+from .layout import KernelIndex
 from .scoring import score_candidates, score_every
 from .selection import compact, select
 
 
 class KeptRanges:
     """What the selection hands to the attention kernels, all on the device. Per (row, KV head):
-    the kept clusters as pieces of at most PIECE_ROWS keys (the first `nsel` entries are valid),
+    the kept clusters as pieces of at most `kindex.piece_rows` keys (the first `nsel` entries are valid),
     in cluster order."""
 
     def __init__(self, keep, starts, lengths, positions, nsel, nkeys):
@@ -84,7 +84,7 @@ def lookup(
         else:
             logp, _ = score_every(query, kindex.centroids, kindex.log_counts, scaling, logw)
         keep, blocks, nsel, nkeys = select(
-            logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, PIECE_ROWS, stats
+            logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, kindex.piece_rows, stats
         )
         kept_list, ids, ncand = keep, None, None
     else:
@@ -102,9 +102,10 @@ def lookup(
         keep = empty(dev, torch.int8, batch, heads, clusters)  # cluster order; cleared while scoring
         logp = score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep)
         kept_list, blocks, nsel, nkeys = select(
-            logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, PIECE_ROWS, stats, ids, ncand, keep
+            logp, kindex.counts, kindex.counts, threshold, budget, kindex.largest, kindex.piece_rows, stats, ids, ncand, keep
         )
     starts, lengths, positions = (empty(dev, torch.int32, batch, heads, max(1, kindex.pieces)) for _ in range(3))
-    compact(kept_list, blocks, kindex.counts, kindex.starts, PIECE_ROWS, triton.cdiv(kindex.largest, PIECE_ROWS),
+    piece = kindex.piece_rows
+    compact(kept_list, blocks, kindex.counts, kindex.starts, piece, triton.cdiv(kindex.largest, piece),
              starts, lengths, positions, ids, ncand)
     return KeptRanges(keep, starts, lengths, positions, nsel, nkeys)

@@ -7,7 +7,7 @@ program per (row, KV head), the clusters of a head in registers. A budget is a s
 crossing cluster's log p (`_budget_crossing`): its cost is the chain of reductions over the
 clusters, one per step, so the steps split values rather than bits and the last RESOLVE
 candidates are settled at once. The compaction writes the kept clusters, in cluster order, as
-pieces of at most PIECE_ROWS keys (see `layout.py`).
+pieces of at most `KernelIndex.piece_rows` keys (see `layout.py`).
 """
 
 from __future__ import annotations
