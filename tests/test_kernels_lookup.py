@@ -159,6 +159,26 @@ def test_candidate_bound_holds_for_every_budget_selection():
     assert kindex.candidates(None) == kindex.candidates(7) == kindex.clusters
 
 
+@pytest.mark.parametrize("centroids,tokens_per_step,warps", [(32, 16, 2), (256, 128, 8)])
+def test_other_scoring_tiles_keep_what_the_reference_keeps(monkeypatch, centroids, tokens_per_step, warps):
+    """The scoring's tiles (as bench_kernels.py --score-block / --score-tokens / --score-warps set
+    them) change no selection: decode and prefill, flat and two-level, budget and threshold."""
+    from hf_squeeze.kernels import scoring
+
+    monkeypatch.setattr(scoring, "SCORE_BLOCK_C", centroids)
+    monkeypatch.setattr(scoring, "PREFILL_BLOCK_T", tokens_per_step)
+    monkeypatch.setattr(scoring, "PREFILL_WARPS", warps)
+    for index, rules in ((make_index(), FLAT_RULES), (make_hier_index(), TWO_LEVEL_RULES)):
+        for tokens in (1, 37):
+            query, _, _ = make_inputs(index, 3, tokens, dyn_len=tokens)
+            scaling = query.shape[-1] ** -0.5
+            for kind in ("budget", "threshold"):
+                ranges, _, _ = run_lookup(index, rules[kind], query, scaling)
+                expected = naive.lookup(query, index, scaling, rules[kind]).cpu()
+                assert 0 < int(expected.sum()) < expected.numel()
+                assert torch.equal(ranges.keep.bool().cpu(), expected), (tokens, kind)
+
+
 @pytest.mark.parametrize("resolve", [64, 2])
 def test_budget_search_keeps_what_the_reference_keeps(monkeypatch, resolve):
     """The selection by budget alone, on scores with many equal values, empty clusters, -inf and

@@ -2,10 +2,12 @@
 # The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default
 # (pieces of 32 kept keys; decode tiles of 2 pieces x 4 warps = 64 rows, with pins 4 x 8 = 128
 # rows), pieces of 16 and of 8 keys with 128-row tiles (`pieces-16`, `pieces-8`) and with 64-row
-# tiles (`-same-tile`: the paper's decode's rows), and the default again (the run-to-run spread),
-# each at 128K and 512K, keep 0.1, then a short table of the graph-replayed times. (Clusters hold
-# ~20 keys: pieces of 32 rows leave ~41% of a tile's rows empty, of 16 ~27%, of 8 ~15%, on
-# SmolLM2's index.) Logs and CSVs under $OUT/<variant>/.
+# tiles (`-same-tile`: the paper's decode's rows); the scoring with 64 and 256 centroids per
+# program, and a prefill's scoring with 128 tokens per step and 8 warps; and the default again (the
+# run-to-run spread), each at 128K and 512K, keep 0.1, then a short table of the graph-replayed
+# times. (Clusters hold ~20 keys: pieces of 32 rows leave ~41% of a tile's rows empty, of 16 ~27%,
+# of 8 ~15%, on SmolLM2's index.) Then the per-kernel profiles of the runs with --profile. Logs and
+# CSVs under $OUT/<variant>/.
 #
 #   tools/device_kernels.sh [CONTEXTS]      (default 131072,524288)
 # (On a CPU, to try the script: BENCH_ARGS=--smoke TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 OUT=/tmp/x
@@ -26,6 +28,9 @@ run pieces-16 --modes decode,pinned-decode,hier-decode,prefill --piece-rows 16 -
 run pieces-16-same-tile --modes decode,pinned-decode --piece-rows 16 --decode-pieces 4
 run pieces-8 --modes decode,pinned-decode,hier-decode,prefill --piece-rows 8 --decode-pieces 16 --profile
 run pieces-8-same-tile --modes decode,pinned-decode --piece-rows 8 --decode-pieces 8
+run score-64 --modes decode,pinned-decode,prefill --score-block 64
+run score-256 --modes decode,pinned-decode,prefill --score-block 256
+run score-prefill-128x8 --modes prefill --score-tokens 128 --score-warps 8 --profile
 run default-again --modes decode,pinned-decode,hier-decode
 python3 - "$OUT" <<'EOF'
 import csv, sys
@@ -42,3 +47,10 @@ for (context, mode, variant), r in sorted(rows.items()):
     print(f"| {context // 1024}K | {mode} | {variant} | {float(r['ours_graph_us']):.1f} | {float(r['lookup_us']):.1f} "
           f"| {dense:.1f} | {float(r['speedup']):.2f}x |")
 EOF
+for log in "$OUT"/*/log.txt; do  # the per-kernel profiles of the runs with --profile
+  if grep -q "us  x" "$log"; then
+    echo
+    echo "$(basename "$(dirname "$log")"):"
+    grep -E "us  x|context=" "$log" | sed -E 's/, fine_scored_fraction.*//'
+  fi
+done

@@ -20,6 +20,7 @@ from .common import dot_precision, empty, pow2
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring
 PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
+PREFILL_WARPS = 4  # warps of a prefill's scoring programs
 
 
 @triton.jit
@@ -290,12 +291,13 @@ def score_every(query, centroids, log_counts, scaling, logw):
     _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, centroids, log_counts, norm,
         scaling, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
         scaling, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=False,
+        num_warps=PREFILL_WARPS,
     )
     return logp, None
 
@@ -333,11 +335,12 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
     _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, kindex.centroids, kindex.log_counts, ids, ncand, kindex.coarse_centroids, kindex.coarse_log_counts, keep1, norm,
         scaling, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, kindex.centroids, kindex.log_counts, ids, ncand, keep, norm, logw, logp,
         scaling, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=True,
+        num_warps=PREFILL_WARPS,
     )
     return logp
