@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from . import naive, read_all  # noqa: F401  (plain torch)
-from .layout import PIECE_ROWS, KernelIndex, kernel_index
+from . import layout, naive, read_all  # noqa: F401  (plain torch)
+from .layout import KernelIndex, kernel_index
 
 try:
     from .attention import gather_capacity, sparse_attention
@@ -29,7 +29,7 @@ except ImportError as error:  # pragma: no cover - platforms without Triton
 else:
     _MISSING = None
 
-__all__ = ["PIECE_ROWS", "KernelIndex", "KeptRanges", "attend", "kernel_index", "key_weights", "lookup", "naive", "query_weights",
+__all__ = ["KernelIndex", "KeptRanges", "attend", "kernel_index", "key_weights", "lookup", "naive", "query_weights",
            "sparse_attention", "supports"]
 
 # "auto" (default): kernels on CUDA devices; "0": torch reference everywhere; "1": also on the CPU
