@@ -115,9 +115,10 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
 def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: list[float],
                     prefills: tuple[str, ...] = ("exact",)) -> dict:
     """Per-layer attention time (us) in this run, on layer 0's index: the best dense SDPA over the
-    context + input, and the squeezed kernels at each keep as the request runs them (the decode's
-    lookup + attention; the input's prefill under its rule: the default's reads every key and finds
-    the pins' key weights); decode (one query after the input) and the input's prefill. Used to place the end-to-end numbers against a dense
+    context + input, and the squeezed kernels at each keep as the request runs them (the input's
+    prefill under its rule: the default's reads every key and finds the pins' key weights; the
+    decode's lookup + attention, over its pins too); decode (one query after the input) and the
+    input's prefill. Used to place the end-to-end numbers against a dense
     attention at the bandwidth/compute limit, which transformers' sdpa path does not reach."""
     from hf_squeeze import kernels
 
@@ -134,22 +135,31 @@ def attention_times(squeezed: SqueezedCache, model, inputs: list[int], keeps: li
     for n in inputs:
         dyn_k, dyn_v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, generator=g) for _ in range(2))
         all_k, all_v = torch.cat([context_k, dyn_k], 2), torch.cat([context_v, dyn_v], 2)
+        queries = {}
         for phase, tokens in (("decode", 1), ("prefill", n)):
-            q = torch.randn(1, q_heads, tokens, dim, device=device, dtype=dtype, generator=g)
-            times[(n, phase, None, None)] = dense_attention_time(q, all_k, all_v)
-            for keep, prefill in itertools.product(keeps, prefills):
-                # what the request runs: the default's input prefill reads every key and pins by it
-                layer = squeezed.fork(keep=keep, prefill=prefill).layers[0].attention
+            queries[phase] = torch.randn(1, q_heads, tokens, dim, device=device, dtype=dtype, generator=g)
+            times[(n, phase, None, None)] = dense_attention_time(queries[phase], all_k, all_v)
+        for keep, prefill in itertools.product(keeps, prefills):
+            # what the request runs: the default's input prefill reads every key and pins by the
+            # key weights, and its decode steps read those pins besides the lookup's keys
+            layer = squeezed.fork(keep=keep, prefill=prefill).layers[0].attention
+            for phase in ("prefill", "decode"):  # (the prefill first: it pins)
+                q = queries[phase]
+                tokens = q.shape[2]
                 rule = layer.step_rule(tokens)
                 lse = torch.empty(1, heads, tokens * q_heads // heads, device=device) if layer.pins_now(tokens) else None
+                pinned = layer.pinned if tokens == 1 else None
 
                 def ours():
-                    out = kernels.attend(q, dyn_k, dyn_v, kindex, rule, dim**-0.5, None, None, stats, lse=lse)
+                    out = kernels.attend(q, dyn_k, dyn_v, kindex, rule, dim**-0.5, None, None, stats, pinned=pinned,
+                                         lse=lse)
                     if lse is not None:
                         kernels.key_weights(q, kindex, lse, dim**-0.5)
                     return out
 
                 times[(n, phase, keep, prefill)] = gpu_time(ours)
+                if lse is not None:
+                    layer.pin(kernels.key_weights(q, kindex, lse, dim**-0.5))
         del all_k, all_v
     return times
 
