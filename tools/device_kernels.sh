@@ -15,9 +15,13 @@
 set -uo pipefail
 contexts=${1:-131072,524288}
 export PYTHONPATH=$PWD:$PWD/benchmarks
-run() {  # NAME ARGS...: one bench_kernels run
+run() {  # NAME ARGS...: one bench_kernels run, skipped once BUDGET_S seconds have passed
   local name=$1
   shift
+  if ((SECONDS > ${BUDGET_S:-480})); then
+    echo "$name skipped: the script has run ${SECONDS} s (BUDGET_S=${BUDGET_S:-480})"
+    return
+  fi
   mkdir -p "$OUT/$name"
   # shellcheck disable=SC2086
   python3 benchmarks/bench_kernels.py --contexts "$contexts" --keeps 0.1 --out "$OUT/$name" ${BENCH_ARGS:-} "$@" \
