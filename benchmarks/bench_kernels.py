@@ -301,7 +301,7 @@ def main():
     p.add_argument("--profile-context", type=int, default=131072)
     p.add_argument("--profile-keep", type=float, default=0.1)
     p.add_argument("--smoke", action="store_true", help="tiny run on the CPU under TRITON_INTERPRET=1 (checks it runs)")
-    p.add_argument("--decode-pieces", type=int, help="pieces of kept rows per decode step (the tile: x 32 rows)")
+    p.add_argument("--decode-pieces", type=int, help="pieces of kept rows per decode step (the tile: x --piece-rows rows)")
     p.add_argument("--decode-warps", type=int, help="warps per decode program")
     p.add_argument("--decode-splits", type=int, help="most decode programs per (row, KV head) (a power of two)")
     p.add_argument("--select-warps", type=int, help="warps per selection program")

@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # The decode kernels side by side on the GPU machine, in one call (BENCHMARKS.md): the default
-# (pieces of 32 kept keys; decode tiles of 2 pieces x 4 warps = 64 rows, with pins 4 x 8 = 128
-# rows), pieces of 16 and of 8 keys with 128-row tiles (`pieces-16`, `pieces-8`) and with 64-row
-# tiles (`-same-tile`: the paper's decode's rows); the scoring with 64 and 256 centroids per
-# program, and a prefill's scoring with 128 tokens per step and 8 warps; and the default again (the
-# run-to-run spread), each at 128K and 512K, keep 0.1, then a short table of the graph-replayed
-# times. (Clusters hold ~20 keys: pieces of 32 rows leave ~41% of a tile's rows empty, of 16 ~27%,
-# of 8 ~15%, on SmolLM2's index.) Then the per-kernel profiles of the runs with --profile. Logs and
-# CSVs under $OUT/<variant>/.
+# (pieces of 8 kept keys; decode tiles of 8 pieces x 4 warps = 64 rows, with pins 16 x 8 = 128
+# rows), pieces of 16 and 32 keys (the earlier default) with 128-row tiles, a decode tile of 32 rows,
+# and the default again (the run-to-run spread), each at 128K and 512K, keep 0.1, then a short
+# table of the graph-replayed times. (Clusters hold ~20 keys: pieces of 32 rows leave ~41% of a
+# tile's rows empty, of 16 ~27%, of 8 ~15%, on SmolLM2's index.) Then the per-kernel profiles of
+# the runs with --profile. Logs and CSVs under $OUT/<variant>/.
 #
 #   tools/device_kernels.sh [CONTEXTS]      (default 131072,524288)
 # (On a CPU, to try the script: BENCH_ARGS=--smoke TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 OUT=/tmp/x
@@ -29,12 +27,8 @@ run() {  # NAME ARGS...: one bench_kernels run, skipped once BUDGET_S seconds ha
 }
 run default --modes decode,pinned-decode,hier-decode,prefill --profile
 run pieces-16 --modes decode,pinned-decode,hier-decode,prefill --piece-rows 16 --decode-pieces 8
-run pieces-16-same-tile --modes decode,pinned-decode --piece-rows 16 --decode-pieces 4
-run pieces-8 --modes decode,pinned-decode,hier-decode,prefill --piece-rows 8 --decode-pieces 16 --profile
-run pieces-8-same-tile --modes decode,pinned-decode --piece-rows 8 --decode-pieces 8
-run score-64 --modes decode,pinned-decode,prefill --score-block 64
-run score-256 --modes decode,pinned-decode,prefill --score-block 256
-run score-prefill-128x8 --modes prefill --score-tokens 128 --score-warps 8 --profile
+run pieces-32 --modes decode,pinned-decode,hier-decode,prefill --piece-rows 32 --decode-pieces 4
+run tile-32-rows --modes decode,pinned-decode,hier-decode --decode-pieces 4
 run default-again --modes decode,pinned-decode,hier-decode
 python3 - "$OUT" <<'EOF'
 import csv, sys

@@ -26,11 +26,12 @@ from .layout import KernelIndex
 from .common import dot_precision, pow2
 from .lookup import KeptRanges
 
-# The decode tile: (pieces of `KernelIndex.piece_rows` kept rows per step, warps per program). With pins the
-# larger tile pays, without them it does not (H200, keep 0.1, 128K / 512K: pinned 80.6 -> 72.4 /
-# 240.8 -> 220.9 us; the paper's lookup 72.0 -> 73.0 / 213.3 -> 229.0 us; BENCHMARKS.md).
-DECODE_TILE = (2, 4)
-PINNED_DECODE_TILE = (4, 8)
+# The decode tile: (pieces of `KernelIndex.piece_rows` kept rows per step, warps per program), for
+# pieces of 8 keys. With pins the larger tile pays, without them it does not (H200, keep 0.1,
+# 128K / 512K, 8-key pieces: pinned 73.1 -> 67.2 / 234.4 -> 211.0 us with 128 rows instead of 64;
+# the paper's lookup 66.6 -> 64.4 / 214.6 -> 206.9 us with 64 rows instead of 128; BENCHMARKS.md).
+DECODE_TILE = (8, 4)
+PINNED_DECODE_TILE = (16, 8)
 DECODE_MAX_SPLITS = 64  # programs that share one (row, KV head)'s decode, at most
 DECODE_STAGES = 1  # software pipelining of the gathered loads does not pay here (bench_kernels.py)
 PREFILL_BLOCK_M = 64
