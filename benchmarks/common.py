@@ -129,8 +129,10 @@ def dense_caches(squeezed: SqueezedCache, model, room: int):
             cache.update(*layer_kv(index), i)
         return cache
 
-    def static():
-        cache = StaticCache(config=model.config, max_cache_len=room)
+    def static(into: StaticCache | None = None):  # `into`: the context written again into that cache
+        cache = StaticCache(config=model.config, max_cache_len=room) if into is None else into
+        if into is not None:
+            cache.reset()
         for i, index in enumerate(squeezed.fixed.layers):
             cache.update(*layer_kv(index), i)
         return cache

@@ -1,0 +1,83 @@
+"""What each request of a stream costs: several requests in a row through `model.generate`'s compile
+path, each step timed.
+
+A server answers one request after another over the same fixed context: for ours, each request
+is a new `cache.fork()`; for dense, a new `StaticCache` holding the context, or one `StaticCache`
+reused (transformers' own habit with `cache_implementation="static"`, its context written again).
+After the compiled step exists (the first request), a later request should cost what its steps
+cost: this prints, per request, the TTFT, its first decode step, the median and slowest later
+step, and the mean of all steps (bench_generate.py's TPOT), and how often torch.compile compiled
+meanwhile. A first step far above the median is work done once per request (a CUDA graph
+recorded again for new buffers, a recompilation).
+
+    PYTHONPATH=.:benchmarks python3 benchmarks/bench_requests.py --context 2048 --requests 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LogitsProcessorList
+
+from common import StepClock, cache_kwargs, dense_caches, random_model
+from hf_squeeze import SqueezedCache, SqueezeConfig
+
+
+def one_request(model, ids, cache, new_tokens: int) -> dict:
+    clock = StepClock(ids.device)
+    start = time.perf_counter()
+    model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+    return {"ttft_ms": (clock.marks[0] - start) * 1e3, "first_step_ms": steps[0] * 1e3,
+            "median_ms": statistics.median(steps[1:]) * 1e3, "slowest_ms": max(steps[1:]) * 1e3,
+            "mean_ms": statistics.fmean(steps) * 1e3}
+
+
+def compilations() -> int:
+    return sum(torch._dynamo.utils.counters["stats"].get(k, 0) for k in ("unique_graphs",))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--input", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--keep", type=float, default=0.1)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = random_model(args.shape, args.context + args.input + args.new_tokens + 8, dtype, device)
+    g = torch.Generator().manual_seed(0)
+    context = torch.randint(model.config.vocab_size, (args.context,), generator=g).to(device)
+    squeezed = SqueezedCache.from_context(model, context, SqueezeConfig(), progress=False)
+    _, static = dense_caches(squeezed, model, args.context + args.input + args.new_tokens)
+    reused = static()
+
+    variants = {"squeezed, new fork": lambda: squeezed.fork(keep=args.keep),
+                "dense, new StaticCache": static, "dense, one StaticCache": lambda: static(into=reused)}
+    rows = []
+    for name, make in variants.items():
+        model.set_attn_implementation("squeezed" if name.startswith("squeezed") else "sdpa")
+        for r in range(args.requests):
+            ids = torch.cat([context, torch.randint(model.config.vocab_size, (args.input,), generator=g).to(device)])[None]
+            before = compilations()
+            row = one_request(model, ids, make(), args.new_tokens)
+            rows.append({"variant": name, "request": r + 1, **row, "compiled graphs": compilations() - before})
+            print(rows[-1], flush=True)
+    print(f"\n{args.shape}, context {args.context}, input {args.input}, {args.new_tokens} new tokens, "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}")
+    print("| variant | request | TTFT ms | first step ms | median step ms | slowest later step ms | mean step ms | graphs compiled |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['request']} | {r['ttft_ms']:.1f} | {r['first_step_ms']:.2f} | {r['median_ms']:.2f} "
+              f"| {r['slowest_ms']:.2f} | {r['mean_ms']:.2f} | {r['compiled graphs']} |")
+
+
+if __name__ == "__main__":
+    main()
