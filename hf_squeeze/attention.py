@@ -34,6 +34,17 @@ LAYER_ATTR = "_hf_squeeze_layer"
 GUARD_ATTR = "_hf_squeeze_guard"  # set on the attention modules of a model whose generate() is guarded
 
 
+def handle_key(rule):
+    """What a layer's compiled-step handle (`kernels.ops.Handle`) is found by in its kernel view: the
+    rule's value, so that every fork of a keep shares one handle and its requests run one compiled
+    graph (a handle is an int constant of the graph: a new one per fork recompiled the second
+    request's steps); a rule that holds tensors (per-row budgets) by its identity (the handle holds
+    the rule, so its id is not reused meanwhile)."""
+    if any(isinstance(value, torch.Tensor) for value in vars(rule).values()):
+        return id(rule)
+    return rule
+
+
 def squeezed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -306,11 +317,11 @@ class SparseAttention(ReadCounts):
                     "its input's prefill: run the prompt eagerly (generate does), then compile the steps after it"
                 )
             return attend_op(self._op_handle, query, key, value, key_valid, self.kernel_counts, pinned, scaling)
-        # the handle of this layer's decode step, should a later step be compiled (forks share it;
-        # it holds the rule, so the rule's id is not reused while it is there)
-        if id(self.rule) not in view.op_handles:
-            view.op_handles[id(self.rule)] = Handle(view, self.rule)
-        self._op_handle = view.op_handles[id(self.rule)]
+        # the handle of this layer's decode step, should a later step be compiled
+        found_by = handle_key(self.rule)
+        if found_by not in view.op_handles:
+            view.op_handles[found_by] = Handle(view, self.rule)
+        self._op_handle = view.op_handles[found_by]
         # pinning needs each input row's log-sum-exp over every key, which the prefill finds
         lse = None
         if self.pins_now(tokens):

@@ -93,6 +93,34 @@ def test_generate_takes_transformers_compile_path(llama, context, sampling):
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_forks_of_one_keep_run_one_compiled_step(llama, context, monkeypatch):
+    """Requests of forks at a keep other than the cache's own (each fork resolves its own rule objects)
+    find one handle per layer (`hf_squeeze::attend`'s int constant), so the second request's
+    decode steps run the first one's compiled graph: nothing compiles again (a handle per fork used
+    to recompile the second request, tens of seconds on a GPU)."""
+    from transformers import CompileConfig
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1")  # the handle is the kernels' (the interpreter here)
+    context = context[:200]
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    compile_config = CompileConfig(backend="eager", fullgraph=True)
+    compile_config._compile_all_devices = True
+    g = torch.Generator().manual_seed(5)
+    dynamo.reset()
+    counters.clear()
+    graphs, forks = [], []
+    for _ in range(2):
+        forks.append(cache.fork(keep=0.1))
+        ids = full_prompt(context, torch.randint(3, 256, (7,), generator=g))
+        llama.generate(ids, **cache_kwargs(llama, forks[-1]), max_new_tokens=4, do_sample=False,
+                       compile_config=compile_config)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    assert forks[0].layers[0].attention.rule is not forks[1].layers[0].attention.rule
+    assert forks[0].layers[0].attention._op_handle is forks[1].layers[0].attention._op_handle
+
+
 def test_generate_greedy_compiles_its_decode_step(llama, context):
     """generate_greedy(compile=...): the decode step through torch.compile gives the tokens of the
     uncompiled loop (a squeezed fork, then a dense StaticCache), compiled once for the model."""

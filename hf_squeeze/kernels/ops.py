@@ -6,8 +6,8 @@ compiler need not see into. `attend_op` hands it to the graph as one opaque oper
 `hf_squeeze::attend`: its inputs are the step's tensors (query, dynamic keys and values, the
 written slots, the request's pins, the counters it adds to), and the layer's index and selection
 rule are found by a handle, an int the graph holds as a constant. A handle belongs to the device
-view of an index and a rule, which a cache's forks share, so every request of a cache runs the
-same compiled graph; the index tensors stay where they are (never graph inputs, never copied
+view of an index and a rule's value (`attention.handle_key`), which a cache's forks share, so every
+request of a cache at one keep runs the same compiled graph; the index tensors stay where they are (never graph inputs, never copied
 into a CUDA graph's buffers).
 """
 
