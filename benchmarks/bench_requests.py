@@ -7,8 +7,10 @@ reused (transformers' own habit with `cache_implementation="static"`, its contex
 After the compiled step exists (the first request), a later request should cost what its steps
 cost: this prints, per request, the TTFT, its first decode step, the median and slowest later
 step, and the mean of all steps (bench_generate.py's TPOT), and how often torch.compile compiled
-meanwhile. A first step far above the median is work done once per request (a CUDA graph
-recorded again for new buffers, a recompilation).
+meanwhile, the slowest later step's number, and the time the garbage collector ran. A step far
+above the median is work done once per request (a CUDA graph recorded again for new buffers, a
+recompilation, a collection); `--why` logs torch.compile's recompilations and CUDA-graph
+recordings with their reasons (stderr).
 
     PYTHONPATH=.:benchmarks python3 benchmarks/bench_requests.py --context 2048 --requests 4
 """
@@ -16,6 +18,7 @@ recorded again for new buffers, a recompilation).
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -28,13 +31,24 @@ from hf_squeeze import SqueezedCache, SqueezeConfig
 
 def one_request(model, ids, cache, new_tokens: int) -> dict:
     clock = StepClock(ids.device)
+    collecting = []  # the garbage collector's time in this request, seconds
+
+    def on_gc(phase, info):
+        collecting.append(time.perf_counter() * (1 if phase == "stop" else -1))
+
+    gc.callbacks.append(on_gc)
     start = time.perf_counter()
-    model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    try:
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    finally:
+        gc.callbacks.remove(on_gc)
     steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+    later = steps[1:]
     return {"ttft_ms": (clock.marks[0] - start) * 1e3, "first_step_ms": steps[0] * 1e3,
-            "median_ms": statistics.median(steps[1:]) * 1e3, "slowest_ms": max(steps[1:]) * 1e3,
-            "mean_ms": statistics.fmean(steps) * 1e3}
+            "median_ms": statistics.median(later) * 1e3, "slowest_ms": max(later) * 1e3,
+            "slowest_step": 2 + later.index(max(later)), "mean_ms": statistics.fmean(steps) * 1e3,
+            "gc_ms": sum(collecting) * 1e3}
 
 
 def compilations() -> int:
@@ -49,7 +63,10 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--keep", type=float, default=0.1)
+    p.add_argument("--why", action="store_true", help="log recompilations and CUDA-graph recordings (stderr)")
     args = p.parse_args()
+    if args.why:
+        torch._logging.set_logs(recompiles=True, cudagraphs=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_model(args.shape, args.context + args.input + args.new_tokens + 8, dtype, device)
@@ -72,11 +89,12 @@ def main():
             print(rows[-1], flush=True)
     print(f"\n{args.shape}, context {args.context}, input {args.input}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}")
-    print("| variant | request | TTFT ms | first step ms | median step ms | slowest later step ms | mean step ms | graphs compiled |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | request | TTFT ms | first step ms | median step ms | slowest later step ms (step) | mean step ms "
+          "| gc ms | graphs compiled |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['request']} | {r['ttft_ms']:.1f} | {r['first_step_ms']:.2f} | {r['median_ms']:.2f} "
-              f"| {r['slowest_ms']:.2f} | {r['mean_ms']:.2f} | {r['compiled graphs']} |")
+              f"| {r['slowest_ms']:.2f} ({r['slowest_step']}) | {r['mean_ms']:.2f} | {r['gc_ms']:.1f} | {r['compiled graphs']} |")
 
 
 if __name__ == "__main__":
