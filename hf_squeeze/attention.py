@@ -220,6 +220,16 @@ class SparseAttention(ReadCounts):
         counters = (self.read_fraction_sum, self.scored_sum, self.kernel_counts)
         return tensors + [t for t in counters if isinstance(t, torch.Tensor)]
 
+    def adopt_step_tensors(self, adopt) -> None:
+        """Replace the request's pins and counters by `adopt(name, tensor)` (their values, maybe in
+        other memory: `SqueezedLayer._recycle`)."""
+        if self.pinned is not None:
+            pinned = self.pinned
+            self.pinned = Pinned(adopt("pin rows", pinned.rows), adopt("pin count", pinned.count),
+                                 adopt("pin mask", pinned.mask), pinned.weights)
+        self.kernel_counts = adopt("kernel counts", self.kernel_counts)
+        self.read_fraction_sum, self.scored_sum = adopt("read", self.read_fraction_sum), adopt("scored", self.scored_sum)
+
     def select_ranges(self, q, scaling, q_weight):
         """The key ranges of the clustered context that queries `q` [B, H, G, T, D] read (a `Selection`).
 

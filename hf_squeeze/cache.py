@@ -60,6 +60,8 @@ class SqueezedCache(Cache):
             SqueezedLayer(SparseAttention(index, rule, view, pools), fixed.num_tokens)
             for index, rule, view in zip(fixed.layers, fixed.rules, views)
         ]
+        for number, layer in enumerate(layers):
+            layer.spares = fixed.spares, number
         super().__init__(layers=layers)
 
     # ---- building and reusing --------------------------------------------------------------

@@ -25,6 +25,7 @@ from .index import build_indices
 from .integrations.fingerprint import model_fingerprint
 from .integrations.generate import cache_kwargs
 from .integrations.transformers import attention_modules, kv_heads_held, layer_devices
+from .recycle import Spares
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +39,8 @@ class FixedContext:
     fingerprint: dict  # the model it was built with (integrations.fingerprint)
     # Per layer, the kernels' device view of its index, by device: derived once for every fork.
     kernel_views: dict = field(default_factory=dict, repr=False)
+    # Finished requests' step tensors, for the next request's (`recycle.py`).
+    spares: Spares = field(default_factory=Spares, repr=False)
 
     def __deepcopy__(self, memo):
         return self

@@ -31,6 +31,9 @@ class SqueezedLayer(CacheLayerMixin):
         self.planned = None  # see `plan`
         self.compileable = False
         self._pad_valid = None
+        # (the cache's `recycle.Spares`, this layer's number): where `reserve` finds the memory of a
+        # finished request's step tensors, so that a compiled step's CUDA graph is not recorded again
+        self.spares = None
 
     @property
     def is_compileable(self) -> bool:
@@ -154,10 +157,27 @@ class SqueezedLayer(CacheLayerMixin):
             self._pad_valid = torch.ones(self.keys.shape[0], capacity, dtype=torch.bool, device=self.device)
             self._pad_valid[:, : self.length] = valid[:, -self.length :]
         if not torch.compiler.is_compiling():
+            self._recycle()
             held = [self._key_buffer, self._value_buffer, self.device_length, self._slots, self._pad_valid]
             for tensor in held + self.attention.step_tensors():
                 if tensor is not None:
                     torch._dynamo.mark_static_address(tensor)
+
+    def _recycle(self):
+        """Move the tensors a reserved step reads into the memory a finished request of the cache used
+        for them (`recycle.Spares`), where there is such memory: the same addresses as that request's."""
+        if self.spares is None:
+            return
+        spares, number = self.spares
+
+        def adopt(name, tensor):
+            return spares.adopt(self, (number, name), tensor)
+
+        self._key_buffer, self._value_buffer = adopt("keys", self._key_buffer), adopt("values", self._value_buffer)
+        self._set_length(self.length)
+        self.device_length, self._slots = adopt("length", self.device_length), adopt("slots", self._slots)
+        self._pad_valid = adopt("valid", self._pad_valid)
+        self.attention.adopt_step_tensors(adopt)
 
     def release(self):
         """Leave reserved mode; the tokens written meanwhile become the dynamic part (one host sync)."""

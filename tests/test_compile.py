@@ -121,6 +121,47 @@ def test_forks_of_one_keep_run_one_compiled_step(llama, context, monkeypatch):
     assert forks[0].layers[0].attention._op_handle is forks[1].layers[0].attention._op_handle
 
 
+def test_a_finished_requests_step_tensors_serve_the_next_fork(llama, context):
+    """A fork that reserves after an earlier fork of the cache was garbage collected holds its step
+    tensors (dynamic K/V, device length, pins, counters) at that fork's addresses, so a compiled
+    step's CUDA graph need not be recorded again; a fork still alive lends nothing. The values are
+    the new request's own: its steps give the logits of a fork in fresh memory."""
+    import gc
+
+    cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
+    questions = [torch.randint(3, 256, (9,), generator=torch.Generator().manual_seed(s)) for s in (7, 8)]
+
+    def request(fork, question):
+        ids = full_prompt(context, question)
+        with torch.no_grad():
+            logits = [llama(ids[:, context.numel():], **cache_kwargs(llama, fork)).logits[:, -1:]]
+            fork.reserve(fork.layers[0].length + 8)
+            position = torch.tensor([[ids.shape[1]]])
+            for step in range(3):
+                token = logits[-1].argmax(-1)
+                logits.append(llama(input_ids=token, position_ids=position + step, use_cache=True,
+                                    **cache_kwargs(llama, fork)).logits)
+        held = [(layer, layer.attention) for layer in fork.layers]
+        addresses = [t.data_ptr() for layer, attention in held
+                     for t in (layer._key_buffer, layer._value_buffer, layer.device_length, layer._slots,
+                               attention.pinned.rows, attention.pinned.count, attention.pinned.mask,
+                               attention.kernel_counts)]
+        return torch.cat(logits, 1), addresses, fork.stats()
+
+    first = cache.fork()
+    _, first_addresses, _ = request(first, questions[0])
+    alive = cache.fork()
+    want, alive_addresses, want_stats = request(alive, questions[1])
+    assert not set(first_addresses) & set(alive_addresses)
+    del first
+    gc.collect()
+    again = cache.fork()
+    got, again_addresses, got_stats = request(again, questions[1])
+    assert again_addresses == first_addresses
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got_stats == want_stats
+
+
 def test_generate_greedy_compiles_its_decode_step(llama, context):
     """generate_greedy(compile=...): the decode step through torch.compile gives the tokens of the
     uncompiled loop (a squeezed fork, then a dense StaticCache), compiled once for the model."""
