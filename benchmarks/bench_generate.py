@@ -15,7 +15,9 @@ Dense runs use transformers' "sdpa" attention, squeezed runs "squeezed"; all sha
 one context, and the dense caches hold the same keys and values as the squeezed index. The model
 has random weights (speed does not depend on them) and the Llama-3.1-8B shape by default; the
 context is random token ids. TTFT includes the prompt's forward and the first token; TPOT is the
-mean time of the later tokens. Peak memory is measured over each request.
+mean time of the later tokens (what a request's answer takes per token, its one-off steps included:
+benchmarks/bench_requests.py shows them), "TPOT median" the median one (the steady state). Each row
+times the second request of its kind (the first compiles). Peak memory is measured over each request.
 
 transformers' dense paths do not reach the hardware limit (with a mask, its sdpa path repeats the
 KV heads and cannot use the fused GQA kernels), so the run also times, per layer, the best dense
@@ -23,7 +25,8 @@ SDPA (cuDNN or flash, no mask, GQA) and the squeezed kernels on the same keys; "
 is the squeezed request's time with its attention swapped for that dense attention, over its own
 time: the speedup against a dense implementation whose attention runs at the limit. "TPOT / bound"
 is a request's TPOT over the dense TPOT of the run's shortest context (pass a short one, e.g. 2048,
-first): the step without long attention, which no attention can beat.
+first): the step without long attention, which no attention can beat; "median / bound" the same of
+the medians.
 
     PYTHONPATH=. python3 benchmarks/bench_generate.py --contexts 32768 131072 --inputs 64 1024 --keeps 0.1 0.3 --out results/
 """
@@ -59,7 +62,8 @@ class Result:
     keep: float  # 1.0 for dense
     mode: str  # "eager" (model.generate) or "graph" (generate_greedy)
     ttft_ms: float
-    tpot_ms: float
+    tpot_ms: float  # the mean of the later tokens (a request's one-off steps included)
+    tpot_median_ms: float  # the median later token: the steady state (nan for generate_greedy)
     peak_gib: float  # peak GPU memory during the request (everything resident)
     request_gib: float  # of which allocated for the request (peak minus what was resident before)
     step_growth_kib: float  # memory still allocated after the last step minus after the second, per step
@@ -95,11 +99,12 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
         runners[mode](model, ids, fresh(), min(4, new_tokens))  # warm-up: kernels compiled, allocator warm
         cache = fresh()
         before = memory_start(device)
-        ttft, tpot, growth, out = runners[mode](model, ids, cache, new_tokens)
+        timing = runners[mode](model, ids, cache, new_tokens)
         peak, request = peak_memory(device, before)
         del cache
-        results.append(Result(tokens, n, method, keep, mode, ttft * 1e3, tpot * 1e3, peak, request, growth / 1024,
-                              out[0, ids.shape[1]:].tolist()))
+        results.append(Result(tokens, n, method, keep, mode, timing.ttft * 1e3, timing.tpot * 1e3,
+                              timing.tpot_median * 1e3, peak, request, timing.growth / 1024,
+                              timing.out[0, ids.shape[1]:].tolist()))
     model.set_attn_implementation("squeezed")
     attention = {}
     if device.type == "cuda":
@@ -176,7 +181,7 @@ def ratios(results: list[Result], attention: dict | None = None, layers: int = 0
         best_ttft = min((x.ttft_ms for k, x in dense.items() if k[:2] == (r.context, r.input)), default=float("nan"))
         best_tpot = min((x.tpot_ms for k, x in dense.items() if k[:2] == (r.context, r.input)), default=float("nan"))
         row = {k: getattr(r, k) for k in ("context", "input", "method", "keep", "mode", "ttft_ms", "tpot_ms",
-                                            "peak_gib", "request_gib", "step_growth_kib")}
+                                            "tpot_median_ms", "peak_gib", "request_gib", "step_growth_kib")}
         eager = next((x for x in results if (x.context, x.input, x.method, x.keep, x.mode) ==
                       (r.context, r.input, r.method, r.keep, "eager")), r)
         row["same_tokens_as_eager"] = common_prefix(r.tokens, eager.tokens)
@@ -186,6 +191,8 @@ def ratios(results: list[Result], attention: dict | None = None, layers: int = 0
         row["tpot_x_best_dense"] = best_tpot / r.tpot_ms
         bound = dense.get((shortest, r.input, r.mode))
         row["tpot_over_bound"] = r.tpot_ms / bound.tpot_ms if bound and r.context > shortest else float("nan")
+        row["median_over_bound"] = (r.tpot_median_ms / bound.tpot_median_ms if bound and r.context > shortest
+                                    else float("nan"))
         # Against a dense attention at the hardware limit: this request's time with each layer's
         # squeezed attention swapped for the best dense SDPA, both timed in this run.
         row["ttft_x_ideal_dense"] = row["tpot_x_ideal_dense"] = float("nan")
@@ -199,16 +206,16 @@ def ratios(results: list[Result], attention: dict | None = None, layers: int = 0
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| context | input | method | keep | mode | TTFT ms | TPOT ms | TTFT x | TPOT x | TTFT x best dense | "
-            "TPOT x best dense | TTFT x ideal dense | TPOT x ideal dense | TPOT / bound | peak GiB | request GiB | "
-            "growth KiB/step | tokens = eager |")
+    head = ("| context | input | method | keep | mode | TTFT ms | TPOT ms | TPOT median ms | TTFT x | TPOT x | "
+            "TTFT x best dense | TPOT x best dense | TTFT x ideal dense | TPOT x ideal dense | TPOT / bound | "
+            "median / bound | peak GiB | request GiB | growth KiB/step | tokens = eager |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['context']} | {r['input']} | {r['method']} | {r['keep']:g} | {r['mode']} | {r['ttft_ms']:.1f} | "
-            f"{r['tpot_ms']:.2f} | {r['ttft_x']:.2f} | {r['tpot_x']:.2f} | {r['ttft_x_best_dense']:.2f} | "
-            f"{r['tpot_x_best_dense']:.2f} | {r['ttft_x_ideal_dense']:.2f} | {r['tpot_x_ideal_dense']:.2f} | "
-            f"{r['tpot_over_bound']:.2f} | {r['peak_gib']:.1f} | {r['request_gib']:.2f} | {r['step_growth_kib']:.0f} | "
+            f"{r['tpot_ms']:.2f} | {r['tpot_median_ms']:.2f} | {r['ttft_x']:.2f} | {r['tpot_x']:.2f} | "
+            f"{r['ttft_x_best_dense']:.2f} | {r['tpot_x_best_dense']:.2f} | {r['ttft_x_ideal_dense']:.2f} | "
+            f"{r['tpot_x_ideal_dense']:.2f} | {r['tpot_over_bound']:.2f} | {r['median_over_bound']:.2f} | {r['peak_gib']:.1f} | {r['request_gib']:.2f} | {r['step_growth_kib']:.0f} | "
             f"{r['same_tokens_as_eager']} |"
         )
     return "\n".join(lines)

@@ -40,7 +40,7 @@ def memory() -> str:
 
 
 def eager_tokens(model, ids, cache, new_tokens):
-    ttft, tpot, _, out = run_eager(model, ids, cache, new_tokens)
+    ttft, tpot, _, _, out = run_eager(model, ids, cache, new_tokens)
     return ttft * 1e3, tpot * 1e3, out[0, ids.shape[1]:].tolist()
 
 

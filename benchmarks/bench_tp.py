@@ -46,12 +46,12 @@ def measure(args) -> None:
     cache = SqueezedCache.from_context(model, ids[0, : args.context], SqueezeConfig(keep=args.keep), progress=False)
     rows = []
     run_eager(model, ids, cache.fork(), 4)  # warm-up
-    ttft, tpot, _, out = run_eager(model, ids, cache.fork(), args.new_tokens)
+    ttft, tpot, _, _, out = run_eager(model, ids, cache.fork(), args.new_tokens)
     rows.append(dict(method="squeezed", ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, tokens=out[0, ids.shape[1]:].tolist()))
     dynamic, _ = dense_caches(cache, model, 0)
     model.set_attn_implementation("sdpa")
     run_eager(model, ids, dynamic(), 4)
-    ttft, tpot, _, out = run_eager(model, ids, dynamic(), args.new_tokens)
+    ttft, tpot, _, _, out = run_eager(model, ids, dynamic(), args.new_tokens)
     rows.append(dict(method="dense", ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, tokens=out[0, ids.shape[1]:].tolist()))
     if int(os.environ.get("RANK", "0")) == 0:
         out_dir = Path(args.out)

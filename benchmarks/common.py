@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
+from typing import NamedTuple
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor, LogitsProcessorList, StaticCache
@@ -67,12 +69,24 @@ def peak_memory(device, before: int) -> tuple[float, float]:
     return peak / 2**30, (peak - before) / 2**30
 
 
-def run_eager(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+class Timing(NamedTuple):
+    """One timed request: seconds to the first token, per later token (the mean: what a request's
+    answer takes per token, its one-off steps included) and per later token in steady state (the
+    median step; nan where not timed step by step), memory growth per step after the second
+    (bytes), the tokens."""
+    ttft: float
+    tpot: float
+    tpot_median: float
+    growth: float
+    out: torch.Tensor
+
+
+def run_eager(model, ids, cache, new_tokens: int) -> Timing:
     """model.generate with transformers' compile path off (a squeezed fork is compileable by default)."""
     return timed_generate(model, ids, cache, new_tokens, disable_compile=True)
 
 
-def run_eager_ungraphed(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+def run_eager_ungraphed(model, ids, cache, new_tokens: int) -> Timing:
     """`run_eager` with each squeezed layer's decode step launched kernel by kernel, not replayed as a
     CUDA graph (HF_SQUEEZE_STEP_GRAPHS=0, kernels/graphs.py): what the step graphs save."""
     before = os.environ.get("HF_SQUEEZE_STEP_GRAPHS")
@@ -86,32 +100,31 @@ def run_eager_ungraphed(model, ids, cache, new_tokens: int) -> tuple[float, floa
             os.environ["HF_SQUEEZE_STEP_GRAPHS"] = before
 
 
-def timed_generate(model, ids, cache, new_tokens: int, **generate) -> tuple[float, float, float, torch.Tensor]:
-    """model.generate (with `generate`'s extra arguments); returns TTFT, TPOT (seconds), memory growth
-    per step after the second (bytes)."""
+def timed_generate(model, ids, cache, new_tokens: int, **generate) -> Timing:
+    """model.generate (with `generate`'s extra arguments), timed token by token."""
     clock = StepClock(ids.device)
     start = time.perf_counter()
     out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, logits_processor=LogitsProcessorList([clock]), **generate)
     marks = clock.marks
-    ttft, tpot = marks[0] - start, (marks[-1] - marks[0]) / max(1, len(marks) - 1)
+    steps = [b - a for a, b in zip(marks, marks[1:])] or [float("nan")]
     growth = (clock.memory[-1] - clock.memory[1]) / max(1, len(clock.memory) - 2) if len(clock.memory) > 2 else 0.0
-    return ttft, tpot, growth, out
+    return Timing(marks[0] - start, statistics.fmean(steps), statistics.median(steps), growth, out)
 
 
-def run_graph(model, ids, cache, new_tokens: int, compile: bool = False) -> tuple[float, float, float, torch.Tensor]:
+def run_graph(model, ids, cache, new_tokens: int, compile: bool = False) -> Timing:
     times = GenerationTimes()
     out = generate_greedy(model, ids, cache, new_tokens, times=times, compile=compile)
-    return times.prefill, times.per_token, 0.0, out  # replays allocate nothing (one graph pool)
+    return Timing(times.prefill, times.per_token, float("nan"), 0.0, out)  # replays allocate nothing (one graph pool)
 
 
-def run_compiled(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+def run_compiled(model, ids, cache, new_tokens: int) -> Timing:
     """model.generate through transformers' compile path with its default CompileConfig (a squeezed
     fork is compileable by default; dense: give it a StaticCache). On a CPU transformers runs it eagerly."""
     return timed_generate(model, ids, cache, new_tokens)
 
 
-def run_graph_compiled(model, ids, cache, new_tokens: int) -> tuple[float, float, float, torch.Tensor]:
+def run_graph_compiled(model, ids, cache, new_tokens: int) -> Timing:
     """generate_greedy with its decode step compiled before the capture."""
     return run_graph(model, ids, cache, new_tokens, compile=True)
 

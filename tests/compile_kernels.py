@@ -46,7 +46,7 @@ def variants():
             types = common_types(sel_start_ptr="*i32", sel_len_ptr="*i32", nsel_ptr="*i32", **pin_types,
                                  stats_ptr="*i64" if pins else BF16, steps_ptr="*i64" if kvalid else BF16)
             yield f"decode pins={pins} kvalid={kvalid}", _decode_kernel, types, dict(
-                D=64, BLOCK_M=16, BLOCK_N=64, PIECE=32, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32",
+                D=64, BLOCK_M=16, BLOCK_N=64, PIECE=8, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32",
                 COUNT_PINS=pins, COUNT_STEP=kvalid)
     for lse in (False, True):  # without lse the launcher passes the output (bf16) for its pointer
         for splits in (1, 2):
@@ -69,7 +69,7 @@ def variants():
                      keep_ptr="*i8", keep_ids_ptr="*i8", block_ptr="*i32", nsel_ptr="*i32", nsizes_ptr="*i32",
                      stats_ptr="*i64", scratch_ptr="*i32", threshold="fp32")
         yield f"select budget={budget} ids={ids} clusters={8192 if large else 1024}", _select_kernel, types, dict(
-            USE_BUDGET=budget, HAS_IDS=ids, PIECE=32, BLOCK_C=8192 if large else 1024, BLOCK_S=128, RESOLVE=64)
+            USE_BUDGET=budget, HAS_IDS=ids, PIECE=8, BLOCK_C=8192 if large else 1024, BLOCK_S=128, RESOLVE=64)
 
 
 if __name__ == "__main__":
