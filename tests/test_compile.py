@@ -121,13 +121,17 @@ def test_forks_of_one_keep_run_one_compiled_step(llama, context, monkeypatch):
     assert forks[0].layers[0].attention._op_handle is forks[1].layers[0].attention._op_handle
 
 
-def test_a_finished_requests_step_tensors_serve_the_next_fork(llama, context):
+@pytest.mark.parametrize("path", ["torch", "kernels"])
+def test_a_finished_requests_step_tensors_serve_the_next_fork(llama, context, path, monkeypatch):
     """A fork that reserves after an earlier fork of the cache was garbage collected holds its step
     tensors (dynamic K/V, device length, pins, counters) at that fork's addresses, so a compiled
     step's CUDA graph need not be recorded again; a fork still alive lends nothing. The values are
     the new request's own: its steps give the logits of a fork in fresh memory."""
     import gc
 
+    monkeypatch.setenv("HF_SQUEEZE_KERNELS", "1" if path == "kernels" else "0")
+    if path == "kernels":  # (the interpreter runs each kernel: a shorter context keeps the test short)
+        context = context[:200]
     cache = SqueezedCache.from_context(llama, context, SqueezeConfig(keep=0.2), progress=False)
     questions = [torch.randint(3, 256, (9,), generator=torch.Generator().manual_seed(s)) for s in (7, 8)]
 
