@@ -82,7 +82,8 @@ def main():
     for name, make in variants.items():
         model.set_attn_implementation("squeezed" if name.startswith("squeezed") else "sdpa")
         for r in range(args.requests):
-            ids = torch.cat([context, torch.randint(model.config.vocab_size, (args.input,), generator=g).to(device)])[None]
+            question = torch.randint(model.config.vocab_size, (args.input,), generator=g).to(device)
+            ids = torch.cat([context, question])[None]
             before = compilations()
             row = one_request(model, ids, make(), args.new_tokens)
             rows.append({"variant": name, "request": r + 1, **row, "compiled graphs": compilations() - before})
@@ -93,8 +94,9 @@ def main():
           "| gc ms | graphs compiled |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['request']} | {r['ttft_ms']:.1f} | {r['first_step_ms']:.2f} | {r['median_ms']:.2f} "
-              f"| {r['slowest_ms']:.2f} ({r['slowest_step']}) | {r['mean_ms']:.2f} | {r['gc_ms']:.1f} | {r['compiled graphs']} |")
+        print(f"| {r['variant']} | {r['request']} | {r['ttft_ms']:.1f} | {r['first_step_ms']:.2f} | "
+              f"{r['median_ms']:.2f} | {r['slowest_ms']:.2f} ({r['slowest_step']}) | {r['mean_ms']:.2f} | "
+              f"{r['gc_ms']:.1f} | {r['compiled graphs']} |")
 
 
 if __name__ == "__main__":

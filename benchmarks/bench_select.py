@@ -78,7 +78,8 @@ def main():
             rows.append(row)
             print(row, flush=True)
     selection.SELECT_WARPS = None
-    print(f"\n{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU (interpreter)'}, 8 KV heads, batch 1, keep 0.1, pieces of 8 keys")
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (interpreter)"
+    print(f"\n{device}, 8 KV heads, batch 1, keep 0.1, pieces of 8 keys")
     print("| clusters | warps | budget us | threshold us | search us | compaction us |")
     print("|---|---|---|---|---|---|")
     for r in rows:

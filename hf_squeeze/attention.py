@@ -228,7 +228,8 @@ class SparseAttention(ReadCounts):
             self.pinned = Pinned(adopt("pin rows", pinned.rows), adopt("pin count", pinned.count),
                                  adopt("pin mask", pinned.mask), pinned.weights)
         self.kernel_counts = adopt("kernel counts", self.kernel_counts)
-        self.read_fraction_sum, self.scored_sum = adopt("read", self.read_fraction_sum), adopt("scored", self.scored_sum)
+        self.read_fraction_sum = adopt("read", self.read_fraction_sum)
+        self.scored_sum = adopt("scored", self.scored_sum)
 
     def select_ranges(self, q, scaling, q_weight):
         """The key ranges of the clustered context that queries `q` [B, H, G, T, D] read (a `Selection`).

@@ -4,10 +4,10 @@ A decode step that torch.compile replays as a CUDA graph reads its tensors (the 
 values, the device length, the pins, the counters) at the addresses it was recorded with. A new
 request whose tensors sit elsewhere makes the graph record again, in its first decode step (tens
 of milliseconds for an 8B model: BENCHMARKS.md, benchmarks/bench_requests.py), as a new
-transformers `StaticCache` per request does. Transformers avoids it by keeping one static cache on the model;
-a squeezed cache forks per request instead, so its forks hand their step tensors back when they
-are garbage collected, and the next fork to reserve (`SqueezedLayer.reserve`) copies its own into
-them.
+transformers `StaticCache` per request does. Transformers avoids it by keeping one static cache on
+the model; a squeezed cache forks per request instead, so its forks hand their step tensors back
+when they are garbage collected, and the next fork to reserve (`SqueezedLayer.reserve`) copies its
+own into them.
 
 `Spares` belongs to a cache's fixed context (every fork shares it) and keeps, per layer, step
 tensor, device and stream, the last one handed back: at most one request's step tensors, whatever
@@ -61,7 +61,8 @@ class Spares:
             self._give_back(earlier_key, earlier_tensor)
         with self._lock:
             spare = self._free.get(key)
-            fits = spare is not None and (spare.shape, spare.stride(), spare.dtype) == (tensor.shape, tensor.stride(), tensor.dtype)
+            fits = spare is not None and (spare.shape, spare.stride(), spare.dtype) == (
+                tensor.shape, tensor.stride(), tensor.dtype)
             if fits:
                 del self._free[key]
         if fits:

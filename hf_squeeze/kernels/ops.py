@@ -7,8 +7,8 @@ compiler need not see into. `attend_op` hands it to the graph as one opaque oper
 written slots, the request's pins, the counters it adds to), and the layer's index and selection
 rule are found by a handle, an int the graph holds as a constant. A handle belongs to the device
 view of an index and a rule's value (`attention.handle_key`), which a cache's forks share, so every
-request of a cache at one keep runs the same compiled graph; the index tensors stay where they are (never graph inputs, never copied
-into a CUDA graph's buffers).
+request of a cache at one keep runs the same compiled graph; the index tensors stay where they are
+(never graph inputs, never copied into a CUDA graph's buffers).
 """
 
 from __future__ import annotations
