@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import LogitsProcessorList
 
-from common import StepClock, cache_kwargs, dense_caches, random_model
+from common import SHAPES, StepClock, cache_kwargs, dense_caches, random_model
 from hf_squeeze import SqueezedCache, SqueezeConfig
 
 
@@ -52,12 +52,12 @@ def one_request(model, ids, cache, new_tokens: int) -> dict:
 
 
 def compilations() -> int:
-    return sum(torch._dynamo.utils.counters["stats"].get(k, 0) for k in ("unique_graphs",))
+    return torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--input", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
