@@ -226,6 +226,28 @@ def main():
                   f"{same}/24 equal; capture {times.capture * 1e3:.1f} ms, {times.per_token * 1e3:.2f} ms/token")
             check(f"{m.dtype} keep={keep} CUDA graph tokens == eager loop", torch.equal(got, eager))
             check(f"{m.dtype} keep={keep} cache length after graph", fork.get_seq_length() == got.shape[1] - 1)
+    # Requests in a row through transformers' compile path (bf16, keep 0.2, compiled above): the
+    # second fork holds its step tensors in the first's memory (recycle.py), nothing compiles again,
+    # and its tokens are those of a fork in fresh memory.
+    import gc
+
+    from torch._dynamo.utils import counters
+
+    other = torch.cat([context, question.flip(0)])[None]
+    first = built.fork()
+    half.generate(full, **cache_kwargs(half, first), max_new_tokens=12, do_sample=False)
+    address, graphs = first.layers[0]._key_buffer.data_ptr(), counters["stats"]["unique_graphs"]
+    del first
+    gc.collect()
+    second = built.fork()
+    got = half.generate(other, **cache_kwargs(half, second), max_new_tokens=12, do_sample=False)
+    fresh = built.fork()  # (the second still lives: this one gets memory of its own)
+    want = half.generate(other, **cache_kwargs(half, fresh), max_new_tokens=12, do_sample=False)
+    check("requests in a row: the second in the first's step memory", second.layers[0]._key_buffer.data_ptr() == address
+          and fresh.layers[0]._key_buffer.data_ptr() != address)
+    check("requests in a row: nothing compiled again", counters["stats"]["unique_graphs"] == graphs)
+    check("requests in a row: tokens == a fork in fresh memory", torch.equal(got, want))
+    del second, fresh
     # The evaluation's caches under generate_greedy: the torch path of Quest and the oracle (its
     # gather sized by the budget, so nothing waits for the device) and the kernels of full attention
     # and the default replay as CUDA graphs with the tokens and the reads of the eager loop.
