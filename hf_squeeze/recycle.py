@@ -34,7 +34,9 @@ class Spares:
     def __init__(self):
         self._free: dict[tuple, torch.Tensor] = {}
         self._held = weakref.WeakKeyDictionary()  # owner -> {name: its finalizer}
-        self._lock = threading.Lock()
+        # Reentrant: a collection inside `adopt` (any allocation may start one) can run a finalizer,
+        # `_give_back`, on this thread while it holds the lock.
+        self._lock = threading.RLock()
 
     def __deepcopy__(self, memo):  # shared, like the fixed context it belongs to
         return self
