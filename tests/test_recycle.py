@@ -57,3 +57,27 @@ def test_an_owner_adopting_again_hands_back_what_it_adopted_before():
     after = spares.adopt(owner, (0, "pins"), torch.randn(3))  # a new request of the same owner
     assert after.data_ptr() == before.data_ptr()  # took back the memory it handed back
     assert spares.adopt(owner, (0, "length"), None) is None
+
+
+def test_a_finalizer_run_inside_adopt_does_not_deadlock():
+    """A garbage collection can start at any allocation, also inside `adopt` while it holds its lock,
+    and run the finalizer of a dead owner (`_give_back`, which takes the lock) on the same thread."""
+    import threading
+
+    spares = Spares()
+    dead = Owner()
+    dead.cycle = dead  # collected by the cyclic collector only
+    spares.adopt(dead, (0, "keys"), torch.randn(3))
+    del dead
+    done = []
+
+    def collect_while_holding_the_lock():
+        with spares._lock:  # as inside adopt
+            gc.collect()  # runs the dead owner's finalizer here
+        done.append(True)
+
+    worker = threading.Thread(target=collect_while_holding_the_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done, "the finalizer waited for the lock its own thread held"
+    assert len(spares) == 1
