@@ -18,9 +18,11 @@ recordings with their reasons (stderr).
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessorList
@@ -48,7 +50,7 @@ def one_request(model, ids, cache, new_tokens: int) -> dict:
     return {"ttft_ms": (clock.marks[0] - start) * 1e3, "first_step_ms": steps[0] * 1e3,
             "median_ms": statistics.median(later) * 1e3, "slowest_ms": max(later) * 1e3,
             "slowest_step": 2 + later.index(max(later)), "mean_ms": statistics.fmean(steps) * 1e3,
-            "gc_ms": sum(collecting) * 1e3}
+            "gc_ms": sum(collecting) * 1e3, "steps_ms": [t * 1e3 for t in steps]}
 
 
 def compilations() -> int:
@@ -64,6 +66,7 @@ def main():
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--keep", type=float, default=0.1)
     p.add_argument("--why", action="store_true", help="log recompilations and CUDA-graph recordings (stderr)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="requests.csv and requests_steps.png")
     args = p.parse_args()
     if args.why:
         torch._logging.set_logs(recompiles=True, cudagraphs=True)
@@ -87,7 +90,8 @@ def main():
             before = compilations()
             row = one_request(model, ids, make(), args.new_tokens)
             rows.append({"variant": name, "request": r + 1, **row, "compiled graphs": compilations() - before})
-            print(rows[-1], flush=True)
+            print({k: v for k, v in rows[-1].items() if k != "steps_ms"}, flush=True)
+    save(rows, args.out)
     print(f"\n{args.shape}, context {args.context}, input {args.input}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}")
     print("| variant | request | TTFT ms | first step ms | median step ms | slowest later step ms (step) | mean step ms "
@@ -97,6 +101,35 @@ def main():
         print(f"| {r['variant']} | {r['request']} | {r['ttft_ms']:.1f} | {r['first_step_ms']:.2f} | "
               f"{r['median_ms']:.2f} | {r['slowest_ms']:.2f} ({r['slowest_step']}) | {r['mean_ms']:.2f} | "
               f"{r['gc_ms']:.1f} | {r['compiled graphs']} |")
+
+
+def save(rows: list[dict], out: Path) -> None:
+    """Every step of every request (requests.csv), and drawn: each variant's later requests step by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "requests.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "request", "step", "ms"])
+        for r in rows:
+            writer.writerows([r["variant"], r["request"], i + 1, f"{ms:.3f}"] for i, ms in enumerate(r["steps_ms"]))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.5), sharey=True, squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        for r in rows:
+            if r["variant"] == variant and r["request"] > 1:  # (the first compiles)
+                ax.plot(range(1, len(r["steps_ms"]) + 1), r["steps_ms"], marker=".", label=f"request {r['request']}")
+        ax.set_yscale("log")
+        ax.set_title(variant)
+        ax.set_xlabel("decode step")
+        ax.legend()
+    axes[0][0].set_ylabel("ms")
+    fig.tight_layout()
+    fig.savefig(out / "requests_steps.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD:$PWD/benchmarks
 python3 tools/check_cuda.py > "$OUT/check_cuda.txt" 2>&1
-python3 benchmarks/bench_requests.py --context 2048 --input 64 --new-tokens 32 --requests 4 --why \
+python3 benchmarks/bench_requests.py --context 2048 --input 64 --new-tokens 32 --requests 4 --why --out "$OUT" \
   > "$OUT/bench_requests.txt" 2> "$OUT/bench_requests.why.log"
 python3 benchmarks/bench_select.py > "$OUT/bench_select.txt" 2>&1
 grep -E "FAIL|all CUDA checks" "$OUT/check_cuda.txt"
