@@ -1,0 +1,103 @@
+"""Where a request's time to first token goes: the GPU's kernels against the wall clock, dense vs
+squeezed (the exact input prefill, the default, and the lookup prefill), in the same run.
+
+Each method answers one request of one token through `model.generate` (a fixed context of
+`--context` random tokens, a `--input`-token user input): profiled once after a warm-up, and timed
+unprofiled (the median of three). Printed per method: the wall time, the GPU's kernel time (its sum:
+what the device had to do), the host's launches and waits, the top host operators and kernels.
+Wall time well above the kernels' is time the GPU waited for the host (Python, launches).
+
+    PYTHONPATH=.:benchmarks python3 benchmarks/profile_prefill.py --context 131072 --input 1024 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import SHAPES, dense_caches, random_model
+from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
+from profile_decode import is_attention, kernel_times
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(args.shape, args.context + args.input + 8, getattr(torch, args.dtype), device)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    context = torch.randint(vocab, (args.context,), generator=g).to(device)
+    ids = torch.cat([context, torch.randint(vocab, (args.input,), generator=g).to(device)])[None]
+    squeezed = SqueezedCache.from_context(model, context, SqueezeConfig(keep=args.keep), progress=False)
+    _, static = dense_caches(squeezed, model, ids.shape[1] + 2)
+    reused = {}
+
+    def dense():
+        reused["static"] = static(into=reused.get("static"))
+        return reused["static"]
+
+    methods = {"dense": dense, "squeezed, exact prefill": squeezed.fork,
+               "squeezed, lookup prefill": lambda: squeezed.fork(prefill="lookup")}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    lines = [f"# time to first token, {args.shape}, context {args.context}, input {args.input}, keep {args.keep}, "
+             f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}", ""]
+    rows = []
+    for name, fresh in methods.items():
+        model.set_attn_implementation("sdpa" if name == "dense" else "squeezed")
+
+        def request():
+            model.generate(ids, **cache_kwargs(model, fresh()), max_new_tokens=1, do_sample=False)
+
+        request()  # warm-up
+        walls = []
+        for _ in range(3):
+            sync()
+            start = time.perf_counter()
+            request()
+            sync()
+            walls.append(time.perf_counter() - start)
+        wall = sorted(walls)[1] * 1e3
+        profile = kernel_times(request)
+        kernels = {k: v for k, v in profile.items() if not k.startswith(("host:", "cpu: "))}
+        gpu = sum(t for t, _ in kernels.values()) / 1e3
+        attention = sum(t for k, (t, _) in kernels.items() if is_attention(k, "dense" if name == "dense" else "squeezed"))
+        waits = profile.get("host: waiting for the GPU", (0.0, 0))
+        launches = sum(n for k, (_, n) in profile.items() if k.startswith("host:") and k.endswith("launches"))
+        rows.append((name, wall, gpu, attention / 1e3, launches, waits[0] / 1e3, waits[1]))
+        lines += [f"## {name}: wall {wall:.1f} ms, kernels {gpu:.1f} ms (attention {attention / 1e3:.1f}), "
+                  f"{launches:.0f} launches, waits for the GPU {waits[0] / 1e3:.1f} ms in {waits[1]:.0f} calls", ""]
+        host_ops = sorted(((k[5:], v) for k, v in profile.items() if k.startswith("cpu: ")), key=lambda kv: -kv[1][0])
+        lines += ["| host operator (top level) | host ms | calls |", "|---|---|---|"]
+        lines += [f"| `{k[:90]}` | {t / 1e3:.2f} | {n:.0f} |" for k, (t, n) in host_ops[:10]]
+        lines += ["", "| kernel | ms | launches |", "|---|---|---|"]
+        lines += [f"| `{k[:90]}` | {t / 1e3:.2f} | {n:.0f} |"
+                  for k, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]]
+        lines.append("")
+    model.set_attn_implementation("squeezed")
+    lines += ["| method | wall ms | kernels ms | attention ms | wall - kernels ms | launches | waits ms (calls) |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {w:.1f} | {k:.1f} | {a:.1f} | {w - k:.1f} | {la:.0f} | {wt:.1f} ({wc:.0f}) |"
+              for n, w, k, a, la, wt, wc in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"profile_prefill_{args.shape}_{args.context}_{args.input}.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--input", type=int, default=1024, help="user input tokens")
+    p.add_argument("--keep", type=float, default=0.1)
+    p.add_argument("--top", type=int, default=15, help="kernels listed per method")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--device")
+    p.add_argument("--out")
+    sys.exit(main(p.parse_args()))
