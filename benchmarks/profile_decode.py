@@ -181,12 +181,20 @@ def main(args) -> int:
     return 0
 
 
+def request_arguments(p, context: int, input_tokens: int) -> None:
+    """The arguments of a profiled request (model shape and dtype, context, input, keep, device, output)."""
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    p.add_argument("--context", type=int, default=context)
+    p.add_argument("--input", type=int, default=input_tokens, help="user input tokens")
+    p.add_argument("--keep", type=float, default=0.1)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--device")
+    p.add_argument("--out")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--input", type=int, default=64, help="user input tokens")
-    p.add_argument("--keep", type=float, default=0.1)
+    request_arguments(p, context=2048, input_tokens=64)
     p.add_argument("--steps", type=int, default=16, help="decode steps of the shorter profile")
     p.add_argument("--compile", action="store_true", help="the step through torch.compile first (what generate runs)")
     p.add_argument("--generate", action="store_true", help="profile model.generate itself (its loop and compile path)")
@@ -194,7 +202,4 @@ if __name__ == "__main__":
                    help="with --generate: generate(disable_compile=True), the eager steps (each squeezed layer replays "
                         "its own CUDA graph)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per method")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--device")
-    p.add_argument("--out")
     sys.exit(main(p.parse_args()))

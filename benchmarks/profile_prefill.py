@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from common import SHAPES, dense_caches, random_model
+from common import dense_caches, random_model
 from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
-from profile_decode import is_attention, kernel_times
+from profile_decode import is_attention, kernel_times, request_arguments
 
 
 def main(args) -> int:
@@ -92,12 +92,6 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
-    p.add_argument("--context", type=int, default=131072)
-    p.add_argument("--input", type=int, default=1024, help="user input tokens")
-    p.add_argument("--keep", type=float, default=0.1)
+    request_arguments(p, context=131072, input_tokens=1024)
     p.add_argument("--top", type=int, default=15, help="kernels listed per method")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--device")
-    p.add_argument("--out")
     sys.exit(main(p.parse_args()))
