@@ -139,9 +139,16 @@ class SqueezedCache(Cache):
             layer.plan(capacity, input_tokens, compileable)
 
     def release(self) -> None:
-        """Back to ordinary updates after `reserve`, keeping the tokens written meanwhile."""
-        for layer in self.layers:
-            layer.release()
+        """Back to ordinary updates after `reserve`, keeping the tokens written meanwhile: the layers'
+        device lengths are read at once, one host sync per device (not one per layer)."""
+        reserved = [layer for layer in self.layers if layer.device_length is not None]
+        by_device: dict[torch.device, list] = {}
+        for layer in reserved:
+            by_device.setdefault(layer.device_length.device, []).append(layer)
+        for layers in by_device.values():
+            lengths = torch.cat([layer.device_length for layer in layers]).tolist()
+            for layer, length in zip(layers, lengths):
+                layer.release(length)
 
     def save(self, path, *, progress: bool = True) -> Path:
         """Write the fixed context to `path` (safetensors with a JSON header; never pickled).

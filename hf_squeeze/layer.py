@@ -179,10 +179,11 @@ class SqueezedLayer(CacheLayerMixin):
         self._pad_valid = adopt("valid", self._pad_valid)
         self.attention.adopt_step_tensors(adopt)
 
-    def release(self):
-        """Leave reserved mode; the tokens written meanwhile become the dynamic part (one host sync)."""
+    def release(self, length: int | None = None):
+        """Leave reserved mode; the tokens written meanwhile become the dynamic part (one host sync,
+        unless the caller read the device length already: `length`)."""
         if self.device_length is not None:
-            length = int(self.device_length)
+            length = int(self.device_length) if length is None else length
             self.device_length, self._pad_valid = None, None
             self._set_length(length)
 

@@ -92,8 +92,11 @@ def test_reserved_layer_masks_unwritten_slots(llama, context):
         got = llama(token, position_ids=position, **cache_kwargs(llama, reserved)).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert int(reserved.layers[0].device_length) == QUESTION.numel() + 1
+    reserved.layers[1].device_length.sub_(1)  # (layers read at once: each must get its own length back)
     reserved.release()
     assert reserved.get_seq_length() == eager.get_seq_length()
+    assert [layer.length for layer in reserved.layers][:2] == [QUESTION.numel() + 1, QUESTION.numel()]
+    assert all(layer.device_length is None for layer in reserved.layers)
 
 
 def test_dynamic_part_grows_in_place(llama, context):
