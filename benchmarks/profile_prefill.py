@@ -5,7 +5,10 @@ Each method answers one request of one token through `model.generate` (a fixed c
 `--context` random tokens, a `--input`-token user input): profiled once after a warm-up, and timed
 unprofiled (the median of three). Printed per method: the wall time, the GPU's kernel time (its sum:
 what the device had to do), the host's launches and waits, the top host operators and kernels.
-Wall time well above the kernels' is time the GPU waited for the host (Python, launches).
+Wall time well above the kernels' is time the GPU waited for the host (Python, launches);
+`--python` also lists where the host's time goes (cProfile of one more request: the functions with
+the most time of their own, and the package's functions by their total time), and where the host
+waits for the GPU (`torch.cuda.set_sync_debug_mode`: the code that asked, with its count).
 
     PYTHONPATH=.:benchmarks python3 benchmarks/profile_prefill.py --context 131072 --input 1024 --out $OUT
 """
@@ -76,6 +79,10 @@ def main(args) -> int:
         lines += [f"| `{k[:90]}` | {t / 1e3:.2f} | {n:.0f} |"
                   for k, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]]
         lines.append("")
+        if args.python:
+            lines += python_profile(request, args.top)
+            if device == "cuda":
+                lines += sync_sites(request)
     model.set_attn_implementation("squeezed")
     lines += ["| method | wall ms | kernels ms | attention ms | wall - kernels ms | launches | waits ms (calls) |",
               "|---|---|---|---|---|---|---|"]
@@ -90,8 +97,56 @@ def main(args) -> int:
     return 0
 
 
+def python_profile(request, top: int) -> list[str]:
+    """cProfile of one `request()`: the functions with the most time of their own (the profiler's
+    overhead inflates them alike), and hf_squeeze's functions by their total time."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(request)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, total s, callers)
+    rows = [(Path(f).name + f":{n}" + f" {name}", calls, own, total) for (f, n, name), (_, calls, own, total, _) in stats.items()]
+    lines = [f"host, cProfile: {sum(r[2] for r in rows) * 1e3:.1f} ms in {sum(r[1] for r in rows)} calls", "",
+             "| function (own time) | calls | own ms | total ms |", "|---|---|---|---|"]
+    lines += [f"| `{f[:90]}` | {c} | {o * 1e3:.2f} | {t * 1e3:.2f} |" for f, c, o, t in sorted(rows, key=lambda r: -r[2])[:top]]
+    ours = [(f"{Path(f).parent.name}/{Path(f).name}:{n} {name}", calls, own, total)
+            for (f, n, name), (_, calls, own, total, _) in stats.items() if "hf_squeeze" in f]
+    lines += ["", "| hf_squeeze function (total time) | calls | own ms | total ms |", "|---|---|---|---|"]
+    lines += [f"| `{f[:90]}` | {c} | {o * 1e3:.2f} | {t * 1e3:.2f} |" for f, c, o, t in sorted(ours, key=lambda r: -r[3])[:top]]
+    return lines + [""]
+
+
+def sync_sites(request) -> list[str]:
+    """Where one `request()` makes the host wait for the GPU: the innermost frame of hf_squeeze or
+    transformers under each synchronising call, counted."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    sites = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if "hf_squeeze" in f.filename or "transformers" in f.filename] or stack
+        frame = ours[-1]
+        sites[f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} {frame.name}"] += 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record  # (restored when the block ends)
+            request()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lines = [f"host waits for the GPU: {sum(sites.values())}", "", "| where | waits |", "|---|---|"]
+    return lines + [f"| `{site}` | {n} |" for site, n in sites.most_common()] + [""]
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     request_arguments(p, context=131072, input_tokens=1024)
     p.add_argument("--top", type=int, default=15, help="kernels listed per method")
+    p.add_argument("--python", action="store_true", help="also where the host's time goes (cProfile)")
     sys.exit(main(p.parse_args()))

@@ -220,16 +220,18 @@ class SparseAttention(ReadCounts):
         counters = (self.read_fraction_sum, self.scored_sum, self.kernel_counts)
         return tensors + [t for t in counters if isinstance(t, torch.Tensor)]
 
-    def adopt_step_tensors(self, adopt) -> None:
-        """Replace the request's pins and counters by `adopt(name, tensor)` (their values, maybe in
-        other memory: `SqueezedLayer._recycle`)."""
+    def request_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The request's own step tensors by name: its pins and counters (`SqueezedLayer._recycle`)."""
+        pinned = self.pinned
+        pins = {} if pinned is None else {"pin rows": pinned.rows, "pin count": pinned.count, "pin mask": pinned.mask}
+        return {**pins, "kernel counts": self.kernel_counts, "read": self.read_fraction_sum, "scored": self.scored_sum}
+
+    def set_request_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        """Replace the request's pins and counters by `tensors` (their values, maybe in other memory)."""
         if self.pinned is not None:
-            pinned = self.pinned
-            self.pinned = Pinned(adopt("pin rows", pinned.rows), adopt("pin count", pinned.count),
-                                 adopt("pin mask", pinned.mask), pinned.weights)
-        self.kernel_counts = adopt("kernel counts", self.kernel_counts)
-        self.read_fraction_sum = adopt("read", self.read_fraction_sum)
-        self.scored_sum = adopt("scored", self.scored_sum)
+            self.pinned = Pinned(tensors["pin rows"], tensors["pin count"], tensors["pin mask"], self.pinned.weights)
+        self.kernel_counts, self.read_fraction_sum, self.scored_sum = (
+            tensors["kernel counts"], tensors["read"], tensors["scored"])
 
     def select_ranges(self, q, scaling, q_weight):
         """The key ranges of the clustered context that queries `q` [B, H, G, T, D] read (a `Selection`).

@@ -87,8 +87,9 @@ class SqueezedLayer(CacheLayerMixin):
         if old is not None and old.shape[:2] == key_states.shape[:2] and old.dtype == key_states.dtype \
                 and old.device == key_states.device and self._value_buffer.shape[-1] == value_states.shape[-1]:
             self._set_length(0)  # a reset layer keeps its buffers for the next request of the same shape
-        else:
-            self._store(key_states[:, :, :0], value_states[:, :, :0])
+        else:  # a planned request gets its whole capacity at once (no growth, no copy at `reserve`)
+            room = max(self.planned[0], self._MIN_CAPACITY) if self.planned else None
+            self._store(key_states[:, :, :0], value_states[:, :, :0], room)
         self.is_initialized = True
 
     # The dynamic part lives in buffers with room to grow (doubling), so a decode step writes one
@@ -126,7 +127,8 @@ class SqueezedLayer(CacheLayerMixin):
             return self._update_reserved(key_states, value_states)
         start, stop = self.length, self.length + new
         if stop > self._key_buffer.shape[2]:
-            self._store(self.keys, self.values, capacity=max(stop, 2 * self._key_buffer.shape[2], self._MIN_CAPACITY))
+            room = max(stop, 2 * self._key_buffer.shape[2], self._MIN_CAPACITY, self.planned and self.planned[0] or 0)
+            self._store(self.keys, self.values, capacity=room)
         self._key_buffer[:, :, start:stop] = key_states
         self._value_buffer[:, :, start:stop] = value_states
         self._set_length(stop)
@@ -169,15 +171,14 @@ class SqueezedLayer(CacheLayerMixin):
         if self.spares is None:
             return
         spares, number = self.spares
-
-        def adopt(name, tensor):
-            return spares.adopt(self, (number, name), tensor)
-
-        self._key_buffer, self._value_buffer = adopt("keys", self._key_buffer), adopt("values", self._value_buffer)
+        mine = {"keys": self._key_buffer, "values": self._value_buffer, "length": self.device_length,
+                "slots": self._slots, "valid": self._pad_valid}
+        named = {(number, name): t for name, t in {**mine, **self.attention.request_tensors()}.items()}
+        adopted = {name: t for (_, name), t in spares.adopt(self, named, constant={(number, "slots")}).items()}
+        self._key_buffer, self._value_buffer = adopted.pop("keys"), adopted.pop("values")
         self._set_length(self.length)
-        self.device_length, self._slots = adopt("length", self.device_length), adopt("slots", self._slots)
-        self._pad_valid = adopt("valid", self._pad_valid)
-        self.attention.adopt_step_tensors(adopt)
+        self.device_length, self._slots, self._pad_valid = adopted.pop("length"), adopted.pop("slots"), adopted.pop("valid")
+        self.attention.set_request_tensors(adopted)
 
     def release(self, length: int | None = None):
         """Leave reserved mode; the tokens written meanwhile become the dynamic part (one host sync,

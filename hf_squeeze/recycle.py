@@ -33,7 +33,7 @@ class Spares:
 
     def __init__(self):
         self._free: dict[tuple, torch.Tensor] = {}
-        self._held = weakref.WeakKeyDictionary()  # owner -> {name: its finalizer}
+        self._held = weakref.WeakKeyDictionary()  # owner -> {name: (key, tensor)}, given back when it dies
         # Reentrant: a collection inside `adopt` (any allocation may start one) can run a finalizer,
         # `_give_back`, on this thread while it holds the lock.
         self._lock = threading.RLock()
@@ -44,41 +44,54 @@ class Spares:
     def __len__(self) -> int:
         return len(self._free)
 
-    def adopt(self, owner, name: tuple, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        """`tensor`'s values in the spare of `name` if there is one, else `tensor` itself; either way
-        the tensor returned becomes the spare of `name` again once `owner` is garbage collected. The
-        caller uses the returned tensor from now on; a tensor `owner` adopted earlier under the same
-        name (and no longer uses) goes back to the spares at once."""
-        if tensor is None:
-            return None
-        key = (*name, tensor.device, _stream(tensor.device))
+    def adopt(self, owner, tensors: dict[tuple, torch.Tensor | None], constant=()) -> dict[tuple, torch.Tensor | None]:
+        """Each tensor of `tensors` (by name), or its values in the spare of its name if there is one
+        (for the names in `constant`, whose values follow from their shape, the spare as it is); the
+        tensors returned become the spares of their names again once `owner` is garbage collected.
+        The caller uses the returned tensors from now on; a tensor `owner` adopted earlier under one
+        of these names (and no longer uses) goes back to the spares at once. One call per owner and
+        request: the copies are launched together."""
+        streams = {}
+        adopted, targets, sources = {}, [], []
         with self._lock:
-            held = self._held.setdefault(owner, {})
-        earlier = held.get(name)
-        if earlier is not None and earlier.alive:
-            _, _, (earlier_key, earlier_tensor), _ = earlier.peek()
-            if earlier_tensor is tensor:
-                return tensor
-            earlier.detach()
-            self._give_back(earlier_key, earlier_tensor)
-        with self._lock:
-            spare = self._free.get(key)
-            fits = spare is not None and (spare.shape, spare.stride(), spare.dtype) == (
-                tensor.shape, tensor.stride(), tensor.dtype)
-            if fits:
-                del self._free[key]
-        if fits:
-            spare.copy_(tensor)
-            tensor = spare
-        held[name] = finalizer = weakref.finalize(owner, self._give_back, key, tensor)
-        finalizer.atexit = False
-        return tensor
+            held = self._held.get(owner)
+            if held is None:
+                held = self._held[owner] = {}
+                weakref.finalize(owner, self._give_back, held).atexit = False
+            for name, tensor in tensors.items():
+                adopted[name] = tensor
+                if not isinstance(tensor, torch.Tensor):  # (a counter not kept on the device)
+                    continue
+                earlier = held.pop(name, None)
+                if earlier is not None and earlier[1] is tensor:
+                    held[name] = earlier
+                    continue
+                if earlier is not None:
+                    self._free[earlier[0]] = earlier[1]
+                device = tensor.device
+                if device not in streams:
+                    streams[device] = _stream(device)
+                key = (*name, device, streams[device])
+                spare = self._free.get(key)
+                if spare is not None and (spare.shape, spare.stride(), spare.dtype) == (
+                        tensor.shape, tensor.stride(), tensor.dtype):
+                    del self._free[key]
+                    if name not in constant:
+                        targets.append(spare)
+                        sources.append(tensor)
+                    adopted[name] = tensor = spare
+                held[name] = (key, tensor)
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        return adopted
 
     def clear(self) -> None:
         """Free the spares (the memory of finished requests kept for the next ones)."""
         with self._lock:
             self._free.clear()
 
-    def _give_back(self, key: tuple, tensor: torch.Tensor) -> None:
+    def _give_back(self, held: dict) -> None:
         with self._lock:
-            self._free[key] = tensor  # the last one handed back: an earlier spare is freed
+            for key, tensor in held.values():
+                self._free[key] = tensor  # the last one handed back: an earlier spare is freed
+            held.clear()

@@ -286,13 +286,16 @@ def pin_keys(weights: torch.Tensor, index, budget) -> Pinned:
     # position i takes the largest weight of positions i - PIN_AFTER .. i + PIN_BEFORE
     padded = torch.nn.functional.pad(by_position, (PIN_AFTER, PIN_BEFORE), value=-1.0)
     pooled = padded.unfold(-1, PIN_AFTER + PIN_BEFORE + 1, 1).amax(-1)
-    most = int(budget.max()) if torch.is_tensor(budget) else int(budget)  # an int budget waits for no device
-    budget = torch.as_tensor(budget, device=weights.device)
-    budget = budget.reshape(batch, heads, 1) if budget.numel() == batch * heads > 1 else budget.reshape(-1, 1, 1)
     # positions, best first; equal weights (a neighbourhood shares one) in context order, so a row's
     # pins do not depend on the rows beside it
-    order = pooled.sort(dim=-1, descending=True, stable=True).indices[..., : min(most, n)]
-    count = budget.clamp(max=order.shape[-1]).expand(batch, heads, 1).squeeze(-1)
+    if torch.is_tensor(budget):  # per row (or head): the largest decides the length (a host wait)
+        budget = budget.to(weights.device)
+        budget = budget.reshape(batch, heads, 1) if budget.numel() == batch * heads > 1 else budget.reshape(-1, 1, 1)
+        order = pooled.sort(dim=-1, descending=True, stable=True).indices[..., : min(int(budget.max()), n)]
+        count = budget.clamp(max=order.shape[-1]).expand(batch, heads, 1).squeeze(-1)
+    else:  # an int budget waits for no device (a host value copied to the device would)
+        order = pooled.sort(dim=-1, descending=True, stable=True).indices[..., : min(int(budget), n)]
+        count = torch.full((batch, heads), order.shape[-1], dtype=torch.long, device=weights.device)
     valid = torch.arange(order.shape[-1], device=weights.device) < count.unsqueeze(-1)
     rank = torch.empty_like(positions).scatter_(-1, positions, torch.arange(n, device=weights.device).expand_as(positions))
     rows = rank.gather(-1, order)

@@ -11,28 +11,32 @@ class Owner:  # stands for a cache layer: what adopts tensors and is garbage col
     pass
 
 
+def adopt(spares, owner, name, tensor):
+    return spares.adopt(owner, {name: tensor})[name]
+
+
 def test_a_spare_serves_the_next_owner_of_its_shape_with_the_new_values():
     spares = Spares()
     first = Owner()
-    kept = spares.adopt(first, (0, "keys"), torch.randn(2, 3))
+    kept = adopt(spares, first, (0, "keys"), torch.randn(2, 3))
     assert len(spares) == 0  # nothing handed back yet: the first owner lives
     second_values = torch.randn(2, 3)
     second = Owner()
-    assert spares.adopt(second, (0, "keys"), second_values.clone()).data_ptr() != kept.data_ptr()
+    assert adopt(spares, second, (0, "keys"), second_values.clone()).data_ptr() != kept.data_ptr()
     address = kept.data_ptr()
     del first, kept
     gc.collect()
     assert len(spares) == 1
     third = Owner()
-    got = spares.adopt(third, (0, "keys"), second_values.clone())
+    got = adopt(spares, third, (0, "keys"), second_values.clone())
     assert got.data_ptr() == address and torch.equal(got, second_values)
     assert len(spares) == 0
     # another layer or another shape does not take it
     del third, got
     gc.collect()
     other = Owner()
-    assert spares.adopt(other, (1, "keys"), torch.randn(2, 3)).data_ptr() != address
-    assert spares.adopt(other, (0, "keys"), torch.randn(4, 3)).data_ptr() != address
+    assert adopt(spares, other, (1, "keys"), torch.randn(2, 3)).data_ptr() != address
+    assert adopt(spares, other, (0, "keys"), torch.randn(4, 3)).data_ptr() != address
     assert len(spares) == 1
 
 
@@ -40,7 +44,7 @@ def test_spares_hold_the_last_request_only_and_clear():
     spares = Spares()
     for shape in ((2, 3), (5, 3), (7, 3)):  # requests of other shapes, one after another
         owner = Owner()
-        spares.adopt(owner, (0, "keys"), torch.randn(shape))
+        adopt(spares, owner, (0, "keys"), torch.randn(shape))
         del owner
         gc.collect()
     assert len(spares) == 1  # one spare per layer and tensor, not one per shape seen
@@ -51,12 +55,29 @@ def test_spares_hold_the_last_request_only_and_clear():
 def test_an_owner_adopting_again_hands_back_what_it_adopted_before():
     spares = Spares()
     owner = Owner()
-    before = spares.adopt(owner, (0, "pins"), torch.randn(3))
-    assert spares.adopt(owner, (0, "pins"), before) is before  # the same tensor: nothing changes
+    before = adopt(spares, owner, (0, "pins"), torch.randn(3))
+    assert adopt(spares, owner, (0, "pins"), before) is before  # the same tensor: nothing changes
     assert len(spares) == 0
-    after = spares.adopt(owner, (0, "pins"), torch.randn(3))  # a new request of the same owner
+    after = adopt(spares, owner, (0, "pins"), torch.randn(3))  # a new request of the same owner
     assert after.data_ptr() == before.data_ptr()  # took back the memory it handed back
-    assert spares.adopt(owner, (0, "length"), None) is None
+    assert adopt(spares, owner, (0, "length"), None) is None
+
+
+def test_one_adoption_copies_what_changes_and_keeps_constant_spares_as_they_are():
+    spares = Spares()
+    first = Owner()
+    kept = spares.adopt(first, {(0, "keys"): torch.randn(4, 2), (0, "slots"): torch.arange(4), (0, "count"): 3.0})
+    addresses = {name: t.data_ptr() for name, t in kept.items() if isinstance(t, torch.Tensor)}
+    del first, kept
+    gc.collect()
+    assert len(spares) == 2
+    keys, slots = torch.randn(4, 2), torch.arange(4)
+    got = spares.adopt(Owner(), {(0, "keys"): keys, (0, "slots"): slots * 0 - 1, (0, "count"): 3.0},
+                       constant={(0, "slots")})
+    assert {name: t.data_ptr() for name, t in got.items() if isinstance(t, torch.Tensor)} == addresses
+    assert torch.equal(got[(0, "keys")], keys)  # copied
+    assert torch.equal(got[(0, "slots")], slots)  # constant: the spare as it was, not the values passed
+    assert got[(0, "count")] == 3.0  # not a tensor: passed through
 
 
 def test_a_finalizer_run_inside_adopt_does_not_deadlock():
@@ -67,7 +88,7 @@ def test_a_finalizer_run_inside_adopt_does_not_deadlock():
     spares = Spares()
     dead = Owner()
     dead.cycle = dead  # collected by the cyclic collector only
-    spares.adopt(dead, (0, "keys"), torch.randn(3))
+    adopt(spares, dead, (0, "keys"), torch.randn(3))
     del dead
     done = []
 

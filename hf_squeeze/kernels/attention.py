@@ -18,6 +18,8 @@ read on the device, so launch shapes never depend on the selection (CUDA-graph c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -300,11 +302,16 @@ def _merge_kernel(
         tl.store(lse_ptr + bh * R + r, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _default_splits(device: torch.device, programs: int, max_splits: int, per_sm: int = 8) -> int:
     """A power of two of splits giving about `per_sm` programs per streaming multiprocessor."""
     if device.type != "cuda":
         return 1
-    target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    target = per_sm * _multiprocessors(device)
     return 1 << max(0, min(max_splits.bit_length() - 1, (target // max(1, programs)).bit_length() - 1))
 
 
