@@ -16,13 +16,15 @@ class ReadCounts:
     """The counts of one layer's `SparseAttention` (which holds `index`) since its last reset."""
 
     def reset_stats(self):
-        """Start the counts over (a fresh request)."""
-        self.read_fraction_sum = torch.zeros((), dtype=torch.float64)  # reference path
-        self.scored_sum = torch.zeros((), dtype=torch.float64)
+        """Start the counts over (a fresh request). The counters start where the index is, so that
+        its steps add to them without copying them over (a copy from the host waits for the device)."""
+        device = self.index.keys.device
+        self.read_fraction_sum = torch.zeros((), dtype=torch.float64, device=device)  # reference path
+        self.scored_sum = torch.zeros((), dtype=torch.float64, device=device)
         # The device counters of the kernel path and of compiled steps, one tensor (`kernel_keys`,
         # `kernel_fine_scored`, `compiled_steps` are its parts): a compiled step checks every tensor it
         # reads before it runs (dynamo's guards), so each one costs every step.
-        self.kernel_counts = torch.zeros(3, dtype=torch.int64)
+        self.kernel_counts = torch.zeros(3, dtype=torch.int64, device=device)
         self.kernel_scored = 0  # centroids the kernel path scored: all (flat) or all coarse ones, per inexact step
         self.last_selections, self.last_kernel = 0, False  # the last step's selections, its path
         self.last_exact = False  # whether it read every key (an exact rule: no centroid scored)
