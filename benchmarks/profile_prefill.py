@@ -24,6 +24,7 @@ import torch
 
 from common import dense_caches, random_model
 from hf_squeeze import SqueezedCache, SqueezeConfig, cache_kwargs
+from hf_squeeze.devices import host_waits
 from profile_decode import is_attention, kernel_times, request_arguments
 
 
@@ -118,28 +119,8 @@ def python_profile(request, top: int) -> list[str]:
 
 
 def sync_sites(request) -> list[str]:
-    """Where one `request()` makes the host wait for the GPU: the innermost frame of hf_squeeze or
-    transformers under each synchronising call, counted."""
-    import traceback
-    import warnings
-    from collections import Counter
-
-    sites = Counter()
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        stack = traceback.extract_stack()[:-1]
-        ours = [f for f in stack if "hf_squeeze" in f.filename or "transformers" in f.filename] or stack
-        frame = ours[-1]
-        sites[f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} {frame.name}"] += 1
-
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record  # (restored when the block ends)
-            request()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    """Where one `request()` makes the host wait for the GPU, counted (`devices.host_waits`)."""
+    sites = host_waits(request)
     lines = [f"host waits for the GPU: {sum(sites.values())}", "", "| where | waits |", "|---|---|"]
     return lines + [f"| `{site}` | {n} |" for site, n in sites.most_common()] + [""]
 

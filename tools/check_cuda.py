@@ -16,6 +16,8 @@ Exit status 0 when every check passes. Checks, on a tiny random Llama (GQA 6/2):
 - eager decode steps (`generate(disable_compile=True)`) replayed per layer as CUDA graphs: the tokens
   and reads of the same steps launched kernel by kernel (bf16 and fp32, flat, two-level, the paper's
   step, a padded batch sampled);
+- a request through `generate` waits for the GPU in hf_squeeze only per request (its prompt
+  check, its release), for both input prefills;
 - the budget selection over 6,554 and 26,214 clusters against the reference;
 - the GPU K-means builds the same index whatever layers share its batch (as on several GPUs).
 """
@@ -248,6 +250,17 @@ def main():
     check("requests in a row: nothing compiled again", counters["stats"]["unique_graphs"] == graphs)
     check("requests in a row: tokens == a fork in fresh memory", torch.equal(got, want))
     del second, fresh
+    # A request waits for the GPU only to compare its prompt with the context (refusing another
+    # context) and to read the lengths back at its end: per request, not per layer or step.
+    from hf_squeeze.devices import host_waits
+
+    for prefill in ("exact", "lookup"):
+        request = built.fork(prefill=prefill) if prefill == "lookup" else built.fork()
+        sites = host_waits(lambda: half.generate(full, **cache_kwargs(half, request), max_new_tokens=12,
+                                                  do_sample=False))
+        ours = {site: n for site, n in sites.items() if site.startswith("hf_squeeze/")}  # (not transformers')
+        check(f"a request ({prefill} prefill) waits for the GPU per request only", sum(ours.values()) <= 3,
+              ", ".join(f"{site} x{n}" for site, n in ours.items()))
     # The evaluation's caches under generate_greedy: the torch path of Quest and the oracle (its
     # gather sized by the budget, so nothing waits for the device) and the kernels of full attention
     # and the default replay as CUDA graphs with the tokens and the reads of the eager loop.
