@@ -59,7 +59,7 @@ def host_waits(call, packages: tuple[str, ...] = ("hf_squeeze", "transformers"))
         return f"{path}:{frame.lineno} {frame.name}"
 
     def record(message, category, filename, lineno, file=None, line=None):
-        stack = traceback.extract_stack()[:-1]
+        stack = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__]
         ours = [f for f in stack if any(part in packages for part in Path(f.filename).parts)]
         sites[where((ours or stack)[-1])] += 1
 
