@@ -87,7 +87,6 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
     jobs = [(n, "dense", 1.0, m) for n in inputs for m in modes]
     jobs += [(n, METHODS[p], k, m) for n in inputs for p in prefills for k in keeps for m in modes]
     questions = {n: torch.randint(vocab, (n,), generator=g).to(device) for n in inputs}  # one per size, for every row
-    reused = {}  # the dense requests' one StaticCache
     for n, method, keep, mode in tqdm(jobs, desc=f"{tokens} tokens", disable=not progress):
         ids = torch.cat([context, questions[n]])[None]
         model.set_attn_implementation("sdpa" if method == "dense" else "squeezed")
@@ -97,10 +96,7 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
                 return squeezed.fork(keep=keep, prefill=PREFILLS[method])
             if mode == "eager":
                 return dynamic()
-            # one StaticCache, the context written again for each request, as transformers reuses its
-            # own: the same addresses, so its compiled step is not recorded again (nor is ours)
-            reused["static"] = static(into=reused.get("static"))
-            return reused["static"]
+            return static(reuse=True)  # one StaticCache for every request (as a fork reuses its spares)
 
         runners[mode](model, ids, fresh(), min(4, new_tokens))  # warm-up: kernels compiled, allocator warm
         cache = fresh()
@@ -116,7 +112,7 @@ def bench_context(model, tokens: int, inputs: list[int], keeps: list[float], new
     if device.type == "cuda":
         found = attention_times(squeezed, model, inputs, keeps, prefills)
         attention = {(tokens,) + key: us for key, us in found.items()}
-    del squeezed, reused
+    del squeezed, dynamic, static
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

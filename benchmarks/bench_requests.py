@@ -77,10 +77,9 @@ def main():
     context = torch.randint(model.config.vocab_size, (args.context,), generator=g).to(device)
     squeezed = SqueezedCache.from_context(model, context, SqueezeConfig(), progress=False)
     _, static = dense_caches(squeezed, model, args.context + args.input + args.new_tokens)
-    reused = static()
 
     variants = {"squeezed, new fork": lambda: squeezed.fork(keep=args.keep),
-                "dense, new StaticCache": static, "dense, one StaticCache": lambda: static(into=reused)}
+                "dense, new StaticCache": static, "dense, one StaticCache": lambda: static(reuse=True)}
     rows = []
     for name, make in variants.items():
         model.set_attn_implementation("squeezed" if name.startswith("squeezed") else "sdpa")

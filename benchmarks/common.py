@@ -130,7 +130,9 @@ def run_graph_compiled(model, ids, cache, new_tokens: int) -> Timing:
 
 
 def dense_caches(squeezed: SqueezedCache, model, room: int):
-    """The context's K/V (the same as the squeezed index holds) as a DynamicCache and a StaticCache."""
+    """The context's K/V (the same as the squeezed index holds) as a DynamicCache and a StaticCache.
+    `static(reuse=True)` writes the context again into one StaticCache kept for those calls, as
+    transformers reuses its own: the same addresses, so a compiled step is not recorded again."""
     def layer_kv(index):
         keys = torch.cat([index.dense_keys, index.keys], dim=1)[None]
         values = torch.cat([index.dense_values, index.values], dim=1)[None]
@@ -142,10 +144,16 @@ def dense_caches(squeezed: SqueezedCache, model, room: int):
             cache.update(*layer_kv(index), i)
         return cache
 
-    def static(into: StaticCache | None = None):  # `into`: the context written again into that cache
-        cache = StaticCache(config=model.config, max_cache_len=room) if into is None else into
-        if into is not None:
+    kept = []  # the StaticCache of `static(reuse=True)`
+
+    def static(reuse: bool = False):
+        if reuse and kept:
+            cache = kept[0]
             cache.reset()
+        else:
+            cache = StaticCache(config=model.config, max_cache_len=room)
+            if reuse:
+                kept.append(cache)
         for i, index in enumerate(squeezed.fixed.layers):
             cache.update(*layer_kv(index), i)
         return cache

@@ -37,13 +37,7 @@ def main(args) -> int:
     ids = torch.cat([context, torch.randint(vocab, (args.input,), generator=g).to(device)])[None]
     squeezed = SqueezedCache.from_context(model, context, SqueezeConfig(keep=args.keep), progress=False)
     _, static = dense_caches(squeezed, model, ids.shape[1] + 2)
-    reused = {}
-
-    def dense():
-        reused["static"] = static(into=reused.get("static"))
-        return reused["static"]
-
-    methods = {"dense": dense, "squeezed, exact prefill": squeezed.fork,
+    methods = {"dense": lambda: static(reuse=True), "squeezed, exact prefill": squeezed.fork,
                "squeezed, lookup prefill": lambda: squeezed.fork(prefill="lookup")}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     lines = [f"# time to first token, {args.shape}, context {args.context}, input {args.input}, keep {args.keep}, "
