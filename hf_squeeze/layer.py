@@ -87,9 +87,8 @@ class SqueezedLayer(CacheLayerMixin):
         if old is not None and old.shape[:2] == key_states.shape[:2] and old.dtype == key_states.dtype \
                 and old.device == key_states.device and self._value_buffer.shape[-1] == value_states.shape[-1]:
             self._set_length(0)  # a reset layer keeps its buffers for the next request of the same shape
-        else:  # a planned request gets its whole capacity at once (no growth, no copy at `reserve`)
-            room = max(self.planned[0], self._MIN_CAPACITY) if self.planned else None
-            self._store(key_states[:, :, :0], value_states[:, :, :0], room)
+        else:
+            self._store(key_states[:, :, :0], value_states[:, :, :0], self._room(key_states.shape[-2]))
         self.is_initialized = True
 
     # The dynamic part lives in buffers with room to grow (doubling), so a decode step writes one
@@ -97,6 +96,11 @@ class SqueezedLayer(CacheLayerMixin):
     # `reserve` fixes the capacity and keeps the length on the device: the step then has fixed
     # shapes and no host work that depends on the length, which is what a CUDA graph needs.
     _MIN_CAPACITY = 256
+
+    def _room(self, tokens: int) -> int:
+        """The capacity for `tokens` dynamic tokens: at least _MIN_CAPACITY, and a planned request's
+        whole capacity at once (so that neither its input nor `reserve` grows and copies the buffers)."""
+        return max(tokens, self._MIN_CAPACITY, self.planned[0] if self.planned else 0)
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None):
         """Replace the dynamic part by `keys`/`values` [B, H, L, D], with room for `capacity` tokens."""
@@ -127,8 +131,7 @@ class SqueezedLayer(CacheLayerMixin):
             return self._update_reserved(key_states, value_states)
         start, stop = self.length, self.length + new
         if stop > self._key_buffer.shape[2]:
-            room = max(stop, 2 * self._key_buffer.shape[2], self._MIN_CAPACITY, self.planned and self.planned[0] or 0)
-            self._store(self.keys, self.values, capacity=room)
+            self._store(self.keys, self.values, capacity=self._room(max(stop, 2 * self._key_buffer.shape[2])))
         self._key_buffer[:, :, start:stop] = key_states
         self._value_buffer[:, :, start:stop] = value_states
         self._set_length(stop)
