@@ -35,6 +35,8 @@ from .lookup import KeptRanges
 DECODE_TILE = (8, 4)
 PINNED_DECODE_TILE = (16, 8)
 DECODE_MAX_SPLITS = 64  # programs that share one (row, KV head)'s decode, at most
+DECODE_PREFETCH = False  # the next decode tile's loads issued before this tile's arithmetic
+DECODE_MAXNREG = None  # registers per thread of a decode program (None: as many as the compiler takes)
 DECODE_STAGES = 1  # software pipelining of the gathered loads does not pay here (bench_kernels.py)
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
@@ -119,6 +121,35 @@ def _split_range(total, SPLITS: tl.constexpr):
 
 
 @triton.jit
+def _pieces(i, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First row and length of the kept pieces that decode step `i` reads, one per tile row (length 0
+    past the list or when i >= stop)."""
+    piece = i * (BLOCK_N // PIECE) + n // PIECE
+    listed = piece < tl.minimum(n_pieces, stop * (BLOCK_N // PIECE))
+    first = tl.load(sel_start_ptr + bh * PC + piece, mask=listed, other=0)
+    length = tl.load(sel_len_ptr + bh * PC + piece, mask=listed, other=0)
+    return first, length
+
+
+@triton.jit
+def _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D: tl.constexpr, PIECE: tl.constexpr,
+               HAS_PINS: tl.constexpr):
+    """Load the K/V rows of a decode tile's kept pieces -> (k, v, which rows the scores see)."""
+    within = n % PIECE
+    valid = within < length
+    visible = valid
+    if HAS_PINS:
+        # A pinned key counts elsewhere, once: here it is left out of the scores, not out of the loads,
+        # so that the K/V loads need not wait for the pin mask's (faster on the H200 at 128K and
+        # 512K, BENCHMARKS.md; the few rows in both are read twice).
+        visible = valid & (tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0)
+    offsets = (h * NC + first + within)[:, None] * D + d[None, :]
+    k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
+    return k, v, visible
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr,
     sel_start_ptr, sel_len_ptr, nsel_ptr, kvalid_ptr, pin_rows_ptr, pin_count_ptr, pin_mask_ptr,
@@ -127,7 +158,7 @@ def _decode_kernel(
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
-    COUNT_PINS: tl.constexpr, COUNT_STEP: tl.constexpr,
+    COUNT_PINS: tl.constexpr, COUNT_STEP: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One query token: kept keys read where they are (pinned ones left out of the scores), the
     pinned keys, then the dense part and the dynamic keys. The counters need no launch of their
@@ -159,20 +190,23 @@ def _decode_kernel(
     n_pin = tl.cdiv(n_pinned, BLOCK_N)
     n_dense = tl.cdiv(SW, BLOCK_N)
     start, end = _split_range(n_sel + n_pin + n_dense + tl.cdiv(LD, BLOCK_N), SPLITS)
-    for i in range(start, tl.minimum(end, n_sel)):
-        piece = i * (BLOCK_N // PIECE) + n // PIECE
-        within = n % PIECE
-        first = tl.load(sel_start_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
-        length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
-        valid = within < length
-        visible = valid
-        if HAS_PINS:
-            # A pinned key counts below, once: here it is left out of the scores, not out of the loads,
-            # so that the K/V loads need not wait for the pin mask's (faster on the H200 at 128K and
-            # 512K, BENCHMARKS.md; the few rows in both are read twice).
-            visible = valid & (tl.load(pin_mask_ptr + bh * NC + first + within, mask=valid, other=1) == 0)
-        offsets = (h * NC + first + within)[:, None] * D + d[None, :]
-        m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, visible[None, :], m_i, l_i, acc, scaling, PRECISION)
+    stop = tl.minimum(end, n_sel)
+    if PREFETCH:
+        # The next tile's K/V loads go out before this tile's arithmetic, and the piece list two tiles
+        # ahead: each program's few steps then overlap their memory latency instead of adding it up.
+        first, length = _pieces(start, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
+        k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
+        first, length = _pieces(start + 1, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
+        for i in range(start, stop):
+            k_now, v_now, visible_now = k, v, visible
+            k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
+            first, length = _pieces(i + 2, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
+            m_i, l_i, acc = _online_step(q, k_now, v_now, visible_now[None, :], m_i, l_i, acc, scaling, PRECISION)
+    else:
+        for i in range(start, stop):
+            first, length = _pieces(i, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
+            k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
+            m_i, l_i, acc = _online_step(q, k, v, visible[None, :], m_i, l_i, acc, scaling, PRECISION)
     if HAS_PINS:  # (without pins the pointers are placeholders: no code may load from them)
         for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_pin)):
             j = (i - n_sel) * BLOCK_N + n
@@ -407,8 +441,9 @@ def sparse_attention(
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=pieces * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=splits,
             HAS_PINS=pinned is not None, COUNT_PINS=pinned is not None and stats is not None,
-            COUNT_STEP=steps is not None, **common,
+            COUNT_STEP=steps is not None, PREFETCH=DECODE_PREFETCH, **common,
             num_warps=warps, num_stages=DECODE_STAGES,
+            **({} if DECODE_MAXNREG is None else dict(maxnreg=DECODE_MAXNREG)),
         )
     else:
         if context is not None or read_all:  # every cluster kept, in cluster order: the index's keys, in place
