@@ -6,7 +6,9 @@ the kernel path the input's prefill already read every key once and left each qu
 log-sum-exp (`sparse_attention(lse=...)`), so one pass over the keys gives each key's probability
 exp(q . k * scaling - lse) directly. A program owns a tile of one KV head's keys, loads it once and
 streams the input's tokens past it for each query head of the group: the keys are read once, and
-the weights are written once, with no atomics.
+the weights are written once, with no atomics. The keys are the rows of each score tile and the
+tokens its columns, so the sum over tokens is a row reduction (within a few threads of one warp, as
+a flash attention's row sums), not a reduction across the program's warps at every step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from .common import dot_precision
 from .layout import KernelIndex
 
 # keys per program, input tokens per step, warps, pipelined loads: the fastest of 54 configurations
-# at 1,024 tokens over 128K keys (H200, bf16, two runs: 2.91 ms per layer; 4.02-4.06 ms with 64 / 64 / 4 / 3)
+# at 1,024 tokens over 128K keys (H200, bf16: 2.35 ms per layer with keys as the score tile's rows,
+# 2.93 ms with tokens as its rows, the same tile; BENCHMARKS.md)
 BLOCK_N, BLOCK_T, WARPS, STAGES = 128, 128, 4, 2
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e)
 
@@ -52,11 +55,12 @@ def _key_weights_kernel(
             if HAS_W:
                 w = tl.load(w_ptr + b * T + t, mask=tmask, other=0.0)
                 lse = tl.where(w > 0, lse, float("inf"))
-            s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.exp2(s - (lse * LOG2E)[:, None])
+            # keys are the rows of the score tile: the sum over tokens stays within a row's threads
+            s = tl.dot(k, tl.trans(q.to(k.dtype)), input_precision=PRECISION) * qk_scale
+            p = tl.exp2(s - (lse * LOG2E)[None, :])
             if HAS_W:
-                p = p * w[:, None]
-            acc += tl.sum(p, 0)
+                p = p * w[None, :]
+            acc += tl.sum(p, 1)
         tl.store(out_ptr + (bh * G + g) * NC + n, acc, mask=nmask)
 
 
