@@ -3,12 +3,11 @@ the kept keys fastest.
 
 One layer's decode step (Llama-3.1-8B attention shape, bf16, keep 0.1 by top-k, a 64-token input
 before it) is looked up once; then `kernels.attention.sparse_attention` alone (the decode kernel and
-its merge) is timed graph-replayed for each variant of the program: pieces per tile, warps,
-most splits per KV head, the next tile's loads issued ahead (`DECODE_PREFETCH`) and a cap on the
-registers per thread (`DECODE_MAXNREG`: more programs resident per multiprocessor). With and
-without pins (half of keep pinned, as the default's decode). The last table: microseconds per
-variant and context, the bytes the kernel needs per microsecond (TB/s), and the whole step (lookup
-+ attention) for the default variant. Same index and keys as `bench_kernels.py`.
+its merge) is timed graph-replayed for each variant of the program: pieces per tile, warps, most
+splits per KV head. With and without pins (half of keep pinned, as the default's decode). The last
+table: microseconds per variant and context, the bytes the kernel needs per microsecond (TB/s), and
+the whole step (lookup + attention) for the default variant. Same index and keys as
+`bench_kernels.py`.
 
     PYTHONPATH=.:benchmarks python3 benchmarks/bench_decode_tiles.py --contexts 131072,524288 --out $OUT
     TRITON_INTERPRET=1 HF_SQUEEZE_KERNELS=1 PYTHONPATH=.:benchmarks python3 benchmarks/bench_decode_tiles.py --smoke
@@ -32,20 +31,14 @@ from hf_squeeze.selection import SelectionRule
 
 attention = importlib.import_module("hf_squeeze.kernels.attention")
 
-# name -> the knobs it sets (pieces per tile, warps, most splits, prefetch, registers per thread); the
-# others keep the module's defaults
+# name -> the knobs it sets (pieces per tile, warps, most splits); the others keep the module's defaults
 VARIANTS = {
     "default": {},
-    "prefetch": dict(prefetch=True),
     "warps8": dict(warps=8),
-    "prefetch+warps8": dict(prefetch=True, warps=8),
-    "regs128": dict(maxnreg=128),
-    "regs168": dict(maxnreg=168),
-    "prefetch+regs168": dict(prefetch=True, maxnreg=168),
     "splits32": dict(splits=32),
     "splits128": dict(splits=128),
-    "prefetch+splits32": dict(prefetch=True, splits=32),
     "pieces4": dict(pieces=4),
+    "pieces16": dict(pieces=16),
     "pieces4+splits128": dict(pieces=4, splits=128),
     "default-again": {},
 }
@@ -57,12 +50,10 @@ def configure(variant: dict, pinned: bool):
     pieces, warps = DEFAULTS[tile_name]
     setattr(attention, tile_name, (variant.get("pieces", pieces), variant.get("warps", warps)))
     attention.DECODE_MAX_SPLITS = variant.get("splits", DEFAULTS["DECODE_MAX_SPLITS"])
-    attention.DECODE_PREFETCH = variant.get("prefetch", DEFAULTS["DECODE_PREFETCH"])
-    attention.DECODE_MAXNREG = variant.get("maxnreg", DEFAULTS["DECODE_MAXNREG"])
 
 
 DEFAULTS = {name: getattr(attention, name) for name in
-            ("DECODE_TILE", "PINNED_DECODE_TILE", "DECODE_MAX_SPLITS", "DECODE_PREFETCH", "DECODE_MAXNREG")}
+            ("DECODE_TILE", "PINNED_DECODE_TILE", "DECODE_MAX_SPLITS")}
 
 
 def main():

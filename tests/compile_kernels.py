@@ -45,10 +45,9 @@ def variants():
             # compiled step's); else the launcher passes the output for their pointers
             types = common_types(sel_start_ptr="*i32", sel_len_ptr="*i32", nsel_ptr="*i32", **pin_types,
                                  stats_ptr="*i64" if pins else BF16, steps_ptr="*i64" if kvalid else BF16)
-            prefetch = kvalid  # (both loops, each with and without pins)
-            yield f"decode pins={pins} kvalid={kvalid} prefetch={prefetch}", _decode_kernel, types, dict(
+            yield f"decode pins={pins} kvalid={kvalid}", _decode_kernel, types, dict(
                 D=64, BLOCK_M=16, BLOCK_N=64, PIECE=8, SPLITS=4, HAS_KVALID=kvalid, HAS_PINS=pins, PRECISION="tf32",
-                COUNT_PINS=pins, COUNT_STEP=kvalid, PREFETCH=prefetch)
+                COUNT_PINS=pins, COUNT_STEP=kvalid)
     for lse in (False, True):  # without lse the launcher passes the output (bf16) for its pointer
         for splits in (1, 2):
             for context in (False, True):  # without it the output again for both; with it, for nkeys

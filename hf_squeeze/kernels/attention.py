@@ -35,9 +35,10 @@ from .lookup import KeptRanges
 DECODE_TILE = (8, 4)
 PINNED_DECODE_TILE = (16, 8)
 DECODE_MAX_SPLITS = 64  # programs that share one (row, KV head)'s decode, at most
-DECODE_PREFETCH = False  # the next decode tile's loads issued before this tile's arithmetic
-DECODE_MAXNREG = None  # registers per thread of a decode program (None: as many as the compiler takes)
-DECODE_STAGES = 1  # software pipelining of the gathered loads does not pay here (bench_kernels.py)
+# Software pipelining of the gathered loads does not pay here (bench_kernels.py), nor loading the next
+# tile ahead by hand, nor capping the registers (254 per thread) for more programs per multiprocessor
+# (bench_decode_tiles.py at b9538f1, BENCHMARKS.md).
+DECODE_STAGES = 1
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 GATHER_PIECES = 4
@@ -158,7 +159,7 @@ def _decode_kernel(
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
-    COUNT_PINS: tl.constexpr, COUNT_STEP: tl.constexpr, PREFETCH: tl.constexpr,
+    COUNT_PINS: tl.constexpr, COUNT_STEP: tl.constexpr,
 ):
     """One query token: kept keys read where they are (pinned ones left out of the scores), the
     pinned keys, then the dense part and the dynamic keys. The counters need no launch of their
@@ -191,22 +192,10 @@ def _decode_kernel(
     n_dense = tl.cdiv(SW, BLOCK_N)
     start, end = _split_range(n_sel + n_pin + n_dense + tl.cdiv(LD, BLOCK_N), SPLITS)
     stop = tl.minimum(end, n_sel)
-    if PREFETCH:
-        # The next tile's K/V loads go out before this tile's arithmetic, and the piece list two tiles
-        # ahead: each program's few steps then overlap their memory latency instead of adding it up.
-        first, length = _pieces(start, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
+    for i in range(start, stop):
+        first, length = _pieces(i, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
         k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
-        first, length = _pieces(start + 1, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
-        for i in range(start, stop):
-            k_now, v_now, visible_now = k, v, visible
-            k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
-            first, length = _pieces(i + 2, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
-            m_i, l_i, acc = _online_step(q, k_now, v_now, visible_now[None, :], m_i, l_i, acc, scaling, PRECISION)
-    else:
-        for i in range(start, stop):
-            first, length = _pieces(i, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
-            k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
-            m_i, l_i, acc = _online_step(q, k, v, visible[None, :], m_i, l_i, acc, scaling, PRECISION)
+        m_i, l_i, acc = _online_step(q, k, v, visible[None, :], m_i, l_i, acc, scaling, PRECISION)
     if HAS_PINS:  # (without pins the pointers are placeholders: no code may load from them)
         for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_pin)):
             j = (i - n_sel) * BLOCK_N + n
@@ -441,9 +430,8 @@ def sparse_attention(
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=pieces * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=splits,
             HAS_PINS=pinned is not None, COUNT_PINS=pinned is not None and stats is not None,
-            COUNT_STEP=steps is not None, PREFETCH=DECODE_PREFETCH, **common,
+            COUNT_STEP=steps is not None, **common,
             num_warps=warps, num_stages=DECODE_STAGES,
-            **({} if DECODE_MAXNREG is None else dict(maxnreg=DECODE_MAXNREG)),
         )
     else:
         if context is not None or read_all:  # every cluster kept, in cluster order: the index's keys, in place
