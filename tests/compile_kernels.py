@@ -31,7 +31,7 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict):
 
 def common_types(**extra):
     types = {n: BF16 for n in ("q_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr", "yk_ptr", "yv_ptr", "out_ptr")}
-    types.update(po_ptr="*fp32", plse_ptr="*fp32", scaling="fp32", kvalid_ptr="*i1", **extra)  # (or *i8)
+    types.update(po_ptr="*fp32", plse_ptr="*fp32", qk_scale="fp32", kvalid_ptr="*i1", **extra)  # (or *i8)
     return types
 
 

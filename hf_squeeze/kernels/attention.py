@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .layout import KernelIndex
-from .common import dot_precision, pow2
+from .common import LN2, LOG2E, dot_precision, pow2
 from .lookup import KeptRanges
 
 # The decode tile: (pieces of `KernelIndex.piece_rows` kept rows per step, warps per program), for
@@ -39,37 +39,43 @@ DECODE_MAX_SPLITS = 64  # programs that share one (row, KV head)'s decode, at mo
 # tile ahead by hand, nor capping the registers (254 per thread) for more programs per multiprocessor
 # (bench_decode_tiles.py at b9538f1, BENCHMARKS.md).
 DECODE_STAGES = 1
+# The prefill tile: query rows x keys per step, warps, pipelined loads.
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
+PREFILL_WARPS = 4
+PREFILL_STAGES = 3
 GATHER_PIECES = 4
 
 
 @triton.jit
-def _online_step(q, k, v, visible, m_i, l_i, acc, scaling, PRECISION: tl.constexpr):
-    """One tile of online softmax; `visible` [BLOCK_M, BLOCK_N] (or broadcastable)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-    s = tl.where(visible, s, float("-inf"))
+def _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
+    """One tile of online softmax in base 2 (`qk_scale` = scaling * log2 e; the running max `m_i` is in
+    base-2 units, `_finish` turns it back); `visible` [BLOCK_M, BLOCK_N] (or broadcastable), not read
+    unless MASKED."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _step_rows(q, k_ptr, v_ptr, offsets, valid, visible, m_i, l_i, acc, scaling, PRECISION: tl.constexpr):
+def _step_rows(q, k_ptr, v_ptr, offsets, valid, visible, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
     """Load the K/V rows at element `offsets` [BLOCK_N, D] (rows where `valid`) and take a step."""
     k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
     v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
-    return _online_step(q, k, v, visible, m_i, l_i, acc, scaling, PRECISION)
+    return _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PRECISION)
 
 
 @triton.jit
 def _dense_and_dynamic(
     q, t, start, end, first, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, T, sy_b, sy_h, sy_n,
-    m_i, l_i, acc, scaling, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
+    m_i, l_i, acc, qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Steps `first`... of the work list in [start, end): the dense part (sinks + window), then the
     dynamic keys, causal for query tokens `t` (the last T of the LD dynamic tokens)."""
@@ -80,7 +86,7 @@ def _dense_and_dynamic(
         rows = (i - first) * BLOCK_N + n
         valid = rows < SW
         offsets = (h * SW + rows)[:, None] * D + d[None, :]
-        m_i, l_i, acc = _step_rows(q, dk_ptr, dv_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+        m_i, l_i, acc = _step_rows(q, dk_ptr, dv_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, qk_scale, PRECISION)
     for i in range(tl.maximum(start, first + n_dense), end):
         rows = (i - first - n_dense) * BLOCK_N + n
         valid = rows < LD
@@ -88,7 +94,7 @@ def _dense_and_dynamic(
             valid = valid & (tl.load(kvalid_ptr + b * LD + rows, mask=valid, other=0) != 0)
         visible = valid[None, :] & (rows[None, :] <= (LD - T + t)[:, None])
         offsets = b * sy_b + h * sy_h + rows[:, None] * sy_n + d[None, :]
-        m_i, l_i, acc = _step_rows(q, yk_ptr, yv_ptr, offsets, valid, visible, m_i, l_i, acc, scaling, PRECISION)
+        m_i, l_i, acc = _step_rows(q, yk_ptr, yv_ptr, offsets, valid, visible, m_i, l_i, acc, qk_scale, PRECISION)
     return m_i, l_i, acc
 
 
@@ -100,7 +106,7 @@ def _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, lse_ptr, b, h, bh, sp, r, 
     d = tl.arange(0, D)
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
     if SPLITS == 1:
         t = r // G
         g = r % G
@@ -155,7 +161,7 @@ def _decode_kernel(
     q_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr,
     sel_start_ptr, sel_len_ptr, nsel_ptr, kvalid_ptr, pin_rows_ptr, pin_count_ptr, pin_mask_ptr,
     out_ptr, po_ptr, plse_ptr, stats_ptr, steps_ptr,
-    scaling, H, G, PC, NC, SW, LD, NP,
+    qk_scale, H, G, PC, NC, SW, LD, NP,
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
@@ -195,17 +201,17 @@ def _decode_kernel(
     for i in range(start, stop):
         first, length = _pieces(i, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
         k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
-        m_i, l_i, acc = _online_step(q, k, v, visible[None, :], m_i, l_i, acc, scaling, PRECISION)
+        m_i, l_i, acc = _online_step(q, k, v, visible[None, :], m_i, l_i, acc, qk_scale, PRECISION)
     if HAS_PINS:  # (without pins the pointers are placeholders: no code may load from them)
         for i in range(tl.maximum(start, n_sel), tl.minimum(end, n_sel + n_pin)):
             j = (i - n_sel) * BLOCK_N + n
             valid = j < n_pinned
             key = tl.load(pin_rows_ptr + bh * NP + j, mask=valid, other=0)
             offsets = (h * NC + key)[:, None] * D + d[None, :]
-            m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+            m_i, l_i, acc = _step_rows(q, k_ptr, v_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, qk_scale, PRECISION)
     m_i, l_i, acc = _dense_and_dynamic(
         q, r * 0, start, end, n_sel + n_pin, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, 1,
-        sy_b, sy_h, sy_n, m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
+        sy_b, sy_h, sy_n, m_i, l_i, acc, qk_scale, D, BLOCK_N, HAS_KVALID, PRECISION,
     )
     _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, out_ptr, b, h, bh, tl.program_id(2), r, rmask, G, G,
             so_b, so_t, so_h, D, SPLITS, False)
@@ -241,7 +247,7 @@ def _gather_kernel(
 def _prefill_kernel(
     q_ptr, gk_ptr, gv_ptr, dk_ptr, dv_ptr, yk_ptr, yv_ptr, nkeys_ptr, kvalid_ptr,
     out_ptr, po_ptr, plse_ptr, lse_ptr, co_ptr, clse_ptr,
-    scaling, H, G, T, SW, LD, CAP, sg_b,
+    qk_scale, H, G, T, SW, LD, CAP, sg_b,
     sq_b, sq_h, sq_t, sy_b, sy_h, sy_n, so_b, so_t, so_h, sc_h, sc_r, sl_h, sl_r,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, HAS_CONTEXT: tl.constexpr,
@@ -275,7 +281,7 @@ def _prefill_kernel(
         n_keys = 0
         if tl.program_id(2) == 0:  # the state after every clustered key: max = lse, sum = 1, acc = out
             row = (b * G + g) * T + t
-            m_i = tl.load(clse_ptr + h * sl_h + row * sl_r, mask=rmask, other=float("-inf"))
+            m_i = tl.load(clse_ptr + h * sl_h + row * sl_r, mask=rmask, other=float("-inf")) * LOG2E
             l_i = tl.where(rmask, 1.0, 0.0)
             acc = tl.load(co_ptr + h * sc_h + row[:, None] * sc_r + d[None, :], mask=rmask[:, None], other=0.0)
             acc = acc.to(tl.float32)
@@ -285,14 +291,20 @@ def _prefill_kernel(
     n_fixed = n_kept + tl.cdiv(SW, BLOCK_N)
     last_token = tl.minimum(((mb + 1) * BLOCK_M - 1) // G, T - 1)
     start, end = _split_range(n_fixed + tl.cdiv(LD - T + last_token + 1, BLOCK_N), SPLITS)
-    for i in range(start, tl.minimum(end, n_kept)):
+    full = n_keys // BLOCK_N  # tiles of kept keys with no row to mask
+    for i in range(start, tl.minimum(end, full)):
+        offsets = (b * sg_b + h * CAP + i * BLOCK_N + n)[:, None] * D + d[None, :]
+        k = tl.load(gk_ptr + offsets)
+        v = tl.load(gv_ptr + offsets)
+        m_i, l_i, acc = _online_step(q, k, v, None, m_i, l_i, acc, qk_scale, PRECISION, MASKED=False)
+    for i in range(tl.maximum(start, full), tl.minimum(end, n_kept)):
         rows = i * BLOCK_N + n
         valid = rows < n_keys
         offsets = (b * sg_b + h * CAP + rows)[:, None] * D + d[None, :]
-        m_i, l_i, acc = _step_rows(q, gk_ptr, gv_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, scaling, PRECISION)
+        m_i, l_i, acc = _step_rows(q, gk_ptr, gv_ptr, offsets, valid, valid[None, :], m_i, l_i, acc, qk_scale, PRECISION)
     m_i, l_i, acc = _dense_and_dynamic(
         q, t, start, end, n_kept, dk_ptr, dv_ptr, yk_ptr, yv_ptr, kvalid_ptr, b, h, SW, LD, T, sy_b, sy_h, sy_n,
-        m_i, l_i, acc, scaling, D, BLOCK_N, HAS_KVALID, PRECISION,
+        m_i, l_i, acc, qk_scale, D, BLOCK_N, HAS_KVALID, PRECISION,
     )
     _finish(acc, m_i, l_i, out_ptr, po_ptr, plse_ptr, lse_ptr, b, h, bh, tl.program_id(2), r, rmask, G, R,
             so_b, so_t, so_h, D, SPLITS, STORE_LSE)
@@ -425,7 +437,7 @@ def sparse_attention(
             query, kindex.keys, kindex.values, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
             work.starts, work.lengths, work.nsel, kvalid, *pins, out, po, plse,
             out if stats is None else stats, out if steps is None else steps,
-            scaling, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
+            scaling * LOG2E.value, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
             pinned.rows.shape[-1] if pinned is not None else 0,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=pieces * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=splits,
@@ -456,10 +468,10 @@ def sparse_attention(
         _prefill_kernel[grid](
             query, gk, gv, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
             out if context is not None else work.nkeys, kvalid, out, po, plse, out if lse is None else lse, *c_args,
-            scaling, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
+            scaling * LOG2E.value, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
             query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides, *c_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None,
-            HAS_CONTEXT=context is not None, **common, num_warps=8 if block_m >= 128 else 4, num_stages=3,
+            HAS_CONTEXT=context is not None, **common, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
         )
     if splits > 1:
         _merge_kernel[(batch * heads, rows)](

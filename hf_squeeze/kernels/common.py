@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
+import triton.language as tl
+
+# exp(x) = exp2(x * LOG2E), log(x) = log2(x) * LN2: the kernels' softmax runs in base 2 (one multiply
+# less per score)
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

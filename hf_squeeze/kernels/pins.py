@@ -17,14 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision
+from .common import LOG2E, dot_precision
 from .layout import KernelIndex
 
 # keys per program, input tokens per step, warps, pipelined loads: the fastest of 54 configurations
 # at 1,024 tokens over 128K keys (H200, bf16: 2.35 ms per layer with keys as the score tile's rows,
 # 2.93 ms with tokens as its rows, the same tile; BENCHMARKS.md)
 BLOCK_N, BLOCK_T, WARPS, STAGES = 128, 128, 4, 2
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e)
 
 
 @triton.jit
