@@ -1,4 +1,4 @@
-"""Compile the attention kernels (and the pins' key weights, the selection) for a GPU (sm_90) without one: `python -m tests.compile_kernels`.
+"""Compile the attention kernels (and the pins' key weights, the selection, a prefill's scoring) for a GPU (sm_90) without one: `python -m tests.compile_kernels`.
 
 Run by tests/test_kernels_compile.py in a process of its own, since the test session's kernels are
 the interpreter's. Prints one line per variant compiled; exits non-zero on the first failure.
@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget
 
 from hf_squeeze.kernels.attention import _decode_kernel, _merge_kernel, _prefill_kernel
 from hf_squeeze.kernels.pins import _key_weights_kernel
+from hf_squeeze.kernels.scoring import _aggregate_kernel, _mixed_norm_kernel, _row_norm_kernel
 from hf_squeeze.kernels.selection import _select_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -63,6 +64,13 @@ def variants():
         yield f"key weights weighted={weighted}", _key_weights_kernel, dict(
             q_ptr=BF16, k_ptr=BF16, lse_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", scaling="fp32"), dict(
             D=64, BLOCK_N=128, BLOCK_T=128, HAS_W=weighted, PRECISION="tf32", STAGES=2)
+    scores = dict(q_ptr=BF16, cent_ptr=BF16, cent1_ptr=BF16, logn_ptr="*fp32", logn1_ptr="*fp32", norm_ptr="*fp32",
+                  ids_ptr="*i32", ncand_ptr="*i32", keep_ptr="*i8", keep1_ptr="*i8", logw_ptr="*fp32", logp_ptr="*fp32")
+    tile = dict(D=64, BLOCK_T=64, BLOCK_C=128, PRECISION="tf32")
+    for kernel in (_row_norm_kernel, _mixed_norm_kernel):  # a prefill's normaliser (flat; two-level, fine level)
+        yield kernel.fn.__name__, kernel, dict(scores, scaling="fp32", qk_scale="fp32"), tile
+    for ids in (False, True):  # (flat: the launcher passes the normaliser for ids, ncand and keep)
+        yield f"aggregate ids={ids}", _aggregate_kernel, dict(scores, scaling="fp32", qk_scale="fp32"), dict(tile, HAS_IDS=ids)
     for budget, ids, large in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):
         # (the launcher passes placeholders of other types for unused pointers: ids, ncand, keep_ids, scratch)
         types = dict(logp_ptr="*fp32", counts_ptr="*i32", sizes_ptr="*i32", ids_ptr="*i32", ncand_ptr="*i32",
