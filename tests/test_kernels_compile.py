@@ -1,4 +1,4 @@
-"""The attention kernels (and the pins' key weights, the selection) compile for a GPU (sm_90), not only run under the interpreter.
+"""The attention kernels (and the pins' key weights, the selection, a prefill's scoring) compile for a GPU (sm_90), not only run under the interpreter.
 
 The interpreter runs what a launch reaches; the compiler also types the code that a launch never
 reaches (a loop over no pinned keys still loads from the placeholder pointers it was given). Each
@@ -20,6 +20,7 @@ def test_attention_kernels_compile_for_sm90():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = done.stdout.splitlines()
-    assert len(compiled) == 20 and "compiled decode pins=False kvalid=True" in compiled, done.stdout
+    assert len(compiled) == 24 and "compiled decode pins=False kvalid=True" in compiled, done.stdout
+    assert "compiled aggregate ids=True" in compiled and "compiled _mixed_norm_kernel" in compiled
     assert "compiled select budget=True ids=False clusters=8192" in compiled
     assert "compiled prefill lse=True splits=2 context=True" in compiled and "compiled key weights weighted=True" in compiled
