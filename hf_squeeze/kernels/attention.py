@@ -37,7 +37,7 @@ PINNED_DECODE_TILE = (16, 8)
 DECODE_MAX_SPLITS = 64  # programs that share one (row, KV head)'s decode, at most
 # Software pipelining of the gathered loads does not pay here (bench_kernels.py), nor loading the next
 # tile ahead by hand, nor capping the registers (254 per thread) for more programs per multiprocessor
-# (bench_decode_tiles.py at b9538f1, BENCHMARKS.md).
+# (benchmarks/bench_attention_tiles.py; the last two at b9538f1, BENCHMARKS.md).
 DECODE_STAGES = 1
 # The prefill tile: query rows x keys per step, warps, pipelined loads.
 PREFILL_BLOCK_M = 64
@@ -404,6 +404,7 @@ def sparse_attention(
         as_is = key_valid.dtype in (torch.bool, torch.int8) and key_valid.is_contiguous()
         kvalid = key_valid if as_is else key_valid.to(torch.int8).contiguous()
     common = dict(HAS_KVALID=key_valid is not None, PRECISION=dot_precision(query.dtype))
+    qk_scale = scaling * LOG2E.value  # the kernels' softmax runs in base 2
     dyn_strides = (dyn_keys.stride(0), dyn_keys.stride(1), dyn_keys.stride(2))
     out_strides = (out.stride(0), out.stride(1), out.stride(2))
     if tokens == 1:
@@ -437,7 +438,7 @@ def sparse_attention(
             query, kindex.keys, kindex.values, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
             work.starts, work.lengths, work.nsel, kvalid, *pins, out, po, plse,
             out if stats is None else stats, out if steps is None else steps,
-            scaling * LOG2E.value, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
+            qk_scale, heads, group, work.starts.shape[-1], kindex.clustered_tokens, kindex.dense_keys.shape[1], dyn_len,
             pinned.rows.shape[-1] if pinned is not None else 0,
             query.stride(0), query.stride(1), *dyn_strides, *out_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=pieces * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=splits,
@@ -468,7 +469,7 @@ def sparse_attention(
         _prefill_kernel[grid](
             query, gk, gv, kindex.dense_keys, kindex.dense_values, dyn_keys, dyn_values,
             out if context is not None else work.nkeys, kvalid, out, po, plse, out if lse is None else lse, *c_args,
-            scaling * LOG2E.value, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
+            qk_scale, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
             query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides, *c_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None,
             HAS_CONTEXT=context is not None, **common, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
