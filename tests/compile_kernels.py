@@ -18,11 +18,15 @@ from hf_squeeze.kernels.selection import _select_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 BF16 = "*bf16"
+FLOATS = ("scaling", "qk_scale", "threshold")  # the kernels' float scalar arguments
 
 
 def compile_for_gpu(kernel, types: dict, constexprs: dict):
     """Compile `kernel` for SM90: `types` per pointer or float argument (the others are int32)."""
     names = kernel.arg_names
+    # pointers and float scalars must be typed (a renamed argument would otherwise compile as an int)
+    untyped = [n for n in names if n not in constexprs and n not in types and (n.endswith("_ptr") or n in FLOATS)]
+    assert not untyped, f"{kernel.fn.__name__}: no type given for {untyped}"
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     source = triton.compiler.ASTSource(
         fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
