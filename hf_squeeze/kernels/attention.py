@@ -133,13 +133,12 @@ def _split_range(total, SPLITS: tl.constexpr):
 
 
 @triton.jit
-def _pieces(i, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _pieces(i, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE: tl.constexpr, BLOCK_N: tl.constexpr):
     """First row and length of the kept pieces that decode step `i` reads, one per tile row (length 0
-    past the list or when i >= stop)."""
+    past the list)."""
     piece = i * (BLOCK_N // PIECE) + n // PIECE
-    listed = piece < tl.minimum(n_pieces, stop * (BLOCK_N // PIECE))
-    first = tl.load(sel_start_ptr + bh * PC + piece, mask=listed, other=0)
-    length = tl.load(sel_len_ptr + bh * PC + piece, mask=listed, other=0)
+    first = tl.load(sel_start_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
+    length = tl.load(sel_len_ptr + bh * PC + piece, mask=piece < n_pieces, other=0)
     return first, length
 
 
@@ -202,9 +201,8 @@ def _decode_kernel(
     n_pin = tl.cdiv(n_pinned, BLOCK_N)
     n_dense = tl.cdiv(SW, BLOCK_N)
     start, end = _split_range(n_sel + n_pin + n_dense + tl.cdiv(LD, BLOCK_N), SPLITS)
-    stop = tl.minimum(end, n_sel)
-    for i in range(start, stop):
-        first, length = _pieces(i, stop, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
+    for i in range(start, tl.minimum(end, n_sel)):
+        first, length = _pieces(i, n_pieces, sel_start_ptr, sel_len_ptr, bh, PC, n, PIECE, BLOCK_N)
         k, v, visible = _kept_rows(first, length, k_ptr, v_ptr, pin_mask_ptr, bh, h, NC, n, d, D, PIECE, HAS_PINS)
         m_i, l_i, acc = _online_step(q, k, v, visible[None, :], m_i, l_i, acc, qk_scale, PRECISION)
     if HAS_PINS:  # (without pins the pointers are placeholders: no code may load from them)
