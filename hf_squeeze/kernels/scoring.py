@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, empty, pow2
+from .common import LN2, LOG2E, dot_precision, empty, pow2
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring
 PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
@@ -107,12 +107,13 @@ def _clear_flags(ptr, cb, NCB, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _mass_step(q, cent, logn, m, l, scaling, PRECISION: tl.constexpr):
-    """Fold a block of centroids into the running log sum_k N_k exp(s_k) (max m, sum l) of each query row."""
-    w = tl.dot(q, tl.trans(cent), input_precision=PRECISION) * scaling + logn[None, :]
+def _mass_step(q, cent, logn, m, l, qk_scale, PRECISION: tl.constexpr):
+    """Fold a block of centroids into the running log sum_k N_k exp(s_k) (max m, sum l) of each query
+    row, in base 2: `qk_scale` = scaling * log2 e, m in base-2 units (log2 of the sum = m + log2 l)."""
+    w = tl.dot(q, tl.trans(cent), input_precision=PRECISION) * qk_scale + (logn * LOG2E)[None, :]
     m_new = tl.maximum(m, tl.max(w, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-    l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(w - m_safe[:, None]), 1)
+    l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(w - m_safe[:, None]), 1)
     return m_new, l
 
 
@@ -128,12 +129,12 @@ def _prefill_rows(q_ptr, b, h, g, G, T, tb, sq_b, sq_h, sq_t, D: tl.constexpr, B
 
 
 @triton.jit
-def _mass_of_rows(q, cent_ptr, logn_ptr, rows, valid, m, l, scaling, D: tl.constexpr, PRECISION: tl.constexpr):
+def _mass_of_rows(q, cent_ptr, logn_ptr, rows, valid, m, l, qk_scale, D: tl.constexpr, PRECISION: tl.constexpr):
     """`_mass_step` over the centroids of rows `rows` of a [., D] table (where `valid`)."""
     d = tl.arange(0, D)
     cent = tl.load(cent_ptr + rows[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
     logn = tl.load(logn_ptr + rows, mask=valid, other=float("-inf"))
-    return _mass_step(q, cent, logn, m, l, scaling, PRECISION)
+    return _mass_step(q, cent, logn, m, l, qk_scale, PRECISION)
 
 
 @triton.jit
@@ -149,52 +150,54 @@ def _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D: tl.constexpr, BLOCK_T:
 @triton.jit
 def _row_norm_kernel(
     q_ptr, cent_ptr, logn_ptr, norm_ptr,
-    scaling, H, C, G, T, sq_b, sq_h, sq_t,
+    qk_scale, H, C, G, T, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Prefill: log sum_k N_k exp(s_k) for a block of tokens of one query head: norm [B, H, G, T]."""
+    """Prefill: log2 sum_k N_k exp(s_k) for a block of tokens of one query head: norm [B, H, G, T]
+    (base 2, as `_aggregate_kernel` reads it)."""
     bhg = tl.program_id(0)
     bh, h, q, t, m, l = _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D, BLOCK_T)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        m, l = _mass_of_rows(q, cent_ptr, logn_ptr, h * C + c, c < C, m, l, scaling, D, PRECISION)
-    tl.store(norm_ptr + bhg * T + t, m + tl.log(l), mask=t < T)
+        m, l = _mass_of_rows(q, cent_ptr, logn_ptr, h * C + c, c < C, m, l, qk_scale, D, PRECISION)
+    tl.store(norm_ptr + bhg * T + t, m + tl.log2(l), mask=t < T)
 
 
 @triton.jit
 def _mixed_norm_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, cent1_ptr, logn1_ptr, keep1_ptr, norm_ptr,
-    scaling, H, C, C1, CAP, G, T, sq_b, sq_h, sq_t,
+    qk_scale, H, C, C1, CAP, G, T, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Prefill, the fine level of a two-level index: the mixed normaliser of a block of tokens of one query
     head: fine terms of the candidate fine centroids (the children of the kept coarse clusters,
-    listed in `ids`), coarse terms of the rejected coarse clusters. norm [B, H, G, T]."""
+    listed in `ids`), coarse terms of the rejected coarse clusters. norm [B, H, G, T], base 2."""
     bhg = tl.program_id(0)
     bh, h, q, t, m, l = _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D, BLOCK_T)
     n = tl.load(ncand_ptr + bh)
     for c0 in range(0, n, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ids = tl.load(ids_ptr + bh * CAP + c, mask=c < n, other=0)
-        m, l = _mass_of_rows(q, cent_ptr, logn_ptr, h * C + ids, c < n, m, l, scaling, D, PRECISION)
+        m, l = _mass_of_rows(q, cent_ptr, logn_ptr, h * C + ids, c < n, m, l, qk_scale, D, PRECISION)
     for c0 in range(0, C1, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         rejected = (c < C1) & (tl.load(keep1_ptr + bh * C1 + c, mask=c < C1, other=1) == 0)
-        m, l = _mass_of_rows(q, cent1_ptr, logn1_ptr, h * C1 + c, rejected, m, l, scaling, D, PRECISION)
-    tl.store(norm_ptr + bhg * T + t, m + tl.log(l), mask=t < T)
+        m, l = _mass_of_rows(q, cent1_ptr, logn1_ptr, h * C1 + c, rejected, m, l, qk_scale, D, PRECISION)
+    tl.store(norm_ptr + bhg * T + t, m + tl.log2(l), mask=t < T)
 
 
 @triton.jit
 def _aggregate_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, keep_ptr, norm_ptr, logw_ptr, logp_ptr,
-    scaling, H, C, CAP, NCB, G, T, sq_b, sq_h, sq_t,
+    qk_scale, H, C, CAP, NCB, G, T, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
     HAS_IDS: tl.constexpr,
 ):
     """Prefill: log p of a block of centroids, mean over the tokens (log domain), max over G.
 
     Centroids are the rows of the score tile and tokens its columns, so the running log-sum-exp
-    over tokens is a row reduction, as in flash attention. With HAS_IDS the centroids are the
+    over tokens is a row reduction, as in flash attention; in base 2 (`qk_scale` = scaling * log2 e,
+    the normaliser `norm` in base 2), log p written in natural units. With HAS_IDS the centroids are the
     first ncand[bh] of the candidate list `ids` [B, H, CAP] (the fine level of a two-level index):
     blocks past them skip the work, and the programs clear the C fine-order keep flags (set later
     by the selection)."""
@@ -221,15 +224,15 @@ def _aggregate_kernel(
         l = tl.zeros([BLOCK_C], tl.float32)
         for t0 in range(0, T, BLOCK_T):
             q, t = _prefill_rows(q_ptr, b, h, g, G, T, t0 // BLOCK_T, sq_b, sq_h, sq_t, D, BLOCK_T)
-            shift = tl.load(logw_ptr + b * T + t, mask=t < T, other=float("-inf"))
+            shift = tl.load(logw_ptr + b * T + t, mask=t < T, other=float("-inf")) * LOG2E
             shift -= tl.load(norm_ptr + (bh * G + g) * T + t, mask=t < T, other=0.0)
-            x = tl.dot(cent, tl.trans(q), input_precision=PRECISION) * scaling + shift[None, :]
+            x = tl.dot(cent, tl.trans(q), input_precision=PRECISION) * qk_scale + shift[None, :]
             m_new = tl.maximum(m, tl.max(x, 1))
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+            l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
             m = m_new
-        best = tl.maximum(best, m + tl.log(l))
-    best = tl.where(logn > float("-inf"), best, float("-inf"))
+        best = tl.maximum(best, m + tl.log2(l))
+    best = tl.where(logn > float("-inf"), best * LN2, float("-inf"))
     tl.store(logp_ptr + bh * CAP + c, best, mask=c < n)
 
 
@@ -290,12 +293,12 @@ def score_every(query, centroids, log_counts, scaling, logw):
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
     _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, centroids, log_counts, norm,
-        scaling, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
+        scaling * LOG2E.value, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
-        scaling, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
+        scaling * LOG2E.value, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=False,
         num_warps=PREFILL_WARPS,
     )
@@ -334,12 +337,12 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
     _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, kindex.centroids, kindex.log_counts, ids, ncand, kindex.coarse_centroids, kindex.coarse_log_counts, keep1, norm,
-        scaling, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
+        scaling * LOG2E.value, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, kindex.centroids, kindex.log_counts, ids, ncand, keep, norm, logw, logp,
-        scaling, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
+        scaling * LOG2E.value, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=True,
         num_warps=PREFILL_WARPS,
     )
