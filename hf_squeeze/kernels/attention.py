@@ -57,13 +57,15 @@ def _online_step(q, k, v, visible, m_i, l_i, acc, qk_scale, PRECISION: tl.conste
     """One tile of online softmax in base 2 (`qk_scale` = scaling * log2 e; the running max `m_i` is in
     base-2 units, `_finish` turns it back); `visible` [BLOCK_M, BLOCK_N] (or broadcastable), not read
     unless MASKED."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # the max of the raw products, scaled after (qk_scale > 0): each score is then scaled and
+    # shifted by one fused multiply-add
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
