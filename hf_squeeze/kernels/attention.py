@@ -44,10 +44,12 @@ DECODE_MAX_SPLITS = 64  # programs that share one (row, KV head)'s decode, at mo
 # tile ahead by hand, nor capping the registers (254 per thread) for more programs per multiprocessor
 # (benchmarks/bench_attention_tiles.py; the last two at b9538f1, BENCHMARKS.md).
 DECODE_STAGES = 1
-# The prefill tile: query rows x keys per step, warps, pipelined loads.
-PREFILL_BLOCK_M = 64
+# The prefill tile: query rows x keys per step, warps, pipelined loads. 128 rows over 8 warps beat 64
+# over 4 by 8-21% at 256 and 1,024 tokens over 128K and 512K keys (H200, bench_attention_tiles.py);
+# up to 64 rows take the 64-row tile over 4 warps (8 warps on 64 rows were the slowest shape).
+PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
-PREFILL_WARPS = 4
+PREFILL_WARPS = 8
 PREFILL_STAGES = 3
 GATHER_PIECES = 4
 
@@ -416,7 +418,7 @@ def sparse_attention(
         block_m, m_blocks = pow2(group, 16), 1
         splits = splits or _default_splits(dev, batch * heads, max_splits=DECODE_MAX_SPLITS)
     else:
-        block_m = PREFILL_BLOCK_M if rows > 64 else 64
+        block_m, prefill_warps = (PREFILL_BLOCK_M, PREFILL_WARPS) if rows > 64 else (64, 4)
         m_blocks = triton.cdiv(rows, block_m)
         # Splitting pays only while the row blocks alone leave multiprocessors idle.
         splits = splits or _default_splits(dev, batch * heads * m_blocks, max_splits=16, per_sm=1)
@@ -477,7 +479,7 @@ def sparse_attention(
             qk_scale, heads, group, tokens, kindex.dense_keys.shape[1], dyn_len, cap, batch_stride,
             query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides, *c_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None,
-            HAS_CONTEXT=context is not None, **common, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+            HAS_CONTEXT=context is not None, **common, num_warps=prefill_warps, num_stages=PREFILL_STAGES,
         )
     if splits > 1:
         _merge_kernel[(batch * heads, rows)](
