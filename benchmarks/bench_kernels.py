@@ -26,8 +26,9 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
 `--decode-pieces` / `--decode-warps` set the decode kernel's tile and warps (with and without pins),
 `--decode-splits` the most programs sharing one KV head's decode, `--select-warps` the selection
 program's warps, `--piece-rows` the keys per piece of the kept lists (the decode tile is
-`--decode-pieces` pieces), `--score-block` / `--score-tokens` / `--score-warps` the scoring's tiles
-(centroids per program; a prefill's tokens per step and warps): for sweeps in one GPU call
+`--decode-pieces` pieces), `--score-block` the centroids per decode scoring program,
+`--prefill-score-block` / `--score-tokens` / `--score-warps` a prefill's scoring tile (centroids,
+tokens per step, warps): for sweeps in one GPU call
 (`tools/device_kernels.sh`).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
@@ -306,7 +307,9 @@ def main():
     p.add_argument("--decode-splits", type=int, help="most decode programs per (row, KV head) (a power of two)")
     p.add_argument("--select-warps", type=int, help="warps per selection program")
     p.add_argument("--piece-rows", type=int, help="keys per piece of the kept lists (a power of two, >= 8)")
-    p.add_argument("--score-block", type=int, help="centroids per scoring program (a power of two, >= 16)")
+    p.add_argument("--score-block", type=int, help="centroids per decode scoring program (a power of two, >= 16)")
+    p.add_argument("--prefill-score-block", type=int,
+                   help="centroids per prefill scoring program and step (a power of two, >= 16)")
     p.add_argument("--score-tokens", type=int, help="input tokens per step of a prefill's scoring (a power of two, >= 16)")
     p.add_argument("--score-warps", type=int, help="warps of a prefill's scoring programs")
     args = p.parse_args()
@@ -320,6 +323,7 @@ def main():
     layout.PIECE_ROWS = args.piece_rows or layout.PIECE_ROWS
     scoring = importlib.import_module("hf_squeeze.kernels.scoring")
     scoring.SCORE_BLOCK_C = args.score_block or scoring.SCORE_BLOCK_C
+    scoring.PREFILL_BLOCK_C = args.prefill_score_block or scoring.PREFILL_BLOCK_C
     scoring.PREFILL_BLOCK_T = args.score_tokens or scoring.PREFILL_BLOCK_T
     scoring.PREFILL_WARPS = args.score_warps or scoring.PREFILL_WARPS
     global SMOKE

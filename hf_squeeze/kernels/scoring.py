@@ -18,9 +18,13 @@ import triton.language as tl
 
 from .common import LN2, LOG2E, dot_precision, empty, pow2
 
-SCORE_BLOCK_C = 128  # centroids per program when scoring
-PREFILL_BLOCK_T = 64  # query tokens per step when scoring a prefill
-PREFILL_WARPS = 4  # warps of a prefill's scoring programs
+SCORE_BLOCK_C = 128  # centroids per program when scoring a decode step
+# A prefill's scoring tile: centroids per program (and per step of the normaliser), query tokens per
+# step, warps. 64 x 128 x 4 took 377 us where 128 x 64 x 4 took 415 (the lookup of 1,024 tokens over
+# 128K keys, H200, bench_kernels.py --score-block/--score-tokens/--score-warps; 11 tiles tried).
+PREFILL_BLOCK_C = 64
+PREFILL_BLOCK_T = 128
+PREFILL_WARPS = 4
 
 
 @triton.jit
@@ -273,10 +277,10 @@ def score_every(query, centroids, log_counts, scaling, logw):
     group = q_heads // heads
     dev = query.device
     precision = dot_precision(query.dtype)
-    ncb = triton.cdiv(clusters, SCORE_BLOCK_C)
     sq_b, sq_h, sq_t = query.stride(0), query.stride(1), query.stride(2)
     logp = empty(dev, torch.float32, batch, heads, clusters)
     if tokens == 1:
+        ncb = triton.cdiv(clusters, SCORE_BLOCK_C)
         s = empty(dev, torch.float32, batch, heads, group, clusters)
         pm = empty(dev, torch.float32, batch, heads, ncb, group)
         pl = torch.empty_like(pm)
@@ -290,16 +294,17 @@ def score_every(query, centroids, log_counts, scaling, logw):
             BLOCK_C=SCORE_BLOCK_C, BLOCK_G=pow2(group), BLOCK_CB=pow2(ncb), HAS_IDS=False,
         )
         return logp, s
+    ncb = triton.cdiv(clusters, PREFILL_BLOCK_C)
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
     _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, centroids, log_counts, norm,
         scaling * LOG2E.value, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
         scaling * LOG2E.value, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=False,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, HAS_IDS=False,
         num_warps=PREFILL_WARPS,
     )
     return logp, None
@@ -317,7 +322,7 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
     precision = dot_precision(query.dtype)
     # A fixed grid over the capacity (and the coarse clusters, for their normaliser terms):
     # blocks past a head's candidates load nothing.
-    ncb = triton.cdiv(max(cap, coarse), SCORE_BLOCK_C)
+    ncb = triton.cdiv(max(cap, coarse), SCORE_BLOCK_C if tokens == 1 else PREFILL_BLOCK_C)
     sq_b, sq_h, sq_t = query.stride(0), query.stride(1), query.stride(2)
     logp = empty(dev, torch.float32, batch, heads, cap)
     if tokens == 1:
@@ -338,12 +343,12 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
     _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, kindex.centroids, kindex.log_counts, ids, ncand, kindex.coarse_centroids, kindex.coarse_log_counts, keep1, norm,
         scaling * LOG2E.value, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, kindex.centroids, kindex.log_counts, ids, ncand, keep, norm, logw, logp,
         scaling * LOG2E.value, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=SCORE_BLOCK_C, PRECISION=precision, HAS_IDS=True,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, HAS_IDS=True,
         num_warps=PREFILL_WARPS,
     )
     return logp
