@@ -11,6 +11,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (before th
 import triton
 from triton.backends.compiler import GPUTarget
 
+from hf_squeeze.kernels import attention, scoring
 from hf_squeeze.kernels.attention import _decode_kernel, _merge_kernel, _prefill_kernel
 from hf_squeeze.kernels.pins import _key_weights_kernel
 from hf_squeeze.kernels.scoring import _aggregate_kernel, _mixed_norm_kernel, _row_norm_kernel
@@ -21,8 +22,9 @@ BF16 = "*bf16"
 FLOATS = ("scaling", "qk_scale", "threshold")  # the kernels' float scalar arguments
 
 
-def compile_for_gpu(kernel, types: dict, constexprs: dict):
-    """Compile `kernel` for SM90: `types` per pointer or float argument (the others are int32)."""
+def compile_for_gpu(kernel, types: dict, constexprs: dict, options: dict | None = None):
+    """Compile `kernel` for SM90: `types` per pointer or float argument (the others are int32);
+    `options`: num_warps, num_stages."""
     names = kernel.arg_names
     # pointers and float scalars must be typed (a renamed argument would otherwise compile as an int)
     untyped = [n for n in names if n not in constexprs and n not in types and (n.endswith("_ptr") or n in FLOATS)]
@@ -31,7 +33,7 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict):
     source = triton.compiler.ASTSource(
         fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
     )
-    return triton.compile(source, target=SM90)
+    return triton.compile(source, target=SM90, options=options)
 
 
 def common_types(**extra):
@@ -64,6 +66,12 @@ def variants():
         yield f"merge lse={lse}", _merge_kernel, dict(po_ptr="*fp32", plse_ptr="*fp32", out_ptr=BF16,
                                                       lse_ptr="*fp32" if lse else BF16), dict(
             D=64, SPLITS=4, BLOCK_S=4, STORE_LSE=lse)
+    # the prefill at the launcher's tile, bf16, head dim 128 (an 8B model's)
+    types = common_types(gk_ptr=BF16, gv_ptr=BF16, nkeys_ptr="*i32", lse_ptr=BF16, co_ptr=BF16, clse_ptr=BF16)
+    yield "prefill at the default tile", _prefill_kernel, types, dict(
+        D=128, BLOCK_M=attention.PREFILL_BLOCK_M, BLOCK_N=attention.PREFILL_BLOCK_N, SPLITS=1, HAS_KVALID=False,
+        PRECISION="tf32", STORE_LSE=False, HAS_CONTEXT=False), dict(
+        num_warps=attention.PREFILL_WARPS, num_stages=attention.PREFILL_STAGES)
     for weighted in (False, True):  # unweighted: the launcher passes lse for the weights' pointer
         yield f"key weights weighted={weighted}", _key_weights_kernel, dict(
             q_ptr=BF16, k_ptr=BF16, lse_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", scaling="fp32"), dict(
@@ -73,6 +81,10 @@ def variants():
     tile = dict(D=64, BLOCK_T=64, BLOCK_C=128, PRECISION="tf32")
     for kernel in (_row_norm_kernel, _mixed_norm_kernel):  # a prefill's normaliser (flat; two-level, fine level)
         yield kernel.fn.__name__, kernel, dict(scores, scaling="fp32", qk_scale="fp32"), tile
+    # a prefill's normaliser at the launcher's tile, head dim 128
+    yield "_row_norm_kernel at the default tile", _row_norm_kernel, dict(scores, scaling="fp32", qk_scale="fp32"), dict(
+        D=128, BLOCK_T=scoring.PREFILL_BLOCK_T, BLOCK_C=scoring.PREFILL_BLOCK_C, PRECISION="tf32"), dict(
+        num_warps=scoring.PREFILL_WARPS)
     for ids in (False, True):  # (flat: the launcher passes the normaliser for ids, ncand and keep)
         yield f"aggregate ids={ids}", _aggregate_kernel, dict(scores, scaling="fp32", qk_scale="fp32"), dict(tile, HAS_IDS=ids)
     for budget, ids, large in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):
@@ -85,6 +97,6 @@ def variants():
 
 
 if __name__ == "__main__":
-    for name, kernel, types, constexprs in variants():
-        assert compile_for_gpu(kernel, types, constexprs).asm["ptx"], name
+    for name, kernel, types, constexprs, *options in variants():
+        assert compile_for_gpu(kernel, types, constexprs, *options).asm["ptx"], name
         print(f"compiled {name}", flush=True)
