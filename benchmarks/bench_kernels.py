@@ -27,8 +27,8 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
 `--decode-splits` the most programs sharing one KV head's decode, `--select-warps` the selection
 program's warps, `--piece-rows` the keys per piece of the kept lists (the decode tile is
 `--decode-pieces` pieces), `--score-block` the centroids per decode scoring program,
-`--prefill-score-block` / `--score-tokens` / `--score-warps` a prefill's scoring tile (centroids,
-tokens per step, warps): for sweeps in one GPU call
+`--prefill-score-block` / `--score-tokens` / `--score-warps` / `--score-stages` a prefill's scoring
+tile (centroids, tokens per step, warps, pipelined loads): for sweeps in one GPU call
 (`tools/device_kernels.sh`).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
@@ -312,6 +312,7 @@ def main():
                    help="centroids per prefill scoring program and step (a power of two, >= 16)")
     p.add_argument("--score-tokens", type=int, help="input tokens per step of a prefill's scoring (a power of two, >= 16)")
     p.add_argument("--score-warps", type=int, help="warps of a prefill's scoring programs")
+    p.add_argument("--score-stages", type=int, help="pipelined loads of a prefill's scoring programs")
     args = p.parse_args()
     attention = importlib.import_module("hf_squeeze.kernels.attention")
     for name in ("DECODE_TILE", "PINNED_DECODE_TILE"):  # the same tile with and without pins
@@ -326,6 +327,7 @@ def main():
     scoring.PREFILL_BLOCK_C = args.prefill_score_block or scoring.PREFILL_BLOCK_C
     scoring.PREFILL_BLOCK_T = args.score_tokens or scoring.PREFILL_BLOCK_T
     scoring.PREFILL_WARPS = args.score_warps or scoring.PREFILL_WARPS
+    scoring.PREFILL_STAGES = args.score_stages or scoring.PREFILL_STAGES
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

@@ -25,6 +25,7 @@ SCORE_BLOCK_C = 128  # centroids per program when scoring a decode step
 PREFILL_BLOCK_C = 64
 PREFILL_BLOCK_T = 128
 PREFILL_WARPS = 4
+PREFILL_STAGES = 3  # (triton's default) pipelined loads of a prefill scoring's steps
 
 
 @triton.jit
@@ -299,13 +300,14 @@ def score_every(query, centroids, log_counts, scaling, logw):
     _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, centroids, log_counts, norm,
         scaling * LOG2E.value, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision,
+        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
         scaling * LOG2E.value, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, HAS_IDS=False,
-        num_warps=PREFILL_WARPS,
+        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
     )
     return logp, None
 
@@ -343,12 +345,13 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
     _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
         query, kindex.centroids, kindex.log_counts, ids, ncand, kindex.coarse_centroids, kindex.coarse_log_counts, keep1, norm,
         scaling * LOG2E.value, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, num_warps=PREFILL_WARPS,
+        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision,
+        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, kindex.centroids, kindex.log_counts, ids, ncand, keep, norm, logw, logp,
         scaling * LOG2E.value, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, HAS_IDS=True,
-        num_warps=PREFILL_WARPS,
+        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
     )
     return logp
