@@ -21,7 +21,7 @@ from .common import LN2, LOG2E, dot_precision, empty, pow2
 SCORE_BLOCK_C = 128  # centroids per program when scoring a decode step
 # A prefill's scoring tile: centroids per program (and per step of the normaliser), query tokens per
 # step, warps. 64 x 128 x 4 took 377 us where 128 x 64 x 4 took 415 (the lookup of 1,024 tokens over
-# 128K keys, H200, bench_kernels.py --score-block/--score-tokens/--score-warps; 11 tiles tried).
+# 128K keys, H200, bench_kernels.py --prefill-score-block/--score-tokens/--score-warps; 12 tiles tried).
 PREFILL_BLOCK_C = 64
 PREFILL_BLOCK_T = 128
 PREFILL_WARPS = 4
