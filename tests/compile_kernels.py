@@ -80,13 +80,13 @@ def variants():
                   ids_ptr="*i32", ncand_ptr="*i32", keep_ptr="*i8", keep1_ptr="*i8", logw_ptr="*fp32", logp_ptr="*fp32")
     tile = dict(D=64, BLOCK_T=64, BLOCK_C=128, PRECISION="tf32")
     for kernel in (_row_norm_kernel, _mixed_norm_kernel):  # a prefill's normaliser (flat; two-level, fine level)
-        yield kernel.fn.__name__, kernel, dict(scores, scaling="fp32", qk_scale="fp32"), tile
+        yield kernel.fn.__name__, kernel, dict(scores, qk_scale="fp32"), tile
     # a prefill's normaliser at the launcher's tile, head dim 128
-    yield "_row_norm_kernel at the default tile", _row_norm_kernel, dict(scores, scaling="fp32", qk_scale="fp32"), dict(
+    yield "_row_norm_kernel at the default tile", _row_norm_kernel, dict(scores, qk_scale="fp32"), dict(
         D=128, BLOCK_T=scoring.PREFILL_BLOCK_T, BLOCK_C=scoring.PREFILL_BLOCK_C, PRECISION="tf32"), dict(
         num_warps=scoring.PREFILL_WARPS)
     for ids in (False, True):  # (flat: the launcher passes the normaliser for ids, ncand and keep)
-        yield f"aggregate ids={ids}", _aggregate_kernel, dict(scores, scaling="fp32", qk_scale="fp32"), dict(tile, HAS_IDS=ids)
+        yield f"aggregate ids={ids}", _aggregate_kernel, dict(scores, qk_scale="fp32"), dict(tile, HAS_IDS=ids)
     for budget, ids, large in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):
         # (the launcher passes placeholders of other types for unused pointers: ids, ncand, keep_ids, scratch)
         types = dict(logp_ptr="*fp32", counts_ptr="*i32", sizes_ptr="*i32", ids_ptr="*i32", ncand_ptr="*i32",
