@@ -27,9 +27,9 @@ centroids + sinks/window + dynamic tokens, all at 2 bytes per element.
 `--decode-splits` the most programs sharing one KV head's decode, `--select-warps` the selection
 program's warps, `--piece-rows` the keys per piece of the kept lists (the decode tile is
 `--decode-pieces` pieces), `--score-block` the centroids per decode scoring program,
-`--prefill-score-block` / `--score-tokens` / `--score-warps` / `--score-stages` a prefill's scoring
-tile (centroids, tokens per step, warps, pipelined loads): for sweeps in one GPU call
-(`tools/device_kernels.sh`).
+`--prefill-score-block` / `--score-tokens` / `--score-warps` / `--score-stages` a prefill's aggregate
+tile (centroids, tokens per step, warps, pipelined loads) and `--norm-tile` its normaliser's: for
+sweeps in one GPU call (`tools/device_kernels.sh`; `bench_scoring_tiles.py` times the two alone).
 
 `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 (no CUDA graphs, wall-clock
 times of one call, meaningless as speed): it only checks that the script runs.
@@ -309,10 +309,11 @@ def main():
     p.add_argument("--piece-rows", type=int, help="keys per piece of the kept lists (a power of two, >= 8)")
     p.add_argument("--score-block", type=int, help="centroids per decode scoring program (a power of two, >= 16)")
     p.add_argument("--prefill-score-block", type=int,
-                   help="centroids per prefill scoring program and step (a power of two, >= 16)")
-    p.add_argument("--score-tokens", type=int, help="input tokens per step of a prefill's scoring (a power of two, >= 16)")
-    p.add_argument("--score-warps", type=int, help="warps of a prefill's scoring programs")
-    p.add_argument("--score-stages", type=int, help="pipelined loads of a prefill's scoring programs")
+                   help="centroids per prefill aggregate program (a power of two, >= 16)")
+    p.add_argument("--score-tokens", type=int, help="input tokens per step of a prefill's aggregate (a power of two, >= 16)")
+    p.add_argument("--score-warps", type=int, help="warps of a prefill's aggregate programs")
+    p.add_argument("--score-stages", type=int, help="pipelined loads of a prefill's aggregate programs")
+    p.add_argument("--norm-tile", help="a prefill normaliser's tile: tokens,centroids,warps,stages (e.g. 128,128,4,2)")
     args = p.parse_args()
     attention = importlib.import_module("hf_squeeze.kernels.attention")
     for name in ("DECODE_TILE", "PINNED_DECODE_TILE"):  # the same tile with and without pins
@@ -328,6 +329,9 @@ def main():
     scoring.PREFILL_BLOCK_T = args.score_tokens or scoring.PREFILL_BLOCK_T
     scoring.PREFILL_WARPS = args.score_warps or scoring.PREFILL_WARPS
     scoring.PREFILL_STAGES = args.score_stages or scoring.PREFILL_STAGES
+    if args.norm_tile:
+        scoring.NORM_BLOCK_T, scoring.NORM_BLOCK_C, scoring.NORM_WARPS, scoring.NORM_STAGES = map(
+            int, args.norm_tile.split(","))
     global SMOKE
     SMOKE = args.smoke
     modes = args.modes.split(",")

@@ -83,8 +83,11 @@ def variants():
         yield kernel.fn.__name__, kernel, dict(scores, qk_scale="fp32"), tile
     # a prefill's normaliser at the launcher's tile, head dim 128
     yield "_row_norm_kernel at the default tile", _row_norm_kernel, dict(scores, qk_scale="fp32"), dict(
-        D=128, BLOCK_T=scoring.PREFILL_BLOCK_T, BLOCK_C=scoring.PREFILL_BLOCK_C, PRECISION="tf32"), dict(
-        num_warps=scoring.PREFILL_WARPS)
+        D=128, BLOCK_T=scoring.NORM_BLOCK_T, BLOCK_C=scoring.NORM_BLOCK_C, PRECISION="tf32"), dict(
+        num_warps=scoring.NORM_WARPS, num_stages=scoring.NORM_STAGES)
+    yield "_aggregate_kernel at the default tile", _aggregate_kernel, dict(scores, qk_scale="fp32"), dict(
+        D=128, BLOCK_T=scoring.PREFILL_BLOCK_T, BLOCK_C=scoring.PREFILL_BLOCK_C, PRECISION="tf32", HAS_IDS=False), dict(
+        num_warps=scoring.PREFILL_WARPS, num_stages=scoring.PREFILL_STAGES)
     for ids in (False, True):  # (flat: the launcher passes the normaliser for ids, ncand and keep)
         yield f"aggregate ids={ids}", _aggregate_kernel, dict(scores, qk_scale="fp32"), dict(tile, HAS_IDS=ids)
     for budget, ids, large in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):

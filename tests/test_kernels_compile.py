@@ -20,8 +20,9 @@ def test_attention_kernels_compile_for_sm90():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = done.stdout.splitlines()
-    assert len(compiled) == 26 and "compiled decode pins=False kvalid=True" in compiled, done.stdout
+    assert len(compiled) == 27 and "compiled decode pins=False kvalid=True" in compiled, done.stdout
     assert "compiled aggregate ids=True" in compiled and "compiled _mixed_norm_kernel" in compiled
     assert "compiled select budget=True ids=False clusters=8192" in compiled
     assert "compiled prefill at the default tile" in compiled and "compiled _row_norm_kernel at the default tile" in compiled
+    assert "compiled _aggregate_kernel at the default tile" in compiled
     assert "compiled prefill lse=True splits=2 context=True" in compiled and "compiled key weights weighted=True" in compiled

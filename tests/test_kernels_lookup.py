@@ -162,13 +162,16 @@ def test_candidate_bound_holds_for_every_budget_selection():
 @pytest.mark.parametrize("centroids,tokens_per_step,warps", [(32, 16, 2), (256, 128, 8)])
 def test_other_scoring_tiles_keep_what_the_reference_keeps(monkeypatch, centroids, tokens_per_step, warps):
     """The scoring's tiles (as bench_kernels.py --score-block / --prefill-score-block / --score-tokens /
-    --score-warps set them) change no selection: decode and prefill, flat and two-level, budget and threshold."""
+    --score-warps / --norm-tile set them) change no selection: decode and prefill, flat and two-level, budget and threshold."""
     from hf_squeeze.kernels import scoring
 
     monkeypatch.setattr(scoring, "SCORE_BLOCK_C", centroids)
     monkeypatch.setattr(scoring, "PREFILL_BLOCK_C", centroids)
     monkeypatch.setattr(scoring, "PREFILL_BLOCK_T", tokens_per_step)
     monkeypatch.setattr(scoring, "PREFILL_WARPS", warps)
+    monkeypatch.setattr(scoring, "NORM_BLOCK_C", centroids)
+    monkeypatch.setattr(scoring, "NORM_BLOCK_T", tokens_per_step)
+    monkeypatch.setattr(scoring, "NORM_WARPS", warps)
     for index, rules in ((make_index(), FLAT_RULES), (make_hier_index(), TWO_LEVEL_RULES)):
         for tokens in (1, 37):
             query, _, _ = make_inputs(index, 3, tokens, dyn_len=tokens)

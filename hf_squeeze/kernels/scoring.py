@@ -19,13 +19,19 @@ import triton.language as tl
 from .common import LN2, LOG2E, dot_precision, empty, pow2
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring a decode step
-# A prefill's scoring tile: centroids per program (and per step of the normaliser), query tokens per
-# step, warps. 64 x 128 x 4 took 377 us where 128 x 64 x 4 took 415 (the lookup of 1,024 tokens over
-# 128K keys, H200, bench_kernels.py --prefill-score-block/--score-tokens/--score-warps; 12 tiles tried).
+# A prefill's scoring tiles (1,024 tokens over 128K keys, H200, benchmarks/bench_scoring_tiles.py: 54
+# tiles of each kernel). The aggregate: a program owns PREFILL_BLOCK_C centroids and steps over
+# PREFILL_BLOCK_T query tokens: 64 x 128, 4 warps, 3 pipelined loads (180.5 us; the next best 183.9).
 PREFILL_BLOCK_C = 64
 PREFILL_BLOCK_T = 128
 PREFILL_WARPS = 4
-PREFILL_STAGES = 3  # (triton's default) pipelined loads of a prefill scoring's steps
+PREFILL_STAGES = 3
+# The normaliser: a program owns NORM_BLOCK_T query tokens of one query head and steps over
+# NORM_BLOCK_C centroids: 128 x 128, 4 warps, 2 loads (152.9 us; the aggregate's tile 169.7).
+NORM_BLOCK_T = 128
+NORM_BLOCK_C = 128
+NORM_WARPS = 4
+NORM_STAGES = 2
 
 
 @triton.jit
@@ -297,11 +303,11 @@ def score_every(query, centroids, log_counts, scaling, logw):
         return logp, s
     ncb = triton.cdiv(clusters, PREFILL_BLOCK_C)
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
-    _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
+    _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, NORM_BLOCK_T))](
         query, centroids, log_counts, norm,
         scaling * LOG2E.value, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision,
-        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+        D=dim, BLOCK_T=NORM_BLOCK_T, BLOCK_C=NORM_BLOCK_C, PRECISION=precision,
+        num_warps=NORM_WARPS, num_stages=NORM_STAGES,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
@@ -342,11 +348,11 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
         )
         return logp
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
-    _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, PREFILL_BLOCK_T))](
+    _mixed_norm_kernel[(batch * heads * group, triton.cdiv(tokens, NORM_BLOCK_T))](
         query, kindex.centroids, kindex.log_counts, ids, ncand, kindex.coarse_centroids, kindex.coarse_log_counts, keep1, norm,
         scaling * LOG2E.value, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision,
-        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+        D=dim, BLOCK_T=NORM_BLOCK_T, BLOCK_C=NORM_BLOCK_C, PRECISION=precision,
+        num_warps=NORM_WARPS, num_stages=NORM_STAGES,
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, kindex.centroids, kindex.log_counts, ids, ncand, keep, norm, logw, logp,
