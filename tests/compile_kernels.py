@@ -26,6 +26,8 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict, options: dict | None 
     """Compile `kernel` for SM90: `types` per pointer or float argument (the others are int32);
     `options`: num_warps, num_stages."""
     names = kernel.arg_names
+    if "CHAIN" in names:  # on sm_90 the launchers chain these kernels (programmatic dependent launch)
+        constexprs = {"CHAIN": True, **constexprs}
     # pointers and float scalars must be typed (a renamed argument would otherwise compile as an int)
     untyped = [n for n in names if n not in constexprs and n not in types and (n.endswith("_ptr") or n in FLOATS)]
     assert not untyped, f"{kernel.fn.__name__}: no type given for {untyped}"
@@ -101,5 +103,8 @@ def variants():
 
 if __name__ == "__main__":
     for name, kernel, types, constexprs, *options in variants():
-        assert compile_for_gpu(kernel, types, constexprs, *options).asm["ptx"], name
-        print(f"compiled {name}", flush=True)
+        ptx = compile_for_gpu(kernel, types, constexprs, *options).asm["ptx"]
+        assert ptx, name
+        # a chained kernel lets the next one launch and waits for the previous one
+        chained = "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
+        print(f"compiled {name}" + (" (chained)" if chained else ""), flush=True)

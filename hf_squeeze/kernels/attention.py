@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .layout import KernelIndex
-from .common import LN2, LOG2E, dot_precision, pow2
+from .common import _chain, launch_options, LN2, LOG2E, dot_precision, pow2
 from .lookup import KeptRanges
 
 # The decode tile: (pieces of `KernelIndex.piece_rows` kept rows per step, warps per program), for
@@ -173,11 +173,12 @@ def _decode_kernel(
     sq_b, sq_h, sy_b, sy_h, sy_n, so_b, so_t, so_h,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, HAS_PINS: tl.constexpr, PRECISION: tl.constexpr,
-    COUNT_PINS: tl.constexpr, COUNT_STEP: tl.constexpr,
+    COUNT_PINS: tl.constexpr, COUNT_STEP: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """One query token: kept keys read where they are (pinned ones left out of the scores), the
     pinned keys, then the dense part and the dynamic keys. The counters need no launch of their
     own: with COUNT_PINS `stats` [1] int64 adds the pinned keys read, with COUNT_STEP `steps` one."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -228,9 +229,10 @@ def _decode_kernel(
 def _gather_kernel(
     k_ptr, v_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr, nsel_ptr, gk_ptr, gv_ptr,
     H, PC, NC, CAP,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr, SPLITS: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """Copy the kept rows of one (batch row, KV head) into a contiguous buffer [CAP, D]."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     h = bh % H
     d = tl.arange(0, D)
@@ -258,12 +260,14 @@ def _prefill_kernel(
     sq_b, sq_h, sq_t, sy_b, sy_h, sy_n, so_b, so_t, so_h, sc_h, sc_r, sl_h, sl_r,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     HAS_KVALID: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    CHAIN: tl.constexpr = False,
 ):
     """A block of query rows over the gathered kept keys (rows b * sg_b + h * CAP + i; sg_b = 0 when
     every key is read, in place), the dense part and the dynamic keys. With HAS_CONTEXT the rows'
     attention over every clustered key is given (`read_all.clustered_attention`: output `co`, log-sum-exp
     `clse`, row (b * G + g) * T + t of head h): the first split starts from it and no program reads
     a clustered key."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     mb = tl.program_id(1)
     b = bh // H
@@ -320,10 +324,11 @@ def _prefill_kernel(
 @triton.jit
 def _merge_kernel(
     po_ptr, plse_ptr, out_ptr, lse_ptr, H, G, T, so_b, so_t, so_h,
-    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """Combine the SPLITS partial outputs of one query row by their log-sum-exp (with STORE_LSE,
     also write the row's)."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     r = tl.program_id(1)
     b = bh // H
@@ -452,6 +457,7 @@ def sparse_attention(
             HAS_PINS=pinned is not None, COUNT_PINS=pinned is not None and stats is not None,
             COUNT_STEP=steps is not None, **common,
             num_warps=warps, num_stages=DECODE_STAGES,
+            **launch_options(dev),
         )
     else:
         if context is not None or read_all:  # every cluster kept, in cluster order: the index's keys, in place
@@ -467,6 +473,7 @@ def sparse_attention(
                 kindex.keys, kindex.values, work.starts, work.lengths, work.positions, work.nsel, gk, gv,
                 heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
                 D=dim, BLOCK_N=GATHER_PIECES * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=gather_splits,
+                **launch_options(dev),
             )
         if context is not None:
             c_out, c_lse = context
@@ -480,10 +487,12 @@ def sparse_attention(
             query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides, *c_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None,
             HAS_CONTEXT=context is not None, **common, num_warps=prefill_warps, num_stages=PREFILL_STAGES,
+            **launch_options(dev),
         )
     if splits > 1:
         _merge_kernel[(batch * heads, rows)](
             po, plse, out, out if lse is None else lse, heads, group, tokens, *out_strides,
             D=dim, SPLITS=splits, BLOCK_S=pow2(splits), STORE_LSE=lse is not None,
+            **launch_options(dev),
         )
     return out

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # exp(x) = exp2(x * LOG2E), log(x) = log2(x) * LN2: the kernels' softmax runs in base 2 (one multiply
 # less per score)
@@ -25,3 +28,38 @@ def pow2(n: int, least: int = 1) -> int:
 
 def empty(dev, dtype, *shape):
     return torch.empty(*shape, device=dev, dtype=dtype)
+
+
+# Programmatic dependent launch (Hopper and later): the kernels of a lookup and its attention are
+# launched so that each may start while the one before it finishes. A program first lets the next
+# kernel launch, then waits for the previous one to complete (`_chain`), so launches overlap and no
+# read or write moves before the data it needs.
+PDL = os.environ.get("HF_SQUEEZE_PDL", "1") != "0"
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether the kernels on `device` are chained by programmatic dependent launch (a CUDA device
+    of compute capability 9.0 or more, not the interpreter; HF_SQUEEZE_PDL=0 turns it off)."""
+    return PDL and device.type == "cuda" and _pdl_device(device.index if device.index is not None else
+                                                         torch.cuda.current_device())
+
+
+def launch_options(device: torch.device) -> dict:
+    """The launch keywords and the `CHAIN` constexpr of a chained kernel on `device`."""
+    chained = pdl(device)
+    return dict(CHAIN=chained, launch_pdl=True) if chained else dict(CHAIN=False)
+
+
+@triton.jit
+def _chain(CHAIN: tl.constexpr):
+    """Let the next kernel launch now, and wait until the previous kernel has completed (its writes
+    visible). A chained kernel calls this before it reads what another kernel wrote or writes
+    anything."""
+    if CHAIN:
+        gdc_launch_dependents()
+        gdc_wait()

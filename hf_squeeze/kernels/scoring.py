@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dot_precision, empty, pow2
+from .common import _chain, launch_options, LN2, LOG2E, dot_precision, empty, pow2
 
 SCORE_BLOCK_C = 128  # centroids per program when scoring a decode step
 # A prefill's scoring tiles (1,024 tokens over 128K keys, H200, benchmarks/bench_scoring_tiles.py: 54
@@ -38,13 +38,14 @@ NORM_STAGES = 2
 def _score_decode_kernel(
     q_ptr, cent_ptr, logn_ptr, s_ptr, pm_ptr, pl_ptr,
     scaling, H, C, G, NCB, sq_b, sq_h,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """One decode token: scores of a block of centroids for the G query heads of a KV head.
 
     Writes the masked scores s [B, H, G, C] and, per block, the max and the sum of exp of
     s + log N (the pieces of the normaliser) [B, H, NCB, G].
     """
+    _chain(CHAIN)
     bh = tl.program_id(0)
     cb = tl.program_id(1)
     b = bh // H
@@ -70,7 +71,7 @@ def _score_decode_kernel(
 def _score_fine_decode_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, s1_ptr, logn1_ptr, keep1_ptr, keep_ptr, s_ptr, pm_ptr, pl_ptr,
     scaling, H, C, C1, CAP, G, NCB, sq_b, sq_h,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """One decode token, the fine level of a two-level index: scores of a block of the candidate fine
     centroids (the children of the kept coarse clusters: the first ncand[bh] entries of `ids`).
@@ -79,6 +80,7 @@ def _score_fine_decode_kernel(
     terms N_k exp(s1_k) of the rejected coarse clusters of the same block index, so no fine
     centroid under a rejected coarse cluster is read. Blocks past the candidates load nothing.
     The programs also clear the C fine-order keep flags (the selection sets them)."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     cb = tl.program_id(1)
     b = bh // H
@@ -162,10 +164,11 @@ def _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D: tl.constexpr, BLOCK_T:
 def _row_norm_kernel(
     q_ptr, cent_ptr, logn_ptr, norm_ptr,
     qk_scale, H, C, G, T, sq_b, sq_h, sq_t,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """Prefill: log2 sum_k N_k exp(s_k) for a block of tokens of one query head: norm [B, H, G, T]
     (base 2, as `_aggregate_kernel` reads it)."""
+    _chain(CHAIN)
     bhg = tl.program_id(0)
     bh, h, q, t, m, l = _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D, BLOCK_T)
     for c0 in range(0, C, BLOCK_C):
@@ -178,11 +181,12 @@ def _row_norm_kernel(
 def _mixed_norm_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, cent1_ptr, logn1_ptr, keep1_ptr, norm_ptr,
     qk_scale, H, C, C1, CAP, G, T, sq_b, sq_h, sq_t,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """Prefill, the fine level of a two-level index: the mixed normaliser of a block of tokens of one query
     head: fine terms of the candidate fine centroids (the children of the kept coarse clusters,
     listed in `ids`), coarse terms of the rejected coarse clusters. norm [B, H, G, T], base 2."""
+    _chain(CHAIN)
     bhg = tl.program_id(0)
     bh, h, q, t, m, l = _norm_start(q_ptr, bhg, H, G, T, sq_b, sq_h, sq_t, D, BLOCK_T)
     n = tl.load(ncand_ptr + bh)
@@ -202,7 +206,7 @@ def _aggregate_kernel(
     q_ptr, cent_ptr, logn_ptr, ids_ptr, ncand_ptr, keep_ptr, norm_ptr, logw_ptr, logp_ptr,
     qk_scale, H, C, CAP, NCB, G, T, sq_b, sq_h, sq_t,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_IDS: tl.constexpr,
+    HAS_IDS: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """Prefill: log p of a block of centroids, mean over the tokens (log domain), max over G.
 
@@ -212,6 +216,7 @@ def _aggregate_kernel(
     first ncand[bh] of the candidate list `ids` [B, H, CAP] (the fine level of a two-level index):
     blocks past them skip the work, and the programs clear the C fine-order keep flags (set later
     by the selection)."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     cb = tl.program_id(1)
     b = bh // H
@@ -251,10 +256,12 @@ def _aggregate_kernel(
 def _decode_logp_kernel(
     s_ptr, pm_ptr, pl_ptr, ncand_ptr, logp_ptr, C, G, NCB,
     BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CB: tl.constexpr, HAS_IDS: tl.constexpr,
+    CHAIN: tl.constexpr = False,
 ):
     """Decode: finish each query head's normaliser from the per-block pieces, then
     log p = max over the group of (s - normaliser), for a block of centroids (with HAS_IDS: of
     the first ncand[bh] candidates)."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if HAS_IDS:
@@ -295,10 +302,12 @@ def score_every(query, centroids, log_counts, scaling, logw):
             query, centroids, log_counts, s, pm, pl,
             scaling, heads, clusters, group, ncb, sq_b, sq_h,
             D=dim, BLOCK_G=pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
+            **launch_options(dev),
         )
         _decode_logp_kernel[(batch * heads, ncb)](
             s, pm, pl, pm, logp, clusters, group, ncb,
             BLOCK_C=SCORE_BLOCK_C, BLOCK_G=pow2(group), BLOCK_CB=pow2(ncb), HAS_IDS=False,
+            **launch_options(dev),
         )
         return logp, s
     ncb = triton.cdiv(clusters, PREFILL_BLOCK_C)
@@ -308,12 +317,14 @@ def score_every(query, centroids, log_counts, scaling, logw):
         scaling * LOG2E.value, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=NORM_BLOCK_T, BLOCK_C=NORM_BLOCK_C, PRECISION=precision,
         num_warps=NORM_WARPS, num_stages=NORM_STAGES,
+        **launch_options(dev),
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
         scaling * LOG2E.value, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, HAS_IDS=False,
         num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+        **launch_options(dev),
     )
     return logp, None
 
@@ -341,10 +352,12 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
             query, kindex.centroids, kindex.log_counts, ids, ncand, s1, kindex.coarse_log_counts, keep1, keep, s, pm, pl,
             scaling, heads, clusters, coarse, cap, group, ncb, sq_b, sq_h,
             D=dim, BLOCK_G=pow2(group, 16), BLOCK_C=SCORE_BLOCK_C, PRECISION=precision,
+            **launch_options(dev),
         )
         _decode_logp_kernel[(batch * heads, ncb)](
             s, pm, pl, ncand, logp, cap, group, ncb,
             BLOCK_C=SCORE_BLOCK_C, BLOCK_G=pow2(group), BLOCK_CB=pow2(ncb), HAS_IDS=True,
+            **launch_options(dev),
         )
         return logp
     norm = empty(dev, torch.float32, batch, heads, group, tokens)
@@ -353,11 +366,13 @@ def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
         scaling * LOG2E.value, heads, clusters, coarse, cap, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=NORM_BLOCK_T, BLOCK_C=NORM_BLOCK_C, PRECISION=precision,
         num_warps=NORM_WARPS, num_stages=NORM_STAGES,
+        **launch_options(dev),
     )
     _aggregate_kernel[(batch * heads, ncb)](
         query, kindex.centroids, kindex.log_counts, ids, ncand, keep, norm, logw, logp,
         scaling * LOG2E.value, heads, clusters, cap, ncb, group, tokens, sq_b, sq_h, sq_t,
         D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, HAS_IDS=True,
         num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+        **launch_options(dev),
     )
     return logp

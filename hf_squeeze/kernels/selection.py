@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import empty, pow2
+from .common import _chain, launch_options, empty, pow2
 
 COMPACT_BLOCK = 128  # clusters per program when writing the selection list
 MAX_CLUSTERS = 32768  # the selection holds one KV head's clusters in registers
@@ -105,7 +105,7 @@ def _select_kernel(
     block_ptr, nsel_ptr, nsizes_ptr, stats_ptr, scratch_ptr,
     threshold, budget, gap, H, C, CAP,
     USE_BUDGET: tl.constexpr, HAS_IDS: tl.constexpr, PIECE: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, RESOLVE: tl.constexpr,
+    BLOCK_S: tl.constexpr, RESOLVE: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """One (batch row, KV head): which candidates to keep, and for each block of BLOCK_S candidates
     the pieces and sizes kept before it (so that `_compact_kernel` can place its ranges).
@@ -115,6 +115,7 @@ def _select_kernel(
     cluster order); then the keep flags are also scattered to cluster order (`keep_ids_ptr`).
     `counts` (keys per cluster) decide; `sizes` (what the compaction lists: keys of a cluster, or
     fine clusters of a coarse cluster) are cut into pieces of at most PIECE."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     h = bh % H
     c = tl.arange(0, BLOCK_C)
@@ -157,11 +158,12 @@ def _select_kernel(
 def _compact_kernel(
     keep_ptr, sizes_ptr, starts_ptr, ids_ptr, ncand_ptr, block_ptr, sel_start_ptr, sel_len_ptr, sel_pos_ptr,
     H, C, CAP, PC, NB, MAX_PIECES,
-    HAS_IDS: tl.constexpr, LISTS: tl.constexpr, PIECE: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_IDS: tl.constexpr, LISTS: tl.constexpr, PIECE: tl.constexpr, BLOCK_S: tl.constexpr, CHAIN: tl.constexpr = False,
 ):
     """A block of candidates of one (batch row, KV head): write its kept ones as pieces of at most
     PIECE sizes into the selection list, in candidate order (starts; with LISTS also lengths and
     sizes before). With PIECE = 1 this lists every unit: the fine clusters of the kept coarse ones."""
+    _chain(CHAIN)
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     h = bh % H
@@ -203,6 +205,7 @@ def select(logp, counts, sizes, threshold, budget, largest, piece, stats, ids=No
         USE_BUDGET=budget is not None, HAS_IDS=has_ids, PIECE=piece, BLOCK_C=block_c, BLOCK_S=COMPACT_BLOCK,
         RESOLVE=RESOLVE,
         num_warps=SELECT_WARPS or (4 if block_c < 4096 else 8 if block_c <= 8192 else 32),
+        **launch_options(logp.device),
     )
     return keep, block_offsets, nsel, nsizes
 
@@ -219,4 +222,5 @@ def compact(keep, block_offsets, sizes, starts, piece, max_pieces, out_starts, o
         out_starts, out_lengths if lists else out_starts, out_positions if lists else out_starts,
         heads, sizes.shape[1], cap, out_starts.shape[-1], blocks, max_pieces,
         HAS_IDS=has_ids, LISTS=lists, PIECE=piece, BLOCK_S=COMPACT_BLOCK,
+        **launch_options(keep.device),
     )
