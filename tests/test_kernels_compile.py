@@ -29,3 +29,20 @@ def test_attention_kernels_compile_for_sm90():
     assert "prefill lse=True splits=2 context=True" in chained and "key weights weighted=True" in chained
     # every kernel of a lookup and its attention is chained by programmatic dependent launch on sm_90
     assert [name for name, yes in chained.items() if not yes] == ["key weights weighted=False", "key weights weighted=True"]
+
+
+def test_kernels_are_chained_on_gpus_that_can(monkeypatch):
+    """Programmatic dependent launch where the device has it (compute capability 9.0+), unless
+    HF_SQUEEZE_PDL=0 or the launcher leaves a kernel out; never on the CPU (the interpreter)."""
+    import torch
+
+    from hf_squeeze.kernels import common
+
+    gpu = torch.device("cuda", 0)
+    assert common.launch_options(torch.device("cpu")) == {"CHAIN": False}
+    monkeypatch.setattr(common, "_pdl_device", lambda index: index == 0)
+    assert common.launch_options(gpu) == {"CHAIN": True, "launch_pdl": True}
+    assert common.launch_options(gpu, chain=False) == {"CHAIN": False}
+    assert common.launch_options(torch.device("cuda", 1)) == {"CHAIN": False}  # an older GPU
+    monkeypatch.setattr(common, "PDL", False)  # HF_SQUEEZE_PDL=0
+    assert common.launch_options(gpu) == {"CHAIN": False}

@@ -52,6 +52,11 @@ PREFILL_BLOCK_N = 64
 PREFILL_WARPS = 8
 PREFILL_STAGES = 3
 GATHER_PIECES = 4
+# Whether a prefill's gather and attention are chained to the kernels before them (programmatic
+# dependent launch, `common.launch_options`); a decode's always are. Chained, the prefill of 1,024
+# tokens over 128K keys took 883.6 / 881.7 us against 862.8 / 863.2 with only its lookup chained
+# (H200, bench_kernels.py, two runs each; 868.9 / 867.5 with nothing chained).
+CHAIN_PREFILL = False
 
 
 @triton.jit
@@ -473,7 +478,7 @@ def sparse_attention(
                 kindex.keys, kindex.values, work.starts, work.lengths, work.positions, work.nsel, gk, gv,
                 heads, work.starts.shape[-1], kindex.clustered_tokens, cap,
                 D=dim, BLOCK_N=GATHER_PIECES * kindex.piece_rows, PIECE=kindex.piece_rows, SPLITS=gather_splits,
-                **launch_options(dev),
+                **launch_options(dev, CHAIN_PREFILL),
             )
         if context is not None:
             c_out, c_lse = context
@@ -487,7 +492,7 @@ def sparse_attention(
             query.stride(0), query.stride(1), query.stride(2), *dyn_strides, *out_strides, *c_strides,
             D=dim, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, SPLITS=splits, STORE_LSE=lse is not None,
             HAS_CONTEXT=context is not None, **common, num_warps=prefill_warps, num_stages=PREFILL_STAGES,
-            **launch_options(dev),
+            **launch_options(dev, CHAIN_PREFILL),
         )
     if splits > 1:
         _merge_kernel[(batch * heads, rows)](

@@ -49,9 +49,10 @@ def pdl(device: torch.device) -> bool:
                                                          torch.cuda.current_device())
 
 
-def launch_options(device: torch.device) -> dict:
-    """The launch keywords and the `CHAIN` constexpr of a chained kernel on `device`."""
-    chained = pdl(device)
+def launch_options(device: torch.device, chain: bool = True) -> dict:
+    """The launch keywords and the `CHAIN` constexpr of a kernel on `device` (chained unless `chain` is
+    False)."""
+    chained = chain and pdl(device)
     return dict(CHAIN=chained, launch_pdl=True) if chained else dict(CHAIN=False)
 
 

@@ -62,8 +62,9 @@ def _budget_crossing(key, counts, nonempty, budget, gap, scratch_ptr, RESOLVE: t
     largest cluster: fewer keys inside cannot fill more clusters) it also counts the clusters
     inside; when at most RESOLVE are left, they are written to `scratch_ptr` [2 * RESOLVE] and the
     crossing is read off their weights in one pass, where a search would take about
-    log2(RESOLVE) more steps. (Steps that cut into 4-16 parts at once, or at interpolated values
-    with W and the cluster count in one int64 reduction, were measured slower: BENCHMARKS.md.)"""
+    log2(RESOLVE) more steps. (Steps that cut into 4-16 parts at once, at interpolated values
+    with W and the cluster count in one int64 reduction, or a start from a histogram of log p that
+    the scoring fills with atomics, were measured slower: BENCHMARKS.md.)"""
     lo = tl.min(tl.where(nonempty, key, 2147483647))
     hi = tl.minimum(tl.max(tl.where(nonempty, key, -2147483647)).to(tl.int64) + 1, 2147483647).to(tl.int32)
     w_lo = tl.sum(counts)
