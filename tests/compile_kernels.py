@@ -35,7 +35,7 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict, options: dict | None 
     source = triton.compiler.ASTSource(
         fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
     )
-    return triton.compile(source, target=SM90, options=options)
+    return triton.compile(source, target=SM90, options={"enable_fp_fusion": True, **(options or {})})  # as launched
 
 
 def common_types(**extra):

@@ -39,10 +39,11 @@ def test_kernels_are_chained_on_gpus_that_can(monkeypatch):
     from hf_squeeze.kernels import common
 
     gpu = torch.device("cuda", 0)
-    assert common.launch_options(torch.device("cpu")) == {"CHAIN": False}
+    unchained = {"CHAIN": False, "enable_fp_fusion": True}
+    assert common.launch_options(torch.device("cpu")) == unchained
     monkeypatch.setattr(common, "_pdl_device", lambda index: index == 0)
-    assert common.launch_options(gpu) == {"CHAIN": True, "launch_pdl": True}
-    assert common.launch_options(gpu, chain=False) == {"CHAIN": False}
-    assert common.launch_options(torch.device("cuda", 1)) == {"CHAIN": False}  # an older GPU
+    assert common.launch_options(gpu) == {"CHAIN": True, "launch_pdl": True, "enable_fp_fusion": True}
+    assert common.launch_options(gpu, chain=False) == unchained
+    assert common.launch_options(torch.device("cuda", 1)) == unchained  # an older GPU
     monkeypatch.setattr(common, "PDL", False)  # HF_SQUEEZE_PDL=0
-    assert common.launch_options(gpu) == {"CHAIN": False}
+    assert common.launch_options(gpu) == unchained

@@ -51,9 +51,11 @@ def pdl(device: torch.device) -> bool:
 
 def launch_options(device: torch.device, chain: bool = True) -> dict:
     """The launch keywords and the `CHAIN` constexpr of a kernel on `device` (chained unless `chain` is
-    False)."""
+    False). Multiplies and adds are fused (FMA) as the kernels' arithmetic counts on, whatever
+    triton's default."""
     chained = chain and pdl(device)
-    return dict(CHAIN=chained, launch_pdl=True) if chained else dict(CHAIN=False)
+    return dict(CHAIN=chained, launch_pdl=True, enable_fp_fusion=True) if chained else dict(
+        CHAIN=False, enable_fp_fusion=True)
 
 
 @triton.jit

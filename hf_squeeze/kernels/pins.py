@@ -82,6 +82,6 @@ def key_weights(query: torch.Tensor, kindex: KernelIndex, lse: torch.Tensor, sca
         query, kindex.keys, lse, w, out,
         scaling, heads, group, tokens, n, query.stride(0), query.stride(1), query.stride(2),
         D=dim, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, HAS_W=q_valid is not None,
-        PRECISION=dot_precision(kindex.keys.dtype), STAGES=STAGES, num_warps=WARPS,
+        PRECISION=dot_precision(kindex.keys.dtype), STAGES=STAGES, num_warps=WARPS, enable_fp_fusion=True,
     )
     return out
