@@ -27,7 +27,8 @@ def test_attention_kernels_compile_for_sm90():
     assert "prefill at the default tile" in chained and "_row_norm_kernel at the default tile" in chained
     assert "_aggregate_kernel at the default tile" in chained
     assert "prefill lse=True splits=2 context=True" in chained and "key weights weighted=True" in chained
-    # every kernel of a lookup and its attention is chained by programmatic dependent launch on sm_90
+    # every kernel of a lookup and its attention compiles in its chained form (programmatic dependent
+    # launch; the launchers chain all but a prefill's gather and attention, `attention.CHAIN_PREFILL`)
     assert [name for name, yes in chained.items() if not yes] == ["key weights weighted=False", "key weights weighted=True"]
 
 
