@@ -151,7 +151,7 @@ def run_case(index, kindex, tokens_ctx, keep, query_tokens, dyn_len, args, dense
     scaling = dim**-0.5
     centre = index.centroids[:, torch.randint(index.centroids.shape[1], (args.group * query_tokens,), device=dev)]
     query = (centre.view(heads, args.group, query_tokens, dim) + torch.randn(heads, args.group, query_tokens, dim, device=dev))
-    query = query.reshape(1, q_heads, query_tokens, dim).to(dtype)
+    query = (query * args.query_scale).reshape(1, q_heads, query_tokens, dim).to(dtype)
     dyn_k = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
     dyn_v = torch.randn(1, heads, dyn_len, dim, device=dev, dtype=dtype)
     coarse_budget = None
@@ -293,6 +293,9 @@ def main():
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--centroid-ratio", type=float, default=0.05)
     p.add_argument("--prefill-tokens", type=int, default=1024)
+    p.add_argument("--query-scale", type=float, default=1.0,
+                   help="queries times this: at 1 a query's own cluster scores ~100 nats above the rest, far more "
+                        "spread than a real model's scores; 0.1-0.3 spreads them as SmolLM2's (score_ranges.py)")
     p.add_argument("--decode-input", type=int, default=64, help="user-input tokens before the decode step")
     p.add_argument("--modes", default="decode,pinned-decode,prefill",
                    help="any of decode, pinned-decode (half of keep pinned), prefill, hier-decode, hier-prefill")
@@ -349,6 +352,8 @@ def main():
     else:
         dev, dtype = torch.device("cuda"), torch.bfloat16
         print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.query_scale != 1.0:
+        print(f"queries scaled by {args.query_scale:g}")
     hier = any(m.startswith("hier-") for m in modes)
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
