@@ -39,12 +39,12 @@ PDL = os.environ.get("HF_SQUEEZE_PDL", "1") != "0"
 
 @functools.cache
 def _pdl_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def pdl(device: torch.device) -> bool:
-    """Whether the kernels on `device` are chained by programmatic dependent launch (a CUDA device
-    of compute capability 9.0 or more, not the interpreter; HF_SQUEEZE_PDL=0 turns it off)."""
+    """Whether the kernels on `device` are chained by programmatic dependent launch (an NVIDIA GPU of
+    compute capability 9.0 or more, not the interpreter; HF_SQUEEZE_PDL=0 turns it off)."""
     return PDL and device.type == "cuda" and _pdl_device(device.index if device.index is not None else
                                                          torch.cuda.current_device())
 
