@@ -48,3 +48,27 @@ def test_kernels_are_chained_on_gpus_that_can(monkeypatch):
     assert common.launch_options(torch.device("cuda", 1)) == unchained  # an older GPU
     monkeypatch.setattr(common, "PDL", False)  # HF_SQUEEZE_PDL=0
     assert common.launch_options(gpu) == unchained
+
+
+def test_kernels_run_unchained_on_a_triton_without_grid_dependency_control():
+    """Triton before 3.4 has no `gdc_wait`: the package still imports, nothing is chained, and a lookup
+    runs (here under the interpreter, in a process where triton lacks the two functions)."""
+    code = """
+import sys
+import triton.language.extra.cuda
+cuda = sys.modules["triton.language.extra.cuda"]  # (the module `from ... import` reads)
+del cuda.gdc_wait, cuda.gdc_launch_dependents
+import torch
+from hf_squeeze.kernels import common, naive
+assert common.gdc_wait is None and common.PDL is False
+assert common.launch_options(torch.device("cuda", 0)) == {"CHAIN": False, "enable_fp_fusion": True}
+from tests.kernel_cases import FLAT_RULES, make_index, make_inputs, run_lookup
+index = make_index()
+query, _, _ = make_inputs(index, 3, 5, dyn_len=5)
+ranges, _, _ = run_lookup(index, FLAT_RULES["budget"], query, 0.125)
+assert torch.equal(ranges.keep.bool(), naive.lookup(query, index, 0.125, FLAT_RULES["budget"]))
+print("ran unchained")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_SQUEEZE_KERNELS="1")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ran unchained" in done.stdout, done.stderr[-3000:]

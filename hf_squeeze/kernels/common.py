@@ -9,7 +9,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # grid dependency control: triton 3.4 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 # exp(x) = exp2(x * LOG2E), log(x) = log2(x) * LN2: the kernels' softmax runs in base 2 (one multiply
 # less per score)
@@ -34,7 +38,7 @@ def empty(dev, dtype, *shape):
 # launched so that each may start while the one before it finishes. A program first lets the next
 # kernel launch, then waits for the previous one to complete (`_chain`), so launches overlap and no
 # read or write moves before the data it needs.
-PDL = os.environ.get("HF_SQUEEZE_PDL", "1") != "0"
+PDL = os.environ.get("HF_SQUEEZE_PDL", "1") != "0" and gdc_wait is not None
 
 
 @functools.cache
@@ -44,7 +48,8 @@ def _pdl_device(index: int) -> bool:
 
 def pdl(device: torch.device) -> bool:
     """Whether the kernels on `device` are chained by programmatic dependent launch (an NVIDIA GPU of
-    compute capability 9.0 or more, not the interpreter; HF_SQUEEZE_PDL=0 turns it off)."""
+    compute capability 9.0 or more and triton 3.4 or later, not the interpreter; HF_SQUEEZE_PDL=0
+    turns it off)."""
     return PDL and device.type == "cuda" and _pdl_device(device.index if device.index is not None else
                                                          torch.cuda.current_device())
 
@@ -58,11 +63,19 @@ def launch_options(device: torch.device, chain: bool = True) -> dict:
         CHAIN=False, enable_fp_fusion=True)
 
 
-@triton.jit
-def _chain(CHAIN: tl.constexpr):
-    """Let the next kernel launch now, and wait until the previous kernel has completed (its writes
-    visible). A chained kernel calls this before it reads what another kernel wrote or writes
-    anything."""
-    if CHAIN:
-        gdc_launch_dependents()
-        gdc_wait()
+if gdc_wait is not None:
+
+    @triton.jit
+    def _chain(CHAIN: tl.constexpr):
+        """Let the next kernel launch now, and wait until the previous kernel has completed (its writes
+        visible). A chained kernel calls this before it reads what another kernel wrote or writes
+        anything."""
+        if CHAIN:
+            gdc_launch_dependents()
+            gdc_wait()
+
+else:  # an older triton: nothing is chained (`PDL` is False)
+
+    @triton.jit
+    def _chain(CHAIN: tl.constexpr):
+        pass
