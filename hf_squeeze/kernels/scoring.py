@@ -214,9 +214,9 @@ def _aggregate_kernel(
     over tokens is a row reduction, as in flash attention; in base 2 (`qk_scale` = scaling * log2 e,
     the normaliser `norm` in base 2), log p written in natural units (sums against a fixed reference
     instead of the running max, checked and taken again when out of range, were measured slower on
-    the benchmark's scores: BENCHMARKS.md). With HAS_IDS the centroids are the first ncand[bh] of the candidate list `ids`
-    [B, H, CAP] (the fine level of a two-level index): blocks past them skip the work, and the
-    programs clear the C fine-order keep flags (set later by the selection)."""
+    the benchmark's scores: BENCHMARKS.md). With HAS_IDS the centroids are the first ncand[bh] of
+    the candidate list `ids` [B, H, CAP] (the fine level of a two-level index): blocks past them skip
+    the work, and the programs clear the C fine-order keep flags (set later by the selection)."""
     _chain(CHAIN)
     bh = tl.program_id(0)
     cb = tl.program_id(1)
