@@ -5,7 +5,8 @@ A prefill's lookup scores every centroid against every input token twice: `_row_
 each query row's probability mass over the centroids (a program owns a block of tokens of one query
 head and steps over centroids), then `_aggregate_kernel` averages each centroid's probability over
 the tokens (a program owns a block of centroids and steps over tokens). Their best tiles differ, so
-each is timed apart (median of `triton.testing.do_bench`, no graph: each call is ~150 us), for
+each is timed apart through the library's launchers, which take a tile (`scoring.prefill_normaliser`,
+`scoring.prefill_log_p`; median of `triton.testing.do_bench`, no graph: each call is ~150 us), for
 block sizes x warps x pipelined loads; each variant's output is checked against the default tile's.
 Same index, queries and shape as `bench_kernels.py` (Llama-3.1-8B attention, bf16, 5% centroids).
 
@@ -26,7 +27,6 @@ import triton
 from bench_kernels import synthetic_index
 from hf_squeeze import kernels
 from hf_squeeze.kernels import scoring
-from hf_squeeze.kernels.common import LOG2E
 
 BLOCKS = (32, 64, 128, 256)
 
@@ -54,48 +54,37 @@ def main():
     query = centre.view(heads, group, tokens, dim) + torch.randn(heads, group, tokens, dim, device=dev, generator=g)
     query = query.reshape(1, heads * group, tokens, dim).to(torch.bfloat16)
     logw = kernels.query_weights(None, 1, tokens, dev)
-    sq = query.stride()
-    qk_scale = dim**-0.5 * LOG2E.value
-    norm = torch.empty(1, heads, group, tokens, device=dev)
+    scaling = dim**-0.5
+    norm = scoring.prefill_normaliser(query, cent, logn, scaling)  # (the default tile's, for the aggregate)
     logp = torch.empty(1, heads, clusters, device=dev)
 
-    def normaliser(block_t, block_c, warps, stages):
-        scoring._row_norm_kernel[(heads * group, triton.cdiv(tokens, block_t))](
-            query, cent, logn, norm, qk_scale, heads, clusters, group, tokens, *sq[:3],
-            D=dim, BLOCK_T=block_t, BLOCK_C=block_c, PRECISION="tf32", num_warps=warps, num_stages=stages)
+    def normaliser(*tile):
+        return scoring.prefill_normaliser(query, cent, logn, scaling, tile)
 
-    def aggregate(block_c, block_t, warps, stages):
-        blocks = triton.cdiv(clusters, block_c)
-        scoring._aggregate_kernel[(heads, blocks)](
-            query, cent, logn, norm, norm, norm, norm, logw, logp, qk_scale, heads, clusters, clusters, blocks,
-            group, tokens, *sq[:3],
-            D=dim, BLOCK_T=block_t, BLOCK_C=block_c, PRECISION="tf32", HAS_IDS=False, num_warps=warps, num_stages=stages)
+    def aggregate(*tile):
+        return scoring.prefill_log_p(query, cent, logn, scaling, logw, norm, logp, tile)
 
     defaults = {
         "normaliser": (scoring.NORM_BLOCK_T, scoring.NORM_BLOCK_C, scoring.NORM_WARPS, scoring.NORM_STAGES),
         "aggregate": (scoring.PREFILL_BLOCK_C, scoring.PREFILL_BLOCK_T, scoring.PREFILL_WARPS, scoring.PREFILL_STAGES),
     }
     rows = []
-    for name, fn, out in (("normaliser", normaliser, norm), ("aggregate", aggregate, logp)):
-        fn(*defaults[name])  # the reference output (the aggregate reads the normaliser's)
-        reference = out.clone()
+    for name, fn in (("normaliser", normaliser), ("aggregate", aggregate)):
+        reference = fn(*defaults[name]).clone()
         shapes = itertools.product(BLOCKS[1:] if name == "normaliser" else BLOCKS[:3],
                                    BLOCKS[:3] if name == "normaliser" else BLOCKS[1:], (4, 8), (2, 3, 4))
         for tile in [defaults[name]] + [t for t in shapes if t != defaults[name]]:
             if args.smoke and tile[2:] != (4, 3):
                 continue
             try:
-                out.fill_(float("nan"))
-                fn(*tile)
-                same = bool(torch.allclose(out, reference, rtol=1e-4, atol=1e-3))
+                logp.fill_(float("nan"))  # (poisoned: each variant writes every value)
+                same = bool(torch.allclose(fn(*tile), reference, rtol=1e-4, atol=1e-3))
                 us = float("nan") if dev == "cpu" else triton.testing.do_bench(
                     lambda: fn(*tile), warmup=25, rep=150, return_mode="median") * 1e3
             except triton.runtime.errors.OutOfResources:
                 same, us = "out of resources", float("nan")
             rows.append(dict(kernel=name, tile=tile, us=us, matches=same, default=tile == defaults[name]))
             print(rows[-1], flush=True)
-            if name == "normaliser":
-                fn(*defaults[name])  # the aggregate reads the default normaliser
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scoring_tiles.json").write_text(json.dumps(rows, indent=1))

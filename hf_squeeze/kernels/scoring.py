@@ -292,7 +292,7 @@ def score_every(query, centroids, log_counts, scaling, logw):
     group = q_heads // heads
     dev = query.device
     precision = dot_precision(query.dtype)
-    sq_b, sq_h, sq_t = query.stride(0), query.stride(1), query.stride(2)
+    sq_b, sq_h = query.stride(0), query.stride(1)
     logp = empty(dev, torch.float32, batch, heads, clusters)
     if tokens == 1:
         ncb = triton.cdiv(clusters, SCORE_BLOCK_C)
@@ -311,23 +311,43 @@ def score_every(query, centroids, log_counts, scaling, logw):
             **launch_options(dev),
         )
         return logp, s
-    ncb = triton.cdiv(clusters, PREFILL_BLOCK_C)
-    norm = empty(dev, torch.float32, batch, heads, group, tokens)
-    _row_norm_kernel[(batch * heads * group, triton.cdiv(tokens, NORM_BLOCK_T))](
+    norm = prefill_normaliser(query, centroids, log_counts, scaling)
+    return prefill_log_p(query, centroids, log_counts, scaling, logw, norm, logp), None
+
+
+def prefill_normaliser(query, centroids, log_counts, scaling, tile=None) -> torch.Tensor:
+    """A prefill's log2 sum_k N_k exp(s_k) per query row over every centroid of a flat index (or of the
+    coarse level): [B, H, G, T]. `tile`: (tokens, centroids, warps, stages), default NORM_*."""
+    batch, q_heads, tokens, dim = query.shape
+    heads, clusters = log_counts.shape
+    block_t, block_c, warps, stages = tile or (NORM_BLOCK_T, NORM_BLOCK_C, NORM_WARPS, NORM_STAGES)
+    norm = empty(query.device, torch.float32, batch, heads, q_heads // heads, tokens)
+    _row_norm_kernel[(batch * q_heads, triton.cdiv(tokens, block_t))](
         query, centroids, log_counts, norm,
-        scaling * LOG2E.value, heads, clusters, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=NORM_BLOCK_T, BLOCK_C=NORM_BLOCK_C, PRECISION=precision,
-        num_warps=NORM_WARPS, num_stages=NORM_STAGES,
-        **launch_options(dev),
+        scaling * LOG2E.value, heads, clusters, q_heads // heads, tokens, *query.stride()[:3],
+        D=dim, BLOCK_T=block_t, BLOCK_C=block_c, PRECISION=dot_precision(query.dtype),
+        num_warps=warps, num_stages=stages,
+        **launch_options(query.device),
     )
+    return norm
+
+
+def prefill_log_p(query, centroids, log_counts, scaling, logw, norm, logp, tile=None) -> torch.Tensor:
+    """A prefill's log p of every centroid of a flat index (or of the coarse level) into `logp` [B, H, C],
+    given the rows' normaliser `norm` (`prefill_normaliser`). `tile`: (centroids, tokens, warps,
+    stages), default PREFILL_*."""
+    batch, q_heads, tokens, dim = query.shape
+    heads, clusters = log_counts.shape
+    block_c, block_t, warps, stages = tile or (PREFILL_BLOCK_C, PREFILL_BLOCK_T, PREFILL_WARPS, PREFILL_STAGES)
+    ncb = triton.cdiv(clusters, block_c)
     _aggregate_kernel[(batch * heads, ncb)](
         query, centroids, log_counts, norm, norm, norm, norm, logw, logp,
-        scaling * LOG2E.value, heads, clusters, clusters, ncb, group, tokens, sq_b, sq_h, sq_t,
-        D=dim, BLOCK_T=PREFILL_BLOCK_T, BLOCK_C=PREFILL_BLOCK_C, PRECISION=precision, HAS_IDS=False,
-        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
-        **launch_options(dev),
+        scaling * LOG2E.value, heads, clusters, clusters, ncb, q_heads // heads, tokens, *query.stride()[:3],
+        D=dim, BLOCK_T=block_t, BLOCK_C=block_c, PRECISION=dot_precision(query.dtype), HAS_IDS=False,
+        num_warps=warps, num_stages=stages,
+        **launch_options(query.device),
     )
-    return logp, None
+    return logp
 
 
 def score_candidates(query, kindex, scaling, logw, ids, ncand, s1, keep1, keep):
